@@ -1,0 +1,69 @@
+# LayerDiff + MLCID. `make demo` and `make test` create the environment (.venv/) when missing.
+SHELL := /bin/bash
+PYTHON_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+WORK := $(CURDIR)/.work
+STAMP := $(VENV)/.installed
+
+# Keep every cache, temp dir and Ray file inside the repo's ignored work dir; never reach a model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HOME := $(WORK)/cache/hf
+export TORCH_HOME := $(WORK)/cache/torch
+export XDG_CACHE_HOME := $(WORK)/cache/xdg
+export MPLCONFIGDIR := $(WORK)/cache/mpl
+export TMPDIR := $(WORK)/tmp
+export RAY_TMPDIR := $(WORK)/ray
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help env demo test test-all tiny-models synthetic view validate bench-io clean
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@mkdir -p $(WORK)/tmp $(WORK)/ray
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# torch 2.14.1 + torchvision 0.29.1 install together (other pairs break torchvision imports offline).
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $(STAMP)
+
+env: $(STAMP) ## create .venv (idempotent)
+	@mkdir -p $(WORK)/tmp $(WORK)/ray
+
+tiny-models: env ## build the tiny random-weight model presets into .work/tiny-models
+	$(PY) -m mlcid.tiny_models --out $(LAYERDIFF_TINY_MODELS)
+
+DEMO := $(WORK)/demo
+demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
+	$(PY) -m mlcid.synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128
+	$(PY) -m mlcid.validate "$(DEMO)/gt/mlcid-{000000..000001}.tar"
+	$(PY) -m mlcid.view $(DEMO)/gt --out $(DEMO)/view-gt
+	@echo "demo: open $(DEMO)/view-gt/index.html"
+
+test: env ## the default test suite (CPU, minutes)
+	$(PY) -m pytest -q -x --timeout=600
+
+test-all: env ## include slow tests
+	$(PY) -m pytest -q -m "" --timeout=1800
+
+SHARDS ?=
+OUT ?=
+view: env ## make view SHARDS='dir/mlcid-{000000..000009}.tar' OUT=folder
+	$(PY) -m mlcid.view $(SHARDS) --out $(OUT)
+
+validate: env ## make validate SHARDS='...'
+	$(PY) -m mlcid.validate $(SHARDS)
+
+bench-io: env ## reader/writer throughput (numbers go to BENCHMARKS.md)
+	$(PY) -m mlcid.bench_io
+
+clean: ## remove the work dir (caches, demo output, tiny models)
+	rm -rf $(WORK)

@@ -1,0 +1,120 @@
+"""Shard addressing and raw tar access: brace patterns, fsspec URLs, node/worker splits, member grouping."""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from typing import IO
+
+import fsspec
+
+from mlcid import errors
+from mlcid.errors import SampleError
+
+_BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand `{000..099}` ranges (zero padding kept) and `{a,b}` lists, left to right."""
+    m = _BRACE_RANGE.search(pattern)
+    if m:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        if int(hi) < int(lo):
+            raise ValueError(f"empty brace range in {pattern!r}")
+        head, tail = pattern[: m.start()], pattern[m.end() :]
+        return [s for i in range(int(lo), int(hi) + 1) for s in expand_braces(f"{head}{i:0{width}d}{tail}")]
+    m = _BRACE_LIST.search(pattern)
+    if m:
+        head, tail = pattern[: m.start()], pattern[m.end() :]
+        return [s for part in m.group(1).split(",") for s in expand_braces(head + part + tail)]
+    return [pattern]
+
+
+def expand_urls(specs: str | Iterable[str]) -> list[str]:
+    """Space-separated specs or a list of them → a flat list of shard URLs (a local folder → its *.tar files)."""
+    if isinstance(specs, str):
+        specs = specs.split()
+    urls: list[str] = []
+    for spec in specs:
+        for url in expand_braces(spec):
+            if "://" not in url and os.path.isdir(url):
+                urls += sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar"))
+            else:
+                urls.append(url)
+    if not urls:
+        raise ValueError(f"no shards match {specs!r}")
+    return urls
+
+
+def split_for(urls: list[str], rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1) -> list[str]:
+    """Shards for one (node rank, dataloader worker): round-robin over rank·num_workers + worker."""
+    if not (0 <= rank < world_size and 0 <= worker < num_workers):
+        raise ValueError(f"bad split rank={rank}/{world_size} worker={worker}/{num_workers}")
+    slot, slots = rank * num_workers + worker, world_size * num_workers
+    return urls[slot::slots]
+
+
+def open_url(url: str, mode: str = "rb") -> IO[bytes]:
+    """Open a local path or an fsspec URL for streaming."""
+    return fsspec.open(url, mode).open()
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """'dir/KEY.layer01.png' → ('dir/KEY', 'layer01.png'); None for names without a suffix."""
+    base = name.rsplit("/", 1)
+    stem = base[-1]
+    if "." not in stem or stem.startswith("."):
+        return None
+    key, suffix = stem.split(".", 1)
+    prefix = base[0] + "/" if len(base) == 2 else ""
+    return prefix + key, suffix
+
+
+def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleError]:
+    """Stream a tar and yield (key, {suffix: bytes}) per contiguous run of members with one key.
+
+    Yields `SampleError`s instead of raising: a key whose members are not contiguous (interleaved tar) →
+    `BAD_SCHEMA` for its later run; a truncated or unreadable tar → one `TRUNCATED_SHARD`/`UNREADABLE_SHARD`
+    after the groups read so far (the group cut by the truncation is reported as truncated).
+    """
+    try:
+        stream = open_url(url)
+    except (OSError, ValueError) as e:
+        yield SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}")
+        return
+    seen: set[str] = set()
+    key, group, skip = None, {}, False
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                parts = split_member_name(info.name)
+                if parts is None:
+                    continue
+                k, suffix = parts
+                if k != key:
+                    if key is not None and not skip:
+                        yield key, group
+                    skip = k in seen  # a later run of an earlier key: reported once, its members dropped
+                    if skip:
+                        yield SampleError(errors.BAD_SCHEMA, f"{url}: members of {k!r} are not contiguous")
+                    seen.add(k)
+                    key, group = k, {}
+                f = tar.extractfile(info)
+                group[suffix] = f.read() if f is not None else b""
+            if key is not None and not skip:
+                yield key, group
+    except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
+        reason = errors.TRUNCATED_SHARD if seen else errors.UNREADABLE_SHARD
+        yield SampleError(reason, f"{url}: {type(e).__name__}: {e}")
+
+
+def zlib_error() -> type[BaseException]:
+    import zlib
+
+    return zlib.error
