@@ -121,9 +121,9 @@ class MLCIDReader:
         if not self.resample:
             yield from urls
             return
-        rank, _ = _distributed_rank()
+        rank = self.rank if self.rank is not None else _distributed_rank()[0]
         worker, _ = _worker_slot()
-        rng = random.Random(hash((self.seed, self.epoch, self.rank or rank, worker)))
+        rng = random.Random(hash((self.seed, self.epoch, rank, worker)))
         while True:
             yield rng.choice(urls)
 

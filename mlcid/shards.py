@@ -18,20 +18,21 @@ _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """Expand `{000..099}` ranges (zero padding kept) and `{a,b}` lists, left to right."""
-    m = _BRACE_RANGE.search(pattern)
-    if m:
+    """Expand `{000..099}` ranges (zero padding kept) and `{a,b}` lists, leftmost brace first (like bash)."""
+    found = [m for m in (_BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)) if m]
+    if not found:
+        return [pattern]
+    m = min(found, key=lambda match: match.start())
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    if m.re is _BRACE_RANGE:
         lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
         if int(hi) < int(lo):
             raise ValueError(f"empty brace range in {pattern!r}")
-        head, tail = pattern[: m.start()], pattern[m.end() :]
-        return [s for i in range(int(lo), int(hi) + 1) for s in expand_braces(f"{head}{i:0{width}d}{tail}")]
-    m = _BRACE_LIST.search(pattern)
-    if m:
-        head, tail = pattern[: m.start()], pattern[m.end() :]
-        return [s for part in m.group(1).split(",") for s in expand_braces(head + part + tail)]
-    return [pattern]
+        width = len(lo) if lo.startswith("0") else 0
+        parts = [f"{i:0{width}d}" for i in range(int(lo), int(hi) + 1)]
+    else:
+        parts = m.group(1).split(",")
+    return [s for part in parts for s in expand_braces(head + part + tail)]
 
 
 def expand_urls(specs: str | Iterable[str]) -> list[str]:

@@ -1,0 +1,274 @@
+"""Shard writer/reader/validator round trips and every bad-input case of the foundation issue."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlcid import errors
+from mlcid.composite import alpha_over, composite, sample_composite, to_rgba_stack
+from mlcid.errors import SampleError
+from mlcid.imageio import decode_rgb, encode_png
+from mlcid.reader import MLCIDReader, iter_shard_samples
+from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
+from mlcid.shards import expand_braces, expand_urls, split_for
+from mlcid.validate import ValidationConfig, main as validate_main, validate_sample, validate_shard
+from mlcid.writer import ShardWriter, is_complete, read_stats
+
+
+def make_sample(key: str = "k0", size: int = 32, boxes=((2, 2, 14, 14), (16, 16, 30, 28)), prompt="a red box") -> MLCIDSample:
+    """A hand-made sample: flat background, one rectangle per foreground, Eq. 4 composite."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    bg = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.full((size, size), 90.0)], -1).astype(np.uint8)
+    fgs, masks, layers = [], [], [LayerInfo(BACKGROUND_PROMPT)]
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        m = np.zeros((size, size), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        fg = np.zeros((size, size, 4), np.uint8)
+        fg[..., :3] = (40 * (i + 1), 200, 255 - 40 * i)
+        fg[..., 3] = m
+        fgs.append(fg)
+        masks.append(m)
+        layers.append(LayerInfo(prompt, box=(x0, y0, x1, y1), area_frac=float((m > 0).mean())))
+    return MLCIDSample(
+        key=key, global_prompt=f"{prompt} on a gradient", composite=composite(bg, fgs, masks), background=bg,
+        foregrounds=fgs, masks=masks, layers=layers, source={"test": True},
+    )
+
+
+def write_shard(out: Path, samples, shard_id: int = 0) -> Path:
+    with ShardWriter(out, shard_id) as w:
+        for s in samples:
+            w.write(s)
+    return w.path
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def sample_members(sample: MLCIDSample) -> list[tuple[str, bytes]]:
+    from mlcid.codec import encode_sample
+
+    return [(f"{sample.key}.{k}", v) for k, v in encode_sample(sample).items()]
+
+
+# -- round trips --------------------------------------------------------------------------------------------
+def test_write_read_round_trip_exact(tmp_path):
+    samples = [make_sample(f"k{i}") for i in range(5)]
+    path = write_shard(tmp_path, samples)
+    got = list(iter_shard_samples(str(path)))
+    assert [s.key for s in got] == [s.key for s in samples]
+    for a, b in zip(samples, got):
+        assert isinstance(b, MLCIDSample)
+        np.testing.assert_array_equal(a.background, b.background)
+        for fa, fb in zip(a.foregrounds, b.foregrounds):
+            np.testing.assert_array_equal(fa, fb)
+        for ma, mb in zip(a.masks, b.masks):
+            np.testing.assert_array_equal(ma, mb)
+        assert b.layer_prompts == a.layer_prompts and b.global_prompt == a.global_prompt
+        assert np.abs(b.composite.astype(int) - a.composite.astype(int)).mean() < 8  # JPEG
+
+
+def test_members_contiguous_and_stats_last(tmp_path):
+    path = write_shard(tmp_path, [make_sample("a"), make_sample("b")])
+    with tarfile.open(path) as tar:
+        keys = [m.name.split(".")[0] for m in tar.getmembers()]
+    assert keys == sorted(keys) and keys.count("a") == 7
+    stats = read_stats(tmp_path, 0)
+    assert stats["read"] == stats["written"] + sum(stats["dropped"].values()) == 2
+    assert stats["layer_counts"] == {"3": 2}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_counts_invalid_as_dropped(tmp_path):
+    good, overlapping = make_sample("good"), make_sample("bad", boxes=((2, 2, 20, 20), (10, 10, 30, 30)))
+    overlapping.masks[1][10:20, 10:20] = 255  # force overlap with mask 1
+    with ShardWriter(tmp_path, 3) as w:
+        assert w.write(good) and not w.write(overlapping) and not w.write(good)  # duplicate key
+        w.drop("no_detection", 2)
+    stats = read_stats(tmp_path, 3)
+    assert stats == stats | {"read": 5, "written": 1, "dropped": {"duplicate_key": 1, "mask_overlap": 1, "no_detection": 2}}
+
+
+def test_exception_inside_writer_leaves_nothing_visible(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, 7) as w:
+            w.write(make_sample())
+            raise RuntimeError("worker died")
+    assert list(tmp_path.iterdir()) == [] and not is_complete(tmp_path, 7)
+
+
+def test_rewriting_a_shard_removes_old_stats_first(tmp_path):
+    write_shard(tmp_path, [make_sample()], shard_id=1)
+    w = ShardWriter(tmp_path, 1).__enter__()
+    assert not is_complete(tmp_path, 1)  # stale stats must not vouch for a shard being rewritten
+    w.abort()
+
+
+def test_eq4_rgba_stack_alpha_over_matches_composite():
+    s = make_sample()
+    np.testing.assert_array_equal(alpha_over(to_rgba_stack(s)), sample_composite(s))
+
+
+# -- addressing -----------------------------------------------------------------------------------------------
+def test_brace_expansion_and_splits(tmp_path):
+    assert expand_braces("d/x-{000..002}.tar") == ["d/x-000.tar", "d/x-001.tar", "d/x-002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+    urls = [f"s{i}" for i in range(10)]
+    parts = [split_for(urls, r, 2, w, 2) for r in range(2) for w in range(2)]
+    assert sorted(sum(parts, [])) == sorted(urls) and all(parts)
+    for p in (tmp_path / "b.tar", tmp_path / "a.tar"):
+        p.write_bytes(b"")
+    assert expand_urls(str(tmp_path)) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+
+
+def test_reader_reads_fsspec_urls_and_splits_workers(tmp_path):
+    for i in range(4):
+        write_shard(tmp_path, [make_sample(f"s{i}k{j}") for j in range(2)], shard_id=i)
+    pattern = f"file://{tmp_path}/mlcid-{{000000..000003}}.tar"
+    keys = [s.key for s in MLCIDReader(pattern)]
+    assert len(keys) == 8
+    halves = [[s.key for s in MLCIDReader(pattern, rank=r, world_size=2)] for r in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(keys) and not set(halves[0]) & set(halves[1])
+    with pytest.raises(ValueError, match="cannot be split"):
+        list(MLCIDReader(pattern, rank=0, world_size=8))
+
+
+def test_resampled_reader_streams_forever(tmp_path):
+    write_shard(tmp_path, [make_sample("only")])
+    it = iter(MLCIDReader(str(tmp_path / "mlcid-000000.tar"), resample=True, seed=1))
+    assert [next(it).key for _ in range(5)] == ["only"] * 5
+
+
+# -- bad input: each gets a clear error or a counted drop --------------------------------------------------------
+def test_truncated_tar_keeps_earlier_samples_and_counts_truncation(tmp_path):
+    path = write_shard(tmp_path, [make_sample(f"k{i}", size=64) for i in range(4)])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    reader = MLCIDReader(str(path))
+    keys = [s.key for s in reader]
+    assert 1 <= len(keys) < 4
+    assert reader.dropped[errors.TRUNCATED_SHARD] == 1
+
+
+def test_sample_missing_a_member_is_dropped(tmp_path):
+    members = [m for m in sample_members(make_sample("a")) if not m[0].endswith("mask02.png")]
+    members += sample_members(make_sample("b"))
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    assert [s.key for s in reader] == ["b"] and reader.dropped == {errors.MISSING_MEMBER: 1}
+
+
+def test_mask_of_wrong_size_is_dropped(tmp_path):
+    members = [
+        (n, encode_png(np.full((16, 16), 255, np.uint8)) if n.endswith("mask01.png") else d)
+        for n, d in sample_members(make_sample("a"))
+    ]
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    assert list(reader) == [] and reader.dropped == {errors.SIZE_MISMATCH: 1}
+
+
+def test_overlapping_masks_are_rejected():
+    s = make_sample()
+    s.masks[1][2:14, 2:14] = 255
+    with pytest.raises(SampleError) as e:
+        validate_sample(s)
+    assert e.value.reason == errors.MASK_OVERLAP
+
+
+def test_non_image_bytes_named_png_are_dropped(tmp_path):
+    members = [(n, b"<html>not a png</html>" if n.endswith("layer01.png") else d) for n, d in sample_members(make_sample("a"))]
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    assert list(reader) == [] and reader.dropped == {errors.UNDECODABLE_IMAGE: 1}
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width×height with a tiny IDAT: a decompression bomb's signature, cheaply."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    with pytest.raises(SampleError) as e:
+        decode_rgb(_png_header_only(30000, 30000))
+    assert e.value.reason == errors.IMAGE_TOO_LARGE
+    members = [(n, _png_header_only(30000, 30000) if n.endswith("layer00.png") else d) for n, d in sample_members(make_sample("a"))]
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    assert list(reader) == [] and reader.dropped == {errors.IMAGE_TOO_LARGE: 1}
+
+
+def test_script_prompt_is_kept_verbatim_as_data(tmp_path):
+    evil = "<script>alert(1)</script>"
+    path = write_shard(tmp_path, [make_sample("a", prompt=evil)])
+    (s,) = list(MLCIDReader(str(path)))
+    assert s.layer_prompts[1] == evil  # text is data; the viewer escapes it (tests/mlcid/test_view.py)
+
+
+def test_interleaved_members_are_reported(tmp_path):
+    a, b = sample_members(make_sample("a")), sample_members(make_sample("b"))
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", a[:3] + b + a[3:])))
+    kept = [s.key for s in reader]
+    assert kept == ["b"] and sum(reader.dropped.values()) == 2  # a's first run incomplete, its second run interleaved
+
+
+def test_bad_json_and_schema(tmp_path):
+    members = [(n, b"{not json" if n.endswith(".json") else d) for n, d in sample_members(make_sample("a"))]
+    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    assert list(reader) == [] and reader.dropped == {errors.BAD_JSON: 1}
+    meta = make_sample("b").metadata() | {"schema": "mlcid/0"}
+    members = [(n, json.dumps(meta).encode() if n.endswith(".json") else d) for n, d in sample_members(make_sample("b"))]
+    reader = MLCIDReader(str(raw_tar(tmp_path / "u.tar", members)))
+    assert list(reader) == [] and reader.dropped == {errors.BAD_SCHEMA: 1}
+
+
+@pytest.mark.parametrize(
+    "mutate,reason",
+    [
+        (lambda s: s.masks[0].__setitem__((0, 0), 7), errors.MASK_VALUES),
+        (lambda s: s.masks[0].fill(0), errors.MASK_AREA),
+        (lambda s: s.layers.__setitem__(0, LayerInfo("sky")), errors.BAD_SCHEMA),
+        (lambda s: setattr(s, "global_prompt", "  "), errors.BAD_TEXT),
+        (lambda s: setattr(s, "foregrounds", s.foregrounds[:1]), errors.BAD_SCHEMA),
+    ],
+)
+def test_validator_names_each_broken_invariant(mutate, reason):
+    s = make_sample()
+    mutate(s)
+    with pytest.raises(SampleError) as e:
+        validate_sample(s)
+    assert e.value.reason == reason
+
+
+def test_layer_count_limit_is_a_config_value():
+    s = make_sample(boxes=((0, 0, 8, 8), (8, 0, 16, 8), (16, 0, 24, 8), (24, 0, 32, 8)))
+    with pytest.raises(SampleError) as e:
+        validate_sample(s)
+    assert e.value.reason == errors.LAYER_COUNT
+    validate_sample(s, ValidationConfig(max_layers=5))
+
+
+def test_validate_cli_exit_codes(tmp_path, capsys):
+    good = write_shard(tmp_path, [make_sample("a")], shard_id=0)
+    assert validate_main([str(good)]) == 0
+    members = [m for m in sample_members(make_sample("x")) if not m[0].endswith("layer01.png")]
+    bad = raw_tar(tmp_path / "mlcid-000001.tar", members)
+    assert validate_main([str(bad)]) == 1
+    assert validate_shard(str(bad)) == (0, {errors.MISSING_MEMBER: 1})
+    out = capsys.readouterr().out
+    assert "OK" in out and "FAIL" in out
