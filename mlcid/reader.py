@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -42,23 +43,18 @@ def iter_shard_samples(
 
 def _distributed_rank() -> tuple[int, int]:
     """(rank, world_size) from torch.distributed when initialised, else from RANK/WORLD_SIZE, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
+    dist = sys.modules.get("torch.distributed")  # never import torch here: if it isn't loaded, it isn't running
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _worker_slot() -> tuple[int, int]:
     """(worker id, worker count) inside a torch DataLoader worker, else (0, 1)."""
-    try:
-        from torch.utils.data import get_worker_info
-    except ImportError:
+    data = sys.modules.get("torch.utils.data")
+    if data is None:
         return 0, 1
-    info = get_worker_info()
+    info = data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 

@@ -74,7 +74,7 @@ def validate_sample(sample: MLCIDSample, config: ValidationConfig = ValidationCo
     # 3. Masks binary, disjoint, each inside the area range (background mask is their complement by construction).
     union = np.zeros((h, w), dtype=bool)
     for i, m in enumerate(sample.masks, start=1):
-        if not np.isin(m, (0, 255)).all():
+        if np.count_nonzero((m != 0) & (m != 255)):
             raise SampleError(errors.MASK_VALUES, f"mask{i:02d} holds values other than 0 and 255")
         sel = m == 255
         if (union & sel).any():

@@ -79,7 +79,7 @@ class ShardWriter:
     # -- context manager ------------------------------------------------------------------------------------
     def __enter__(self) -> "ShardWriter":
         self.stats_path.unlink(missing_ok=True)  # an old stats file must never vouch for new content
-        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.PAX_FORMAT)
+        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.GNU_FORMAT)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
