@@ -1,0 +1,261 @@
+"""Static HTML gallery of MLCID shards: `python -m mlcid.view SHARDS... --out DIR` (index + paged sample cards)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mlcid.errors import SampleError
+from mlcid.reader import iter_shard_samples
+from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MAX_LAYERS, DEFAULT_MIN_AREA_FRAC, MLCIDSample
+from mlcid.shards import expand_urls
+from mlcid.stats import StatsSummary, load_shard_stats, summarize
+from mlcid.validate import ValidationConfig, validate_sample
+from mlcid.view_assets import (
+    CardView,
+    LayerView,
+    PageLink,
+    ShardRow,
+    card_html,
+    gallery_page,
+    index_page,
+    page_name,
+)
+
+log = logging.getLogger(__name__)
+
+MARKER = ".mlcid-view"  # written into the output folder; only such folders are cleaned before a rebuild
+MAX_ERROR_CHARS = 600
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """What the gallery shows. `thumb_size` is the longest side (px) of the image files written."""
+
+    per_page: int = 50
+    max_samples: int | None = None  # stop after this many cards (valid, invalid and unreadable alike)
+    thumb_size: int = 256
+    validation: ValidationConfig = ValidationConfig()
+    title: str = "MLCID shards"
+
+    def __post_init__(self) -> None:
+        if self.per_page < 1:
+            raise ValueError(f"per_page must be ≥ 1, got {self.per_page}")
+        if self.max_samples is not None and self.max_samples < 0:
+            raise ValueError(f"max_samples must be ≥ 0 or None, got {self.max_samples}")
+        if self.thumb_size < 8:
+            raise ValueError(f"thumb_size must be ≥ 8 px, got {self.thumb_size}")
+
+
+@dataclass
+class ViewResult:
+    """What `build_view` wrote."""
+
+    out_dir: Path
+    index: Path
+    pages: list[Path]
+    cards: int
+    status_counts: dict[str, int]  # 'ok' / 'invalid' / 'error' → cards
+    reasons: dict[str, int]  # reason → invalid or unreadable cards
+    summary: StatsSummary = field(repr=False)
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+
+def _save_image(arr: np.ndarray, path: Path, thumb_size: int, nearest: bool = False) -> None:
+    """Write (H, W), (H, W, 3) or (H, W, 4) uint8 as a thumbnail: JPEG for RGB, PNG otherwise."""
+    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8))
+    im.thumbnail((thumb_size, thumb_size), Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS)
+    if path.suffix == ".jpg":
+        im.convert("RGB").save(path, format="JPEG", quality=90)
+    else:
+        im.save(path, format="PNG", compress_level=3)
+
+
+def _sample_card(sample: MLCIDSample, number: int, shard: str, page_dir: Path, rel: str, config: ViewConfig) -> CardView:
+    """Write a sample's images into `page_dir` and describe its card (status from the validator)."""
+    try:
+        validate_sample(sample, config.validation)
+        status, error = "ok", None
+    except SampleError as e:
+        status, error = "invalid", str(e)[:MAX_ERROR_CHARS]
+    stem = f"{number:06d}"
+    _save_image(sample.composite, page_dir / f"{stem}-composite.jpg", config.thumb_size)
+    _save_image(sample.background, page_dir / f"{stem}-layer00.jpg", config.thumb_size)
+    layers = [LayerView(0, sample.layers[0].prompt, f"{rel}/{stem}-layer00.jpg")]
+    for i, (fg, m) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
+        _save_image(fg, page_dir / f"{stem}-layer{i:02d}.png", config.thumb_size)
+        _save_image(m, page_dir / f"{stem}-mask{i:02d}.png", config.thumb_size, nearest=True)
+        info = sample.layers[i]
+        layers.append(LayerView(
+            i, info.prompt, f"{rel}/{stem}-layer{i:02d}.png", f"{rel}/{stem}-mask{i:02d}.png",
+            box=info.box, score=info.score, area_frac=info.area_frac,
+        ))
+    return CardView(
+        number=number, shard=shard, status=status, key=sample.key, error=error,
+        global_prompt=str(sample.global_prompt), size=(sample.width, sample.height),
+        composite=f"{rel}/{stem}-composite.jpg", layers=layers, metadata=sample.metadata(),
+    )
+
+
+# -- pages ----------------------------------------------------------------------------------------------------
+
+
+class _Pager:
+    """Collect card HTML and write `page-NNNN.html` files; a full page waits for one more card to know `next`."""
+
+    def __init__(self, out_dir: Path, per_page: int, title: str) -> None:
+        self.out_dir, self.per_page, self.title = out_dir, per_page, title
+        self.pending: list[str] = []
+        self.first = 1
+        self.links: list[PageLink] = []
+
+    @property
+    def page(self) -> int:
+        """Number of the page the next card lands on."""
+        return len(self.links) + 1 + (len(self.pending) == self.per_page)
+
+    def add(self, html: str) -> None:
+        if len(self.pending) == self.per_page:
+            self._flush(has_next=True)
+        self.pending.append(html)
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush(has_next=False)
+
+    def _flush(self, has_next: bool) -> None:
+        page = len(self.links) + 1
+        name = page_name(page)
+        (self.out_dir / name).write_text(
+            gallery_page(self.title, page, has_next, self.pending, self.first), encoding="utf-8"
+        )
+        self.links.append(PageLink(name, self.first, self.first + len(self.pending) - 1))
+        self.first += len(self.pending)
+        self.pending = []
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create `out_dir`, or clean a previous gallery there; refuse a non-empty folder the viewer did not write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / MARKER).exists():
+            raise ValueError(f"--out {out_dir} is not empty and holds no earlier gallery ({MARKER}); pick a new folder")
+        shutil.rmtree(out_dir / "img", ignore_errors=True)
+        for old in [*out_dir.glob("page-*.html"), out_dir / "index.html"]:
+            old.unlink(missing_ok=True)
+    (out_dir / "img").mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("written by python -m mlcid.view\n")
+
+
+def _shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _items(urls: list[str]) -> Iterator[tuple[int, MLCIDSample | SampleError]]:
+    """(shard index, decoded sample or its error) over all shards, without validation (done per card)."""
+    for i, url in enumerate(urls):
+        for item in iter_shard_samples(url, config=None):
+            yield i, item
+
+
+def build_view(shards: str | Iterable[str], out_dir: str | os.PathLike, config: ViewConfig = ViewConfig()) -> ViewResult:
+    """Write `index.html` (stats summary, page list, shard table) and `page-NNNN.html` sample cards into `out_dir`."""
+    # 1. Resolve shards and read the stats file next to each (missing → incomplete).
+    urls = expand_urls(shards)
+    shard_stats = [load_shard_stats(url) for url in urls]
+    summary = summarize(shard_stats)
+    rows = [ShardRow(st, _shard_name(st.url)) for st in shard_stats]
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+
+    # 2. Stream samples into cards, writing thumbnails under img/pNNNN/ and pages as they fill.
+    pager = _Pager(out, config.per_page, config.title)
+    status_counts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    limit = config.max_samples
+    expected = summary.written if summary.complete == summary.shards else None  # the tars hold written samples
+    bounds = [x for x in (expected, limit) if x is not None]
+    number, reached = 0, -1
+    with tqdm(total=min(bounds) if bounds else None, unit="sample", desc="view", disable=None) as bar:
+        items = _items(urls) if limit != 0 else iter(())
+        for shard_idx, item in items:
+            row, reached = rows[shard_idx], shard_idx
+            number += 1
+            page_rel = f"img/p{pager.page:04d}"
+            page_dir = out / page_rel
+            page_dir.mkdir(exist_ok=True)
+            if isinstance(item, SampleError):
+                card = CardView(number, row.name, "error", error=str(item)[:MAX_ERROR_CHARS])
+            else:
+                card = _sample_card(item, number, row.name, page_dir, page_rel, config)
+            if card.status != "ok":
+                reason = item.reason if isinstance(item, SampleError) else (card.error or "?").split(":", 1)[0]
+                reasons[reason] += 1
+                row.reasons[reason] = row.reasons.get(reason, 0) + 1
+            status_counts[card.status] += 1
+            row.viewed[card.status] = row.viewed.get(card.status, 0) + 1
+            pager.add(card_html(card))
+            bar.update()
+            if limit is not None and number >= limit:
+                break
+    pager.finish()
+    stopped = limit is not None and number >= limit
+    for i, row in enumerate(rows):  # without a stop every shard was read to its end, empty ones included
+        row.read_by_viewer = not stopped or i <= reached
+
+    # 3. The index: totals and histograms from the stats files, then pages and per-shard rows.
+    note = f"showing the first {number} samples (--max-samples {limit})" if stopped else ""
+    index = out / "index.html"
+    index.write_text(index_page(config.title, summary, rows, pager.links, note), encoding="utf-8")
+    log.info("wrote %d cards on %d pages: %s", number, len(pager.links), index)
+    return ViewResult(out, index, [out / p.name for p in pager.links], number, dict(status_counts), dict(reasons), summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlcid.view",
+        description="Write a static HTML gallery of MLCID shards: per sample the composite, background, each "
+        "foreground over a checkerboard, masks, prompts and metadata; invalid samples are shown with their error; "
+        "index.html summarises the shards' *_stats.json files. No network, no scripts.",
+    )
+    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns ('dir/mlcid-{000000..000009}.tar'), "
+                        "folders (their *.tar) or fsspec URLs")
+    parser.add_argument("--out", required=True, help="output folder (created; an earlier gallery there is replaced)")
+    parser.add_argument("--per-page", type=int, default=50, help="sample cards per gallery page (default 50)")
+    parser.add_argument("--max-samples", type=int, default=None, help="show at most N samples (default: all)")
+    parser.add_argument("--thumb-size", type=int, default=256, help="longest side of written images, px (default 256)")
+    parser.add_argument("--title", default="MLCID shards", help="page title")
+    parser.add_argument("--max-layers", type=int, default=DEFAULT_MAX_LAYERS, help="validation: most layers allowed")
+    parser.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA_FRAC, help="validation: min mask area")
+    parser.add_argument("--max-area", type=float, default=DEFAULT_MAX_AREA_FRAC, help="validation: max mask area")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = ViewConfig(
+            per_page=args.per_page, max_samples=args.max_samples, thumb_size=args.thumb_size, title=args.title,
+            validation=ValidationConfig(args.max_layers, args.min_area, args.max_area),
+        )
+        result = build_view(args.shards, args.out, config)
+    except ValueError as e:
+        parser.error(str(e))
+    counts = ", ".join(f"{k}={v}" for k, v in sorted(result.status_counts.items())) or "no samples"
+    print(f"{result.cards} samples ({counts}) on {len(result.pages)} page(s); open {result.index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

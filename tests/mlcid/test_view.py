@@ -1,0 +1,223 @@
+"""Shard viewer and stats summary: pages, escaping, stats numbers, incomplete and broken shards."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
+from mlcid.stats import ShardStats, format_summary, load_shard_stats, stats_url_for, summarize, summarize_dicts
+from mlcid.view import ViewConfig, build_view, main
+from mlcid.writer import ShardWriter, shard_name, stats_name
+
+XSS = "<script>document.title='pwned'</script> a \"red\" <b>cat</b> & 'dog'"
+SIZE = 48
+
+
+def make_sample(key: str, n_fg: int = 2, prompt: str = "a scene", seed: int = 0) -> MLCIDSample:
+    """A valid sample: a gradient background and `n_fg` solid rectangles side by side."""
+    rng = np.random.default_rng(seed)
+    h = w = SIZE
+    background = np.zeros((h, w, 3), np.uint8)
+    background[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]  # (H, W) red ramp
+    background[..., 2] = 90
+    foregrounds, masks, layers = [], [], [LayerInfo(BACKGROUND_PROMPT)]
+    for i in range(n_fg):
+        x0, y0 = 4 + i * 14, 6 + i * 4
+        x1, y1 = x0 + 12, y0 + 20
+        m = np.zeros((h, w), np.uint8)
+        m[y0:y1, x0:x1] = 255
+        fg = np.zeros((h, w, 4), np.uint8)
+        fg[..., :3] = rng.integers(0, 256, 3, dtype=np.uint8)
+        fg[..., 3] = m
+        foregrounds.append(fg)
+        masks.append(m)
+        layers.append(LayerInfo(f"object {i + 1}", box=(x0, y0, x1, y1), score=0.5 + 0.1 * i, area_frac=float((m > 0).mean())))
+    comp = background.copy()
+    for fg, m in zip(foregrounds, masks):
+        comp[m > 0] = fg[m > 0, :3]
+    return MLCIDSample(key, prompt, comp, background, foregrounds, masks, layers, source={"url": "http://x/1.jpg"})
+
+
+def write_shard(out: Path, shard_id: int, samples: list[MLCIDSample], drops: dict[str, int] | None = None) -> Path:
+    with ShardWriter(out, shard_id) as w:
+        for s in samples:
+            assert w.write(s)
+        for reason, n in (drops or {}).items():
+            w.drop(reason, n)
+    return out / shard_name(shard_id)
+
+
+def card_count(page: str) -> int:
+    return len(re.findall(r'<article class="card ', page))
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> Path:
+    """Two complete shards (5 + 3 samples, the second with an XSS prompt) and one without stats."""
+    d = tmp_path / "shards"
+    write_shard(d, 0, [make_sample(f"a{i:03d}", n_fg=1 + i % 3, seed=i) for i in range(5)], {"no_foreground": 4})
+    samples = [make_sample(f"b{i:03d}", n_fg=2, seed=10 + i) for i in range(3)]
+    samples[1] = make_sample("b001", n_fg=1, prompt=XSS)
+    samples[1].layers[1].prompt = XSS
+    write_shard(d, 1, samples, {"no_foreground": 1, "mask_area": 2})
+    write_shard(d, 2, [make_sample(f"c{i:03d}", n_fg=3, seed=20 + i) for i in range(2)])
+    (d / stats_name(2)).unlink()  # shard 2 looks unfinished
+    return d
+
+
+def test_pages_and_cards(shards: Path, tmp_path: Path) -> None:
+    result = build_view(str(shards), tmp_path / "view", ViewConfig(per_page=3))
+    assert result.cards == 10 and result.status_counts == {"ok": 10}
+    assert [p.name for p in result.pages] == ["page-0001.html", "page-0002.html", "page-0003.html", "page-0004.html"]
+    pages = [p.read_text() for p in result.pages]
+    assert [card_count(p) for p in pages] == [3, 3, 3, 1]
+    # prev/next links: none before the first page, none after the last
+    assert 'rel="prev"' not in pages[0] and 'href="page-0002.html" rel="next"' in pages[0]
+    assert 'href="page-0003.html" rel="prev"' in pages[3] and 'rel="next"' not in pages[3]
+    # images are files next to the HTML, never data URIs; every referenced file exists
+    srcs = re.findall(r'<img src="([^"]+)"', "".join(pages))
+    assert srcs and not any(s.startswith("data:") for s in srcs)
+    assert all((tmp_path / "view" / s).is_file() for s in srcs)
+    # one sample with 3 foregrounds: composite + 4 layers + 3 masks
+    assert len(re.findall(r'<img src="img/p0004/000010-', pages[3])) == 8
+    # foregrounds keep their alpha (RGBA PNG), thumbnails respect --thumb-size
+    from PIL import Image
+
+    fg = Image.open(tmp_path / "view" / "img/p0001/000001-layer01.png")
+    assert fg.mode == "RGBA" and fg.size == (SIZE, SIZE)
+    small = build_view(str(shards), tmp_path / "small", ViewConfig(thumb_size=16, max_samples=1))
+    assert Image.open(small.out_dir / "img/p0001/000001-composite.jpg").size == (16, 16)
+
+
+def test_prompt_is_escaped(shards: Path, tmp_path: Path) -> None:
+    result = build_view(str(shards), tmp_path / "view", ViewConfig(per_page=50))
+    page = result.pages[0].read_text()
+    assert "<script>" not in page and "<b>cat</b>" not in page
+    escaped = html.escape(XSS, quote=True)
+    assert page.count(escaped) >= 2  # global prompt and layer prompt
+    assert "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;" in page
+    # the metadata JSON is escaped too
+    assert "&quot;global_prompt&quot;" in page
+
+
+def test_page_count_with_max_samples(shards: Path, tmp_path: Path) -> None:
+    result = build_view(str(shards), tmp_path / "view", ViewConfig(per_page=4, max_samples=6))
+    assert result.cards == 6 and len(result.pages) == 2
+    index = result.index.read_text()
+    assert "--max-samples 6" in index and "not read (--max-samples)" in index  # shard 2 never reached
+    exact = build_view(str(shards), tmp_path / "exact", ViewConfig(per_page=5))
+    assert [card_count(p.read_text()) for p in exact.pages] == [5, 5]
+
+
+def test_stats_summary_numbers(shards: Path) -> None:
+    urls = sorted(str(p) for p in shards.glob("*.tar"))
+    summary = summarize(load_shard_stats(u) for u in urls)
+    assert summary.shards == 3 and summary.complete == 2
+    assert summary.incomplete == [urls[2]] and summary.bad_stats == [] and summary.inconsistent == []
+    assert (summary.read, summary.written, summary.dropped_total) == (15, 8, 7)
+    assert summary.dropped == {"no_foreground": 5, "mask_area": 2}  # most frequent first
+    assert summary.layer_counts == {2: 3, 3: 4, 4: 1}  # shard 0: fg 1,2,3,1,2; shard 1: 2,1,2 foregrounds
+    assert summary.keep_rate == pytest.approx(8 / 15)
+    text = format_summary(summary)
+    assert "read 15, written 8" in text and "no_foreground=5" in text and "incomplete (no stats file)" in text
+
+
+def test_index_shows_stats_and_incomplete(shards: Path, tmp_path: Path) -> None:
+    result = build_view(str(shards / "mlcid-{000000..000002}.tar"), tmp_path / "view")
+    index = result.index.read_text()
+    totals = dict(re.findall(r"<tr><th>([^<]+)</th><td class=n>([^<]+)</td></tr>", index))
+    assert totals["read"] == "15" and totals["dropped"] == "7" and totals["incomplete (no stats file)"] == "1"
+    assert totals["written (kept)"].startswith("8 ")
+    rows = re.findall(r'<tr class="([a-z-]+)"><td title="[^"]*">([^<]+)</td>', index)
+    assert rows == [("complete", shard_name(0)), ("complete", shard_name(1)), ("incomplete", shard_name(2))]
+    assert "incomplete (no stats file)" in index
+    assert "no_foreground" in index and "4 layers" in index
+    assert card_count(index) == 0 and 'href="page-0001.html"' in index
+
+
+def test_bad_stats_and_inconsistent() -> None:
+    good = {"read": 5, "written": 3, "dropped": {"x": 2}, "layer_counts": {"2": 3}}
+    off = {"read": 9, "written": 3, "dropped": {"x": 2}}
+    summary = summarize([ShardStats("a.tar", good), ShardStats("b.tar", off), ShardStats("c.tar", error="bad json")])
+    assert summary.bad_stats == ["c.tar"] and summary.inconsistent == ["b.tar"] and summary.without_layer_counts == 1
+    assert summarize_dicts([good, good]).layer_counts == {2: 6}
+    with pytest.raises(ValueError, match="dropped"):
+        summarize_dicts([{"read": 1, "written": 1, "dropped": [1]}])
+    with pytest.raises(ValueError, match=r"\.tar"):
+        stats_url_for("data/shard.zip")
+
+
+def test_malformed_stats_file(tmp_path: Path) -> None:
+    url = write_shard(tmp_path, 0, [make_sample("k0")])
+    Path(stats_url_for(str(url))).write_text("{not json")
+    st = load_shard_stats(str(url))
+    assert st.status == "bad-stats" and "stats.json" in st.error
+    result = build_view(str(url), tmp_path / "view")
+    assert "bad stats file" in result.index.read_text() and result.cards == 1
+
+
+def test_invalid_and_broken_samples_are_shown(tmp_path: Path) -> None:
+    """An invariant-breaking sample gets an 'invalid' card; undecodable members an 'error' card; no crash."""
+    good = make_sample("good")
+    members = {}
+    from mlcid.codec import encode_sample
+
+    bad = make_sample("overlap", n_fg=2)
+    bad.masks[1][:, :] = 0
+    bad.masks[1][6:26, 4:16] = 255  # same place as mask 1 → overlap
+    for s in (good, bad):
+        members.update({f"{s.key}.{k}": v for k, v in encode_sample(s).items()})
+    members["junk.json"] = b'{"schema": "mlcid/1", "layers": [{"prompt": "the background"}]}'
+    members["junk.composite.jpg"] = b"not a jpeg"
+    members["junk.layer00.png"] = b"not a png"
+    tar_path = tmp_path / "mixed-000000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = build_view(str(tar_path), tmp_path / "view")
+    assert result.status_counts == {"ok": 1, "invalid": 1, "error": 1}
+    assert result.reasons == {"mask_overlap": 1, "undecodable_image": 1}
+    page = result.pages[0].read_text()
+    assert page.count('data-status="invalid"') == 1 and page.count('data-status="error"') == 1
+    assert "mask_overlap" in page and "undecodable_image" in page
+    index = result.index.read_text()
+    assert "incomplete" in index and "mask_overlap=1" in index
+
+
+def test_out_dir_safety_and_rebuild(shards: Path, tmp_path: Path) -> None:
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        build_view(str(shards), other)
+    assert (other / "todo.txt").read_text() == "keep me"
+    out = tmp_path / "view"
+    build_view(str(shards), out, ViewConfig(per_page=2))
+    assert (out / "page-0005.html").exists()
+    build_view(str(shards), out, ViewConfig(per_page=5))  # a rebuild removes the stale pages
+    assert sorted(p.name for p in out.glob("page-*.html")) == ["page-0001.html", "page-0002.html"]
+    with pytest.raises(ValueError, match="per_page"):
+        ViewConfig(per_page=0)
+
+
+def test_cli(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli"
+    assert main([str(shards / "mlcid-{000000..000001}.tar"), "--out", str(out), "--per-page", "4"]) == 0
+    assert "8 samples (ok=8) on 2 page(s)" in capsys.readouterr().out
+    assert (out / "index.html").exists() and (out / "page-0002.html").exists()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nothing-{0..1}.tar"), "--out", str(out), "--per-page", "0"])
+    from mlcid.stats import main as stats_main
+
+    assert stats_main([str(shards), "--json"]) == 1  # one shard is incomplete
+    assert json.loads(capsys.readouterr().out)["written"] == 8
