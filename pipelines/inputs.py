@@ -1,0 +1,215 @@
+"""Read img2dataset output shards (`NNNNN.tar`: KEY.jpg|png|webp, KEY.txt, KEY.json) into pipeline `Item`s.
+
+Two steps so the runner can decode on a thread pool: `iter_raw_records(url)` streams the tar and groups members
+by key — also when keys are INTERLEAVED (members are buffered per key; a key is complete once
+`flush_after` other keys have been seen since its last member, or at the end of the tar) — and
+`decode_record(record, opts)` turns one record into an `Item` or a `Drop` with a typed reason:
+
+- `undecodable_image`: corrupt or zero-byte image; `missing_image`: a key with no image member;
+- `image_too_large`: more than `max_pixels` pixels — refused from the header, before any pixel is decoded;
+- `too_small`: shorter side below `min_side`;
+- `truncated_shard`: the tar ends mid-member (the key it cut is dropped; all complete keys are kept).
+A missing caption is fine (the caption is optional; `source["caption"]` is then None).
+Images are EXIF-transposed, converted to RGB (grayscale, CMYK, RGBA over white, 16-bit) and resized so the
+shorter side is at most `max_side`, both sides rounded down to multiples of 8.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tarfile
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mlcid import errors
+from mlcid.errors import SampleError
+from mlcid.imageio import DEFAULT_MAX_PIXELS, decode_rgb, open_bounded
+from mlcid.shards import open_url, split_member_name
+from pipelines.base import Item
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+TOO_SMALL = "too_small"
+MISSING_IMAGE = "missing_image"
+_SHARD_ID = re.compile(r"(\d+)\.tar(?:\.gz)?$")
+
+
+def input_shard_id(url: str) -> int:
+    """'…/00012.tar' → 12 (the number img2dataset put in the shard name)."""
+    m = _SHARD_ID.search(url.rstrip("/").rsplit("/", 1)[-1])
+    if not m:
+        raise ValueError(f"cannot read a shard id from {url!r}: expected a name like '00012.tar'")
+    return int(m.group(1))
+
+
+@dataclass
+class RawRecord:
+    """The members of one key: {suffix: bytes}."""
+
+    key: str
+    members: dict[str, bytes]
+
+
+@dataclass
+class Drop:
+    """An input sample that produced no item, with its typed reason."""
+
+    key: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class DecodeOptions:
+    """How to decode and size input images (the runner fills these from `PipelineConfig`)."""
+
+    max_side: int = 512
+    min_side: int = 64
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    shard_url: str = ""
+    shard_id: int = -1
+
+
+@dataclass
+class ReadStats:
+    """Counters of one tar stream that are not samples (members arriving after their key was emitted)."""
+
+    late_members: int = 0
+    keys: int = 0
+
+
+def _safe_key(key: str) -> str:
+    """MLCID keys hold no '.' or '/': 'dir/000012' → 'dir_000012'."""
+    return key.replace("/", "_").replace(".", "_")
+
+
+def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None = None
+                     ) -> Iterator[RawRecord | Drop]:
+    """Stream one tar; yield a `RawRecord` per key (interleaving tolerated), a `Drop` for a truncated tail.
+
+    Raises `SampleError(UNREADABLE_SHARD)` if the tar cannot be opened or read at all (the caller decides
+    whether to retry the shard); truncation after some members is reported as a `Drop` and ends the stream.
+    """
+    stats = stats if stats is not None else ReadStats()
+    pending: OrderedDict[str, dict[str, bytes]] = OrderedDict()  # key → members, oldest first
+    last_seen: dict[str, int] = {}
+    emitted: set[str] = set()
+    tick = 0
+    try:
+        stream = open_url(url)
+    except (OSError, ValueError) as e:
+        raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}") from e
+    members_read = 0
+    try:
+        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                parts = split_member_name(info.name)
+                if parts is None:
+                    continue
+                key, suffix = parts
+                f = tar.extractfile(info)
+                data = f.read() if f is not None else b""
+                members_read += 1
+                if key in emitted:
+                    stats.late_members += 1
+                    log.warning("%s: member %s arrived after its key was emitted; ignored", url, info.name)
+                    continue
+                if key not in last_seen or last_seen[key] != tick:
+                    tick += 1
+                last_seen[key] = tick
+                pending.setdefault(key, {})[suffix.lower()] = data
+                pending.move_to_end(key)
+                while pending:  # flush keys not seen for `flush_after` key changes
+                    old = next(iter(pending))
+                    if tick - last_seen[old] < flush_after:
+                        break
+                    emitted.add(old)
+                    stats.keys += 1
+                    yield RawRecord(old, pending.pop(old))
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        if members_read == 0 and not pending:
+            raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {type(e).__name__}: {e}") from e
+        # The last key being read when the stream broke is the cut one; complete earlier keys are kept.
+        cut = next(reversed(pending)) if pending else ""
+        for key in list(pending):
+            if key != cut:
+                stats.keys += 1
+                yield RawRecord(key, pending.pop(key))
+        stats.keys += 1
+        yield Drop(cut, errors.TRUNCATED_SHARD, f"{url}: {type(e).__name__}: {e}")
+        return
+    for key, members in pending.items():
+        stats.keys += 1
+        yield RawRecord(key, members)
+
+
+def output_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h) with the shorter side scaled down to ≤ max_side (never up), both rounded down to × 8 (≥ 8)."""
+    scale = min(1.0, max_side / min(width, height))
+    w, h = max(8, int(round(width * scale)) // 8 * 8), max(8, int(round(height * scale)) // 8 * 8)
+    return w, h
+
+
+def _text(data: bytes | None) -> str | None:
+    if data is None:
+        return None
+    text = data.decode("utf-8", errors="replace").replace("\x00", "").strip()
+    return text or None
+
+
+def decode_record(record: RawRecord, opts: DecodeOptions) -> Item | Drop:
+    """One raw record → an `Item` (RGB, resized) or a `Drop` naming why not. Never raises for bad data."""
+    key = _safe_key(record.key)
+    suffix = next((s for s in IMAGE_SUFFIXES if s in record.members), None)
+    if suffix is None:
+        return Drop(key, MISSING_IMAGE, f"members: {', '.join(sorted(record.members))[:200]}")
+    data = record.members[suffix]
+    try:
+        w0, h0 = open_bounded(data, opts.max_pixels).size  # header only: refuses bombs before decoding
+        if min(w0, h0) < opts.min_side:
+            return Drop(key, TOO_SMALL, f"{w0}x{h0}, shorter side < {opts.min_side}")
+        rgb = decode_rgb(data, opts.max_pixels, exif_transpose=True)  # (H, W, 3) uint8
+    except SampleError as e:
+        return Drop(key, e.reason, e.detail)
+    h, w = rgb.shape[:2]
+    tw, th = output_size(w, h, opts.max_side)
+    if (tw, th) != (w, h):
+        rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS), dtype=np.uint8)
+    meta: dict = {}
+    if "json" in record.members:
+        try:
+            meta = json.loads(record.members["json"].decode("utf-8"))
+            meta = meta if isinstance(meta, dict) else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            meta = {}
+    caption = _text(record.members.get("txt"))
+    if caption is None and isinstance(meta.get("caption"), str):
+        caption = meta["caption"].strip() or None
+    source = {
+        "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
+        "caption": caption,
+        "input_shard": opts.shard_id,
+        "input_url": opts.shard_url,
+        "input_key": record.key,
+        "original_size": [w, h],
+        "image_format": suffix,
+    }
+    return Item(key=key, image=np.ascontiguousarray(rgb), source=source)
+
+
+def iter_inputs(url: str, opts: DecodeOptions | None = None) -> Iterator[Item | Drop]:
+    """Sequential convenience: `decode_record` over `iter_raw_records` (the runner decodes on threads)."""
+    opts = opts or DecodeOptions(shard_url=url, shard_id=input_shard_id(url))
+    for rec in iter_raw_records(url):
+        yield rec if isinstance(rec, Drop) else decode_record(rec, opts)
+

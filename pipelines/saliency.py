@@ -1,0 +1,170 @@
+"""Salient-foreground masks for the Appendix B overlap rule: a classical CPU backend and a learned depth backend.
+
+The paper uses ICON (Zhuge et al., TPAMI 2022) for salient object detection. ICON's weights are not
+distributed through any model hub we can load with a library's own `from_pretrained`, so:
+
+- backend `depth` (production default): monocular depth with transformers `AutoModelForDepthEstimation`
+  (registry name `depth-saliency` = Depth-Anything-V2-Small). Its output is relative INVERSE depth (large =
+  near). The near region — inverse depth above an Otsu threshold — stands in for ICON's salient foreground. The
+  rule it feeds only asks whether a SAM mask is part of the foreground rather than the backdrop (sky, wall,
+  floor, far scenery), which is exactly what a near/far split answers; salient objects in LAION-style photos
+  are overwhelmingly the near ones. It is a learned model that runs batched on the GPU like the other stages.
+- backend `classical` (CPU, no weights): the mean of two classic bottom-up saliency maps — frequency-tuned
+  colour contrast (Achanta et al., CVPR 2009: distance of each blurred Lab pixel from the image's mean Lab
+  colour) and spectral residual (Hou & Zhang, CVPR 2007: the log-amplitude spectrum minus its local mean,
+  transformed back) — each scaled to [0, 1], weighted by a Gaussian centre prior
+  `(1 - w) + w·exp(-r²/2σ²)` (r = distance from the centre in half-diagonals, σ = 0.5, w = 0.3), then Otsu.
+  Used by the `tiny` profile, where random depth weights would decide nothing.
+
+Both set `item.saliency`, (H, W) bool. A flat map (constant image) gives an all-False mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pipelines.base import Item, alive, register_stage
+
+
+# -- classical maps -----------------------------------------------------------------------------------------
+def _unit(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / (hi - lo) if hi - lo > 1e-12 else np.zeros_like(x)
+
+
+def colour_contrast_map(image: np.ndarray) -> np.ndarray:
+    """Frequency-tuned saliency: ‖blurred Lab(x) − mean Lab‖ per pixel. (H, W, 3) uint8 → (H, W) float32."""
+    lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(np.float32)  # (H, W, 3)
+    blurred = cv2.GaussianBlur(lab, (5, 5), 0)
+    return np.linalg.norm(blurred - lab.reshape(-1, 3).mean(axis=0), axis=-1).astype(np.float32)
+
+
+def spectral_residual_map(image: np.ndarray, work_width: int = 64) -> np.ndarray:
+    """Spectral residual saliency computed at `work_width` px wide, resized back. → (H, W) float32."""
+    h, w = image.shape[:2]
+    ww = min(work_width, w)
+    wh = max(1, round(h * ww / w))
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    small = cv2.resize(gray, (ww, wh), interpolation=cv2.INTER_AREA)  # (h', w')
+    spectrum = np.fft.fft2(small)
+    log_amp = np.log(np.abs(spectrum) + 1e-8)
+    residual = log_amp - cv2.blur(log_amp, (3, 3))
+    sal = np.abs(np.fft.ifft2(np.exp(residual + 1j * np.angle(spectrum)))) ** 2
+    sal = cv2.GaussianBlur(sal.astype(np.float32), (0, 0), sigmaX=max(1.0, ww / 24))
+    return cv2.resize(sal, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def centre_prior(h: int, w: int, sigma: float = 0.5, weight: float = 0.3) -> np.ndarray:
+    """(1 - weight) + weight·Gaussian of the distance from the centre in half-diagonal units. → (H, W)."""
+    ys = (np.arange(h, dtype=np.float32) + 0.5 - h / 2) / (h / 2)
+    xs = (np.arange(w, dtype=np.float32) + 0.5 - w / 2) / (w / 2)
+    r2 = (ys[:, None] ** 2 + xs[None, :] ** 2) / 2.0  # squared radius, 1 at the corners
+    return (1.0 - weight) + weight * np.exp(-r2 / (2 * sigma**2))
+
+
+def otsu_mask(values: np.ndarray) -> np.ndarray:
+    """Binarise a float map with Otsu's threshold on its [0, 255] rescaling; a flat map → all False."""
+    if float(values.max() - values.min()) < 1e-6:
+        return np.zeros(values.shape, dtype=bool)
+    u8 = np.round(_unit(values.astype(np.float32)) * 255).astype(np.uint8)
+    thresh, _ = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return u8 > thresh
+
+
+def classical_saliency(image: np.ndarray, centre_weight: float = 0.3) -> np.ndarray:
+    """(H, W, 3) uint8 → (H, W) bool salient foreground (see the module docstring)."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"classical_saliency needs an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    sal = 0.5 * _unit(colour_contrast_map(image)) + 0.5 * _unit(spectral_residual_map(image))
+    return otsu_mask(sal * centre_prior(h, w, weight=centre_weight))
+
+
+@register_stage("saliency", "classical")
+class ClassicalSaliency:
+    """CPU saliency: colour contrast + spectral residual, centre prior, Otsu."""
+
+    def __init__(self, centre_weight: float = 0.3) -> None:
+        self.centre_weight = centre_weight
+        self.model_id = "classical:ft+spectral-residual+centre-prior+otsu"
+
+    def setup(self) -> None:
+        pass
+
+    def __call__(self, batch: list[Item]) -> list[Item]:
+        for item in alive(batch):
+            item.saliency = classical_saliency(item.image, self.centre_weight)
+        return batch
+
+
+# -- learned: depth ------------------------------------------------------------------------------------------
+def _resolve_device(device: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        dt = torch.float16 if dev.type == "cuda" else torch.float32
+    else:
+        dt = getattr(torch, dtype)
+    return dev, dt
+
+
+@register_stage("saliency", "depth")
+class DepthSaliency:
+    """Learned saliency: near region (Otsu over inverse depth) of `AutoModelForDepthEstimation`."""
+
+    def __init__(
+        self,
+        model_name: str = "depth-saliency",
+        preset: str = "real",
+        model_overrides: dict[str, str] | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        from mlcid.registry import resolve
+
+        self.model_id = resolve(model_name, preset, (model_overrides or {}).get(model_name))
+        self.device_name, self.dtype_name = device, dtype
+        self.batch_size = batch_size
+        self.model = self.processor = None
+
+    def setup(self) -> None:
+        from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+        self.device, self.dtype = _resolve_device(self.device_name, self.dtype_name)
+        self.processor = AutoImageProcessor.from_pretrained(self.model_id)
+        self.model = AutoModelForDepthEstimation.from_pretrained(self.model_id, torch_dtype=self.dtype)
+        self.model.to(self.device).eval()
+
+    def inverse_depth(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Relative inverse depth per image, resized to each image's (H, W). Images of one shape share a pass."""
+        import torch
+        import torch.nn.functional as F
+
+        if self.model is None:
+            raise RuntimeError("DepthSaliency.setup() must run before use")
+        out: list[np.ndarray | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.shape[:2], []).append(i)
+        for (h, w), idx in groups.items():
+            for start in range(0, len(idx), self.batch_size):
+                chunk = idx[start : start + self.batch_size]
+                inputs = self.processor(images=[images[i] for i in chunk], return_tensors="pt")
+                pixels = inputs["pixel_values"].to(self.device, self.dtype)  # (B, 3, h', w')
+                with torch.inference_mode():
+                    depth = self.model(pixel_values=pixels).predicted_depth  # (B, h'', w'')
+                depth = F.interpolate(depth[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+                for i, d in zip(chunk, depth[:, 0].cpu().numpy()):  # (H, W) each
+                    out[i] = d
+        return out  # type: ignore[return-value]
+
+    def __call__(self, batch: list[Item]) -> list[Item]:
+        items = alive(batch)
+        for item, inv_depth in zip(items, self.inverse_depth([it.image for it in items])):
+            item.saliency = otsu_mask(inv_depth)
+        return batch
