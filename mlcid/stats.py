@@ -173,8 +173,10 @@ def format_summary(summary: StatsSummary) -> str:
     """A few readable lines for logs and the end of a pipeline run."""
     rate = f"{summary.keep_rate:.1%}" if summary.keep_rate is not None else "n/a"
     lines = [
-        f"shards: {summary.shards} ({summary.complete} complete, {len(summary.incomplete)} incomplete, "
-        f"{len(summary.bad_stats)} with bad stats)",
+        (
+            f"shards: {summary.shards} ({summary.complete} complete, {len(summary.incomplete)} incomplete, "
+            f"{len(summary.bad_stats)} with bad stats)"
+        ),
         f"samples: read {summary.read}, written {summary.written} ({rate}), dropped {summary.dropped_total}",
     ]
     if summary.dropped:

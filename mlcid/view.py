@@ -46,7 +46,7 @@ class ViewConfig:
     per_page: int = 50
     max_samples: int | None = None  # stop after this many cards (valid, invalid and unreadable alike)
     thumb_size: int = 256
-    validation: ValidationConfig = ValidationConfig()
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     title: str = "MLCID shards"
 
     def __post_init__(self) -> None:
@@ -84,13 +84,20 @@ def _save_image(arr: np.ndarray, path: Path, thumb_size: int, nearest: bool = Fa
         im.save(path, format="PNG", compress_level=3)
 
 
-def _sample_card(sample: MLCIDSample, number: int, shard: str, page_dir: Path, rel: str, config: ViewConfig) -> CardView:
+def _error_text(e: SampleError) -> str:
+    """'reason: detail' from the current fields (the reader prefixes `detail` with 'url:key:' after creation)."""
+    return (f"{e.reason}: {e.detail}" if e.detail else e.reason)[:MAX_ERROR_CHARS]
+
+
+def _sample_card(
+    sample: MLCIDSample, number: int, shard: str, page_dir: Path, rel: str, config: ViewConfig
+) -> CardView:
     """Write a sample's images into `page_dir` and describe its card (status from the validator)."""
     try:
         validate_sample(sample, config.validation)
-        status, error = "ok", None
+        status, reason, error = "ok", None, None
     except SampleError as e:
-        status, error = "invalid", str(e)[:MAX_ERROR_CHARS]
+        status, reason, error = "invalid", e.reason, _error_text(e)
     stem = f"{number:06d}"
     _save_image(sample.composite, page_dir / f"{stem}-composite.jpg", config.thumb_size)
     _save_image(sample.background, page_dir / f"{stem}-layer00.jpg", config.thumb_size)
@@ -99,14 +106,29 @@ def _sample_card(sample: MLCIDSample, number: int, shard: str, page_dir: Path, r
         _save_image(fg, page_dir / f"{stem}-layer{i:02d}.png", config.thumb_size)
         _save_image(m, page_dir / f"{stem}-mask{i:02d}.png", config.thumb_size, nearest=True)
         info = sample.layers[i]
-        layers.append(LayerView(
-            i, info.prompt, f"{rel}/{stem}-layer{i:02d}.png", f"{rel}/{stem}-mask{i:02d}.png",
-            box=info.box, score=info.score, area_frac=info.area_frac,
-        ))
+        layers.append(
+            LayerView(
+                i,
+                info.prompt,
+                f"{rel}/{stem}-layer{i:02d}.png",
+                f"{rel}/{stem}-mask{i:02d}.png",
+                box=info.box,
+                score=info.score,
+                area_frac=info.area_frac,
+            )
+        )
     return CardView(
-        number=number, shard=shard, status=status, key=sample.key, error=error,
-        global_prompt=str(sample.global_prompt), size=(sample.width, sample.height),
-        composite=f"{rel}/{stem}-composite.jpg", layers=layers, metadata=sample.metadata(),
+        number=number,
+        shard=shard,
+        status=status,
+        key=sample.key,
+        reason=reason,
+        error=error,
+        global_prompt=str(sample.global_prompt),
+        size=(sample.width, sample.height),
+        composite=f"{rel}/{stem}-composite.jpg",
+        layers=layers,
+        metadata=sample.metadata(),
     )
 
 
@@ -172,7 +194,9 @@ def _items(urls: list[str]) -> Iterator[tuple[int, MLCIDSample | SampleError]]:
             yield i, item
 
 
-def build_view(shards: str | Iterable[str], out_dir: str | os.PathLike, config: ViewConfig = ViewConfig()) -> ViewResult:
+def build_view(
+    shards: str | Iterable[str], out_dir: str | os.PathLike, config: ViewConfig = ViewConfig()
+) -> ViewResult:
     """Write `index.html` (stats summary, page list, shard table) and `page-NNNN.html` sample cards into `out_dir`."""
     # 1. Resolve shards and read the stats file next to each (missing → incomplete).
     urls = expand_urls(shards)
@@ -199,13 +223,12 @@ def build_view(shards: str | Iterable[str], out_dir: str | os.PathLike, config: 
             page_dir = out / page_rel
             page_dir.mkdir(exist_ok=True)
             if isinstance(item, SampleError):
-                card = CardView(number, row.name, "error", error=str(item)[:MAX_ERROR_CHARS])
+                card = CardView(number, row.name, "error", reason=item.reason, error=_error_text(item))
             else:
                 card = _sample_card(item, number, row.name, page_dir, page_rel, config)
-            if card.status != "ok":
-                reason = item.reason if isinstance(item, SampleError) else (card.error or "?").split(":", 1)[0]
-                reasons[reason] += 1
-                row.reasons[reason] = row.reasons.get(reason, 0) + 1
+            if card.reason is not None:
+                reasons[card.reason] += 1
+                row.reasons[card.reason] = row.reasons.get(card.reason, 0) + 1
             status_counts[card.status] += 1
             row.viewed[card.status] = row.viewed.get(card.status, 0) + 1
             pager.add(card_html(card))
@@ -222,7 +245,9 @@ def build_view(shards: str | Iterable[str], out_dir: str | os.PathLike, config: 
     index = out / "index.html"
     index.write_text(index_page(config.title, summary, rows, pager.links, note), encoding="utf-8")
     log.info("wrote %d cards on %d pages: %s", number, len(pager.links), index)
-    return ViewResult(out, index, [out / p.name for p in pager.links], number, dict(status_counts), dict(reasons), summary)
+    return ViewResult(
+        out, index, [out / p.name for p in pager.links], number, dict(status_counts), dict(reasons), summary
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         "foreground over a checkerboard, masks, prompts and metadata; invalid samples are shown with their error; "
         "index.html summarises the shards' *_stats.json files. No network, no scripts.",
     )
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns ('dir/mlcid-{000000..000009}.tar'), "
-                        "folders (their *.tar) or fsspec URLs")
+    parser.add_argument(
+        "shards",
+        nargs="+",
+        help="shard paths, brace patterns ('dir/mlcid-{000000..000009}.tar'), folders (their *.tar) or fsspec URLs",
+    )
     parser.add_argument("--out", required=True, help="output folder (created; an earlier gallery there is replaced)")
     parser.add_argument("--per-page", type=int, default=50, help="sample cards per gallery page (default 50)")
     parser.add_argument("--max-samples", type=int, default=None, help="show at most N samples (default: all)")
@@ -246,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = ViewConfig(
-            per_page=args.per_page, max_samples=args.max_samples, thumb_size=args.thumb_size, title=args.title,
+            per_page=args.per_page,
+            max_samples=args.max_samples,
+            thumb_size=args.thumb_size,
+            title=args.title,
             validation=ValidationConfig(args.max_layers, args.min_area, args.max_area),
         )
         result = build_view(args.shards, args.out, config)

@@ -14,7 +14,7 @@ CSP = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'
 
 CSS = """
 :root { --fg:#1d2330; --muted:#5f6b7a; --line:#d9dee5; --card:#fff; --bg:#f3f5f8; --ok:#1f7a3d; --bad:#b3261e;
-        --warn:#9a6700; --thumb:132px; }
+        --warn:#9a6700; --thumb:116px; }
 * { box-sizing: border-box; }
 body { margin: 0; font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
        background: var(--bg); }
@@ -35,7 +35,9 @@ main { padding: 16px 20px; }
 .card .key { font-weight: 600; overflow-wrap: anywhere; }
 .card .where { color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
 .badge { font-size: 11px; padding: 1px 7px; border-radius: 9px; color: #fff; text-transform: uppercase; }
-.badge.ok { background: var(--ok); } .badge.invalid { background: var(--warn); } .badge.error { background: var(--bad); }
+.badge.ok { background: var(--ok); }
+.badge.invalid { background: var(--warn); }
+.badge.error { background: var(--bad); }
 .errmsg { margin: 4px 0 8px; color: var(--bad); font-family: ui-monospace, monospace; font-size: 12px;
           overflow-wrap: anywhere; white-space: pre-wrap; }
 .global { margin: 2px 0 8px; }
@@ -46,12 +48,13 @@ figure { margin: 0; width: var(--thumb); }
 .imgbox { width: var(--thumb); height: var(--thumb); display: flex; align-items: center; justify-content: center;
           border: 1px solid var(--line); border-radius: 4px; overflow: hidden; background: #eef1f4; }
 .imgbox + .imgbox { margin-top: 4px; }
-.imgbox img { max-width: 100%; max-height: 100%; display: block; }
+.imgbox img { width: 100%; height: 100%; object-fit: contain; display: block; }
 .checker { background-color: #fff;
            background-image: conic-gradient(#cfd5dc 25%, #fff 0 50%, #cfd5dc 0 75%, #fff 0);
            background-size: 16px 16px; }
 .imgbox.mask { background: #000; }
-.imgbox.mask img { image-rendering: pixelated; }
+.imgbox img.px { image-rendering: pixelated; }
+.legend { color: var(--muted); font-size: 12px; }
 figcaption { font-size: 12px; margin-top: 3px; }
 figcaption .idx { display: inline-block; min-width: 18px; font-weight: 600; }
 figcaption .facts { display: block; color: var(--muted); font-size: 11px; }
@@ -99,6 +102,7 @@ class CardView:
     shard: str
     status: str
     key: str | None = None
+    reason: str | None = None  # the SampleError reason of an 'invalid' or 'error' card
     error: str | None = None
     global_prompt: str | None = None
     size: tuple[int, int] | None = None  # (width, height) of the full-size sample
@@ -110,8 +114,9 @@ class CardView:
 _BADGE = {"ok": "valid", "invalid": "invalid", "error": "unreadable"}
 
 
-def _img(src: str, alt: str) -> str:
-    return f'<img src="{esc(src)}" alt="{esc(alt)}" loading="lazy" decoding="async">'
+def _img(src: str, alt: str, pixelated: bool = False) -> str:
+    cls = ' class="px"' if pixelated else ""
+    return f'<img src="{esc(src)}" alt="{esc(alt)}"{cls} loading="lazy" decoding="async">'
 
 
 def _layer_html(layer: LayerView) -> str:
@@ -124,7 +129,7 @@ def _layer_html(layer: LayerView) -> str:
         facts.append("box " + ",".join(str(int(v)) for v in layer.box))
     boxes = f'<div class="imgbox{" checker" if layer.index else ""}">{_img(layer.image, f"layer {layer.index}")}</div>'
     if layer.mask is not None:
-        boxes += f'<div class="imgbox mask">{_img(layer.mask, f"mask {layer.index}")}</div>'
+        boxes += f'<div class="imgbox mask">{_img(layer.mask, f"mask {layer.index}", pixelated=True)}</div>'
     facts_html = f'<span class="facts">{esc(" · ".join(facts))}</span>' if facts else ""
     kind = "fg" if layer.index else "bg"
     return (
@@ -145,7 +150,7 @@ def card_html(card: CardView) -> str:
     if card.layers:
         where.append(f"{len(card.layers)} layers")
     head.append(f'<span class="where">{esc(" · ".join(where))}</span>')
-    parts = [f'<header>{"".join(head)}</header>']
+    parts = [f"<header>{''.join(head)}</header>"]
     if card.error:
         parts.append(f'<p class="errmsg">{esc(card.error)}</p>')
     if card.global_prompt is not None:
@@ -165,8 +170,8 @@ def card_html(card: CardView) -> str:
     if card.metadata is not None:
         meta = json.dumps(card.metadata, indent=2, ensure_ascii=False, sort_keys=True)
         parts.append(f"<details><summary>metadata</summary><pre>{esc(meta)}</pre></details>")
-    anchor = f"s{card.number:06d}"
-    return f'<article class="card {esc(card.status)}" id="{anchor}" data-status="{esc(card.status)}">{"".join(parts)}</article>'
+    status = esc(card.status)
+    return f'<article class="card {status}" id="s{card.number:06d}" data-status="{status}">{"".join(parts)}</article>'
 
 
 def document(title: str, body: str) -> str:
@@ -187,16 +192,25 @@ def page_name(page: int) -> str:
 
 
 def _nav(page: int, has_next: bool) -> str:
-    prev = f'<a href="{page_name(page - 1)}" rel="prev">← prev</a>' if page > 1 else '<span class="off">← prev</span>'
-    nxt = f'<a href="{page_name(page + 1)}" rel="next">next →</a>' if has_next else '<span class="off">next →</span>'
+    prev = '<span class="off">← prev</span>'
+    nxt = '<span class="off">next →</span>'
+    if page > 1:
+        prev = f'<a href="{page_name(page - 1)}" rel="prev">← prev</a>'
+    if has_next:
+        nxt = f'<a href="{page_name(page + 1)}" rel="next">next →</a>'
     return f'<nav><a href="index.html">index</a>{prev}<span class="here">page {page}</span>{nxt}</nav>'
 
 
 def gallery_page(title: str, page: int, has_next: bool, cards_html: list[str], first: int) -> str:
     """One gallery page holding `cards_html` (already rendered); `first` is the number of its first card."""
     last = first + len(cards_html) - 1
-    top = f'<header class="top"><h1>{esc(title)}</h1>{_nav(page, has_next)}<div class="where">samples {first}–{last}</div></header>'
-    body = f'{top}<main><div class="grid">{"".join(cards_html)}</div></main><footer class="nav">{_nav(page, has_next)}</footer>'
+    legend = (
+        f"samples {first}–{last} · foreground layers over a checkerboard (checker = transparent), their masks "
+        "below (white = object) · layer 0 is the inpainted background"
+    )
+    nav = _nav(page, has_next)
+    top = f'<header class="top"><h1>{esc(title)}</h1>{nav}<div class="legend">{esc(legend)}</div></header>'
+    body = f'{top}<main><div class="grid">{"".join(cards_html)}</div></main><footer class="nav">{nav}</footer>'
     return document(f"{title} — page {page}", body)
 
 
@@ -243,10 +257,12 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         ("written (kept)", f"{summary.written} ({rate})"),
         ("dropped", summary.dropped_total),
     ]
-    parts = [f'<header class="top"><h1>{esc(title)}</h1>'
-             f'<nav><span class="here">index</span>'
-             + (f'<a href="{esc(pages[0].name)}">gallery →</a>' if pages else "")
-             + "</nav></header><main>"]
+    parts = [
+        f'<header class="top"><h1>{esc(title)}</h1>'
+        f'<nav><span class="here">index</span>'
+        + (f'<a href="{esc(pages[0].name)}">gallery →</a>' if pages else "")
+        + "</nav></header><main>"
+    ]
     if note:
         parts.append(f'<p class="warn">{esc(note)}</p>')
     parts.append("<h2>Totals (from the shards' stats files)</h2><table id=totals>")
@@ -263,21 +279,25 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         parts.append(f'<p class="warn">{summary.without_layer_counts} shard(s) record no layer counts</p>')
     parts.append("<h2>Gallery pages</h2>")
     if pages:
-        parts.append("<ol class=pages>" + "".join(
-            f'<li><a href="{esc(p.name)}">{esc(p.name)}</a> — samples {p.first}–{p.last}</li>' for p in pages
-        ) + "</ol>")
+        items = [f'<li><a href="{esc(p.name)}">{esc(p.name)}</a> — samples {p.first}–{p.last}</li>' for p in pages]
+        parts.append(f"<ol class=pages>{''.join(items)}</ol>")
     else:
         parts.append('<p class="empty">no samples shown</p>')
-    parts.append("<h2>Shards</h2><table id=shards><tr><th>shard</th><th>status</th><th>read</th><th>written</th>"
-                 "<th>dropped</th><th>shown: valid / invalid / unreadable</th><th>problems seen by the viewer</th></tr>")
+    parts.append(
+        "<h2>Shards</h2><table id=shards><tr><th>shard</th><th>status</th><th>read</th><th>written</th>"
+        "<th>dropped</th><th>shown: valid / invalid / unreadable</th><th>problems seen by the viewer</th></tr>"
+    )
     for row in rows:
         st, s = row.shard, row.shard.stats
         status = {"complete": "complete", "incomplete": "incomplete (no stats file)"}.get(st.status, "bad stats file")
         if st.error:
             status += f": {st.error}"
         nums = [s["read"], s["written"], sum(s["dropped"].values())] if s else ["–", "–", "–"]
-        shown = (" / ".join(str(row.viewed.get(k, 0)) for k in ("ok", "invalid", "error"))
-                 if row.read_by_viewer else "not read (--max-samples)")
+        shown = (
+            " / ".join(str(row.viewed.get(k, 0)) for k in ("ok", "invalid", "error"))
+            if row.read_by_viewer
+            else "not read (--max-samples)"
+        )
         problems = ", ".join(f"{k}={v}" for k, v in sorted(row.reasons.items()))
         parts.append(
             f'<tr class="{esc(st.status)}"><td title="{esc(st.url)}">{esc(row.name)}</td>'

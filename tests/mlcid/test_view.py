@@ -39,7 +39,9 @@ def make_sample(key: str, n_fg: int = 2, prompt: str = "a scene", seed: int = 0)
         fg[..., 3] = m
         foregrounds.append(fg)
         masks.append(m)
-        layers.append(LayerInfo(f"object {i + 1}", box=(x0, y0, x1, y1), score=0.5 + 0.1 * i, area_frac=float((m > 0).mean())))
+        layers.append(
+            LayerInfo(f"object {i + 1}", box=(x0, y0, x1, y1), score=0.5 + 0.1 * i, area_frac=float((m > 0).mean()))
+        )
     comp = background.copy()
     for fg, m in zip(foregrounds, masks):
         comp[m > 0] = fg[m > 0, :3]
@@ -189,7 +191,7 @@ def test_invalid_and_broken_samples_are_shown(tmp_path: Path) -> None:
     assert result.reasons == {"mask_overlap": 1, "undecodable_image": 1}
     page = result.pages[0].read_text()
     assert page.count('data-status="invalid"') == 1 and page.count('data-status="error"') == 1
-    assert "mask_overlap" in page and "undecodable_image" in page
+    assert "mask_overlap" in page and "undecodable_image: " + str(tar_path) + ":junk: " in page
     index = result.index.read_text()
     assert "incomplete" in index and "mask_overlap=1" in index
 
