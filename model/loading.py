@@ -1,0 +1,179 @@
+"""Loading code shared by training, sampling and evaluation: SD-1.x components, prompts, CLIP scorer, FID extractor.
+
+Real and tiny models go through the same calls: `from_pretrained` on a hub id or a local folder
+(`mlcid.registry.resolve` says which), safetensors preferred, never `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from mlcid import registry
+
+log = logging.getLogger(__name__)
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_LATENT_CHANNELS = 4
+SD_VAE_SCALE = 8
+SD_UNET_IN_CHANNELS = (4, 9)  # text-to-image; inpainting (latent 4 + mask 1 + masked-image latent 4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stable Diffusion 1.x
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SDComponents:
+    """The parts of an SD-1.x pipeline that LayerDiff builds on."""
+
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    tokenizer: Any  # transformers CLIPTokenizer
+    scheduler: Any  # diffusers scheduler (DDIM by default)
+    source: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scaling(self) -> float:
+        """The VAE's `scaling_factor` (0.18215 for SD 1.x): latents fed to the UNet are `mean * scaling`."""
+        return float(self.vae.config.scaling_factor)
+
+
+def resolve_sd(preset: str = "real", pretrained: str | os.PathLike | None = None, name: str = "sd15") -> str:
+    """Where to load SD from: `pretrained` if given, else the registry's real hub id or tiny folder."""
+    return registry.resolve(name, preset, pretrained)
+
+
+def _is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _check_local_sd_folder(folder: Path) -> None:
+    """Name what is missing when a local folder is not a diffusers SD pipeline folder."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not an SD-1.x pipeline folder: it is a file, not a folder")
+    missing = [sub for sub in SD_SUBFOLDERS if not (folder / sub).is_dir()]
+    if missing:
+        raise ValueError(
+            f"{folder} is not an SD-1.x pipeline folder: missing {', '.join(s + '/' for s in missing)} "
+            f"(want {', '.join(SD_SUBFOLDERS)} as written by diffusers `save_pretrained`)")
+
+
+def _load_configs(source: str) -> tuple[dict, dict, Any]:
+    """The UNet, VAE and text-encoder configs (no weights), with a clear error when they cannot be read."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    try:
+        unet_cfg = UNet2DConditionModel.load_config(source, subfolder="unet")
+        vae_cfg = AutoencoderKL.load_config(source, subfolder="vae")
+        text_cfg = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder")
+    except (OSError, EnvironmentError) as err:
+        where = ("not a local folder and not in the Hugging Face cache (HF_HUB_OFFLINE=1)" if _is_offline()
+                 else "could not be fetched")
+        raise ValueError(f"cannot load SD pipeline {source!r}: {where}. Pass a local SD-1.x folder "
+                         f"(e.g. preset 'tiny' after `make tiny-models`). Cause: {err}") from err
+    return dict(unet_cfg), dict(vae_cfg), text_cfg
+
+
+def check_sd_configs(unet_cfg: dict, vae_cfg: dict, text_cfg: Any, source: str = "",
+                     unet_in_channels: int | None = None) -> None:
+    """Raise ValueError naming the first way these configs do not make an SD-1.x pipeline."""
+    prefix = f"{source}: not an SD-1.x pipeline: " if source else "not an SD-1.x pipeline: "
+    problems: list[str] = []
+    in_ch, out_ch = unet_cfg.get("in_channels"), unet_cfg.get("out_channels")
+    allowed_in = (unet_in_channels,) if unet_in_channels is not None else SD_UNET_IN_CHANNELS
+    if in_ch not in allowed_in:
+        problems.append(f"UNet in_channels={in_ch}, want {' or '.join(map(str, allowed_in))}")
+    if out_ch != SD_LATENT_CHANNELS:
+        problems.append(f"UNet out_channels={out_ch}, want {SD_LATENT_CHANNELS}")
+    blocks = list(unet_cfg.get("down_block_types", ())) + list(unet_cfg.get("up_block_types", ()))
+    if not any("CrossAttn" in b for b in blocks):
+        problems.append(f"UNet has no cross-attention blocks ({blocks})")
+    cross_dim = unet_cfg.get("cross_attention_dim")
+    if cross_dim != text_cfg.hidden_size:
+        problems.append(f"UNet cross_attention_dim={cross_dim} != text encoder hidden_size={text_cfg.hidden_size}")
+    if vae_cfg.get("latent_channels") != SD_LATENT_CHANNELS:
+        problems.append(f"VAE latent_channels={vae_cfg.get('latent_channels')}, want {SD_LATENT_CHANNELS}")
+    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", ())) - 1)
+    if vae_scale != SD_VAE_SCALE:
+        problems.append(f"VAE downscales ×{vae_scale}, want ×{SD_VAE_SCALE}")
+    if getattr(text_cfg, "model_type", None) != "clip_text_model":
+        problems.append(f"text encoder is {getattr(text_cfg, 'model_type', None)!r}, want a CLIP text model")
+    if text_cfg.max_position_embeddings < 77:
+        problems.append(f"text encoder takes {text_cfg.max_position_embeddings} tokens, want 77")
+    if problems:
+        raise ValueError(prefix + "; ".join(problems))
+
+
+def load_sd_components(
+    name_or_path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    *,
+    unet_in_channels: int | None = None,
+    scheduler_cls: type | None = None,
+    use_safetensors: bool | None = None,
+) -> SDComponents:
+    """Load UNet, VAE, text encoder, tokenizer and scheduler of an SD-1.x pipeline (hub id or local folder).
+
+    Configs are checked before any weights load (`ValueError` names the problem). `unet_in_channels` pins the
+    UNet input width (4 text-to-image, 9 inpainting; default: either). The scheduler is loaded as
+    `scheduler_cls` (default `DDIMScheduler`) from the folder's scheduler config. `use_safetensors=None`
+    prefers safetensors and falls back to `weights_only` torch loading; True requires safetensors.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    # 1. Where: a local folder must have the five subfolders; anything else is tried as a hub id.
+    source = str(name_or_path)
+    if Path(source).exists():
+        _check_local_sd_folder(Path(source))
+    # 2. Check configs before loading any weights.
+    unet_cfg, vae_cfg, text_cfg = _load_configs(source)
+    check_sd_configs(unet_cfg, vae_cfg, text_cfg, source, unet_in_channels)
+    # 3. Weights and tokenizer through the libraries' own loaders (no remote code).
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype,
+                                                use_safetensors=use_safetensors)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, use_safetensors=use_safetensors)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype,
+                                                 use_safetensors=use_safetensors)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+    scheduler = (scheduler_cls or DDIMScheduler).from_pretrained(source, subfolder="scheduler")
+    if tokenizer.model_max_length > text_encoder.config.max_position_embeddings:
+        raise ValueError(f"{source}: tokenizer pads to {tokenizer.model_max_length} tokens but the text encoder "
+                         f"takes {text_encoder.config.max_position_embeddings}")
+    log.info("loaded SD components from %s (UNet in=%d, cross-attn dim %d, %s)", source,
+             unet.config.in_channels, unet.config.cross_attention_dim, dtype)
+    return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        scheduler=scheduler, source=source)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings of `prompts`, padded/truncated to the tokenizer's max length: (N, 77, D).
+
+    Like SD 1.x: last hidden state, no attention mask, pad = end-of-text. Runs without gradients (the text
+    encoder is frozen in LayerDiff); the result is on the text encoder's device and dtype.
+    """
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError("prompts is empty: need at least one prompt")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"every prompt must be a str; got {type(bad[0]).__name__}: {bad[0]!r}")
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    input_ids = tokens.input_ids.to(text_encoder.device)  # (N, 77)
+    return text_encoder(input_ids)[0]  # (N, 77, D)
