@@ -1,0 +1,286 @@
+"""LayerDiffUNet: the SD-1.x UNet turned into a layer-collaborative denoiser of (image, mask) latents per layer.
+
+Layers ride on the batch axis of the SD UNet, (B·L). The SD blocks are unchanged and see the global prompt;
+after every SD transformer block a layer-collaborative block (model/layer_attention.py) mixes the layers and
+injects each layer's enhanced prompt (model/prompt_enhancer.py). A mask branch reads the mask latent through
+`conv_in_mask` (scaled by a zero-initialised scalar, added to SD's conv_in output) and predicts the mask noise
+through `conv_out_mask`. At init every new branch is zero, so the image-noise output of each layer equals SD's.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from einops import rearrange, repeat
+from torch import nn
+
+from model.layer_attention import (
+    LAYER_CONTEXT_KEY,
+    LayerCollaborativeBlock,
+    LayerCollabTransformerBlock,
+    LayerContext,
+)
+from model.prompt_enhancer import LayerPromptEnhancer
+
+# UNet2DConditionModel options the explicit SD-1.x forward below does not implement: name → allowed value.
+_UNSUPPORTED = {
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "addition_embed_type": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "time_cond_proj_dim": None,
+    "timestep_post_act": None,
+    "center_input_sample": False,
+}
+_WRAPPED_KEY = re.compile(r"(transformer_blocks\.\d+)\.")
+
+
+@dataclass
+class LayerDiffUNetOutput(BaseOutput):
+    """`sample` (B, L, 8, h, w): channels 0:4 image-noise ε, 4:8 mask-noise ε' (zeros on padding layers)."""
+
+    sample: torch.Tensor
+
+
+def _clean_unet_config(unet_config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments of an SD UNet config (drops diffusers' private `_…` keys), checked for SD-1.x."""
+    cfg = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+    bad = {k: cfg[k] for k, allowed in _UNSUPPORTED.items() if cfg.get(k, allowed) != allowed}
+    if bad:
+        raise ValueError(f"LayerDiffUNet supports SD-1.x-style UNets only; unsupported UNet options: {bad}")
+    if cfg.get("in_channels", 4) != cfg.get("out_channels", 4):
+        raise ValueError(
+            f"the SD UNet must predict noise for its own input latent: in_channels={cfg.get('in_channels')} "
+            f"!= out_channels={cfg.get('out_channels')} (an inpainting UNet is not a valid starting point)"
+        )
+    return cfg
+
+
+class LayerDiffUNet(ModelMixin, ConfigMixin):
+    """Denoises B samples × L layers of (image latent, mask latent) under a global prompt and per-layer prompts."""
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        unet_config: dict,
+        max_layers: int = 4,
+        use_prompt_enhancer: bool = True,
+        layer_ff_mult: int = 4,
+        layer_position_embedding: bool = True,
+        enhancer_heads: int = 8,
+        enhancer_ffn: bool = True,
+    ):
+        super().__init__()
+        if max_layers < 1:
+            raise ValueError(f"max_layers must be >= 1, got {max_layers}")
+        self.unet = UNet2DConditionModel(**_clean_unet_config(unet_config))
+        text_dim = self.unet.config.cross_attention_dim
+        if not isinstance(text_dim, int):
+            raise ValueError(f"per-block cross_attention_dim {text_dim!r} is not supported; use one int (SD-1.x)")
+
+        # 1. a layer-collaborative block after every SD transformer block
+        n_wrapped = 0
+        for module in self.unet.modules():
+            blocks = getattr(module, "transformer_blocks", None)
+            if not isinstance(blocks, nn.ModuleList):
+                continue
+            for i, block in enumerate(blocks):
+                if not isinstance(block, BasicTransformerBlock):
+                    raise ValueError(f"expected SD BasicTransformerBlock, found {type(block).__name__}")
+                collab = LayerCollaborativeBlock(
+                    dim=block.dim, text_dim=text_dim, heads=block.attn2.heads, max_layers=max_layers,
+                    ff_mult=layer_ff_mult, layer_position_embedding=layer_position_embedding,
+                )
+                blocks[i] = LayerCollabTransformerBlock(block, collab)
+                n_wrapped += 1
+        if n_wrapped == 0:
+            raise ValueError("the SD UNet config has no cross-attention transformer blocks to extend")
+
+        # 2. mask branch: input conv (+ zero-init gate) and output conv, copies of SD's
+        conv_in, conv_out = self.unet.conv_in, self.unet.conv_out
+        self.conv_in_mask = nn.Conv2d(conv_in.in_channels, conv_in.out_channels, conv_in.kernel_size,
+                                      padding=conv_in.padding)
+        self.mask_scale = nn.Parameter(torch.zeros(()))
+        self.conv_out_mask = nn.Conv2d(conv_out.in_channels, conv_out.out_channels, conv_out.kernel_size,
+                                       padding=conv_out.padding)
+
+        # 3. layer-specific prompt enhancer (ablation: off)
+        self.prompt_enhancer = (
+            LayerPromptEnhancer(text_dim, heads=enhancer_heads, max_layers=max_layers, use_ffn=enhancer_ffn)
+            if use_prompt_enhancer else None
+        )
+        self.initialize_new_modules()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, max_layers: int = 4, **options) -> "LayerDiffUNet":
+        """Build from a (pretrained) SD UNet: inherit all its weights, initialise new modules per Appendix A."""
+        model = cls(unet_config=dict(unet.config), max_layers=max_layers, **options)
+        model.load_sd_unet_state_dict(unet.state_dict())
+        model = model.to(unet.device)
+        return model if model.dtype == unet.dtype else model.to(unet.dtype)
+
+    def load_sd_unet_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a plain SD UNet state dict into the wrapped UNet, then re-run the Appendix-A initialisation."""
+        mapped = {_WRAPPED_KEY.sub(r"\1.block.", k): v for k, v in state_dict.items()}
+        result = self.unet.load_state_dict(mapped, strict=False)
+        missing = [k for k in result.missing_keys if ".collab." not in k]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"SD UNet state dict does not match this LayerDiffUNet's config: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        self.initialize_new_modules()
+
+    @torch.no_grad()
+    def initialize_new_modules(self) -> None:
+        """Appendix A: mask convs copy SD's conv_in/conv_out, gate = 0, intra-attention copies SD's attn2,
+        the last linear of every new attention/FFN is zero (so the network starts as SD, layer by layer)."""
+        self.conv_in_mask.load_state_dict(self.unet.conv_in.state_dict())
+        self.conv_out_mask.load_state_dict(self.unet.conv_out.state_dict())
+        self.mask_scale.zero_()
+        for wrapper in self.collab_blocks():
+            wrapper.collab.init_from_sd_block(wrapper.block)
+        if self.prompt_enhancer is not None:
+            self.prompt_enhancer.zero_init_outputs()
+
+    def collab_blocks(self) -> list[LayerCollabTransformerBlock]:
+        """Every wrapped (SD block + layer-collaborative block) pair, in module order."""
+        return [m for m in self.unet.modules() if isinstance(m, LayerCollabTransformerBlock)]
+
+    def new_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters LayerDiff adds to SD (collab blocks, enhancer, mask branch), by name."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("unet.") or ".collab." in n}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def in_channels_per_layer(self) -> int:
+        return 2 * self.latent_channels
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, sample, timesteps, global_text, layer_text, layer_valid):
+        """Validate shapes; return timesteps as (B, L) and layer_valid as (B, L) bool or None."""
+        if sample.ndim != 5 or sample.shape[2] != self.in_channels_per_layer:
+            raise ValueError(
+                f"sample must be (B, L, {self.in_channels_per_layer}, h, w) = image latent ‖ mask latent per "
+                f"layer, got {tuple(sample.shape)}"
+            )
+        B, L = sample.shape[:2]
+        if L > self.config.max_layers:
+            raise ValueError(f"{L} layers exceed max_layers={self.config.max_layers}")
+        text_dim = self.unet.config.cross_attention_dim
+        if global_text.ndim != 3 or global_text.shape[0] != B or global_text.shape[2] != text_dim:
+            raise ValueError(f"global_text must be (B={B}, T, D={text_dim}), got {tuple(global_text.shape)}")
+        if layer_text.ndim != 4 or layer_text.shape[:2] != (B, L) or layer_text.shape[3] != text_dim:
+            raise ValueError(
+                f"layer_text must be (B={B}, L={L}, T, D={text_dim}), got {tuple(layer_text.shape)}"
+            )
+        timesteps = torch.as_tensor(timesteps, device=sample.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(B, L)
+        elif timesteps.shape == (B,):
+            timesteps = timesteps[:, None].expand(B, L)
+        elif timesteps.shape != (B, L):
+            raise ValueError(f"timesteps must be a scalar, (B,)=({B},) or (B, L)=({B}, {L}); got {tuple(timesteps.shape)}")
+        if layer_valid is not None:
+            if layer_valid.shape != (B, L):
+                raise ValueError(f"layer_valid must be (B, L)=({B}, {L}), got {tuple(layer_valid.shape)}")
+            layer_valid = layer_valid.to(device=sample.device, dtype=torch.bool)
+            if not bool(layer_valid.any(dim=1).all()):
+                raise ValueError("every sample needs at least one valid layer (layer_valid has an all-False row)")
+            if bool(layer_valid.all()):
+                layer_valid = None  # all valid: skip masking (faster attention kernels)
+        return timesteps, layer_valid
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor | float | int,
+        global_text: torch.Tensor,
+        layer_text: torch.Tensor,
+        layer_valid: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> LayerDiffUNetOutput | tuple[torch.Tensor]:
+        """sample (B, L, 8, h, w), timesteps (B, L) | (B,) | scalar, global_text (B, T, D),
+        layer_text (B, L, T', D), layer_valid (B, L) bool | None → noise (B, L, 8, h, w)."""
+        # 1. check inputs
+        timesteps, valid = self._check_inputs(sample, timesteps, global_text, layer_text, layer_valid)
+        B, L, _, height, width = sample.shape
+        unet = self.unet
+        c = self.latent_channels
+
+        # 2. layer prompts: enhance, flatten onto the (B·L) batch; global prompt repeated per layer
+        if self.prompt_enhancer is not None:
+            layer_text = self.prompt_enhancer(layer_text, global_text, valid)  # (B, L, T', D)
+        ctx = LayerContext(num_layers=L, layer_text=rearrange(layer_text, "b l t d -> (b l) t d"), layer_valid=valid)
+        cross_kwargs = {LAYER_CONTEXT_KEY: ctx}
+        encoder_hidden_states = repeat(global_text, "b t d -> (b l) t d", l=L)  # (B·L, T, D)
+
+        # 3. time embedding, one timestep per layer
+        x = rearrange(sample, "b l c h w -> (b l) c h w")  # (B·L, 8, h, w)
+        t_emb = unet.get_time_embed(sample=x, timestep=rearrange(timesteps, "b l -> (b l)"))
+        emb = unet.time_embedding(t_emb)  # (B·L, E)
+
+        # 4. conv_in on the image latent + gated conv_in_mask on the mask latent
+        h = unet.conv_in(x[:, :c]) + self.mask_scale.to(x.dtype) * self.conv_in_mask(x[:, c:])  # (B·L, C0, h, w)
+
+        # 5. down
+        up_factor = 2**unet.num_upsamplers
+        forward_upsample_size = height % up_factor != 0 or width % up_factor != 0
+        res_stack: tuple[torch.Tensor, ...] = (h,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, res = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states,
+                               cross_attention_kwargs=cross_kwargs)
+            else:
+                h, res = block(hidden_states=h, temb=emb)
+            res_stack += res
+
+        # 6. mid
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                h = unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states,
+                                   cross_attention_kwargs=cross_kwargs)
+            else:
+                h = unet.mid_block(h, emb)
+
+        # 7. up
+        for i, block in enumerate(unet.up_blocks):
+            res = res_stack[-len(block.resnets):]
+            res_stack = res_stack[: -len(block.resnets)]
+            upsample_size = None
+            if forward_upsample_size and i < len(unet.up_blocks) - 1:
+                upsample_size = res_stack[-1].shape[2:]
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res,
+                          encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_kwargs,
+                          upsample_size=upsample_size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+
+        # 8. out: SD conv_out → image noise, conv_out_mask → mask noise
+        if unet.conv_norm_out is not None:
+            h = unet.conv_act(unet.conv_norm_out(h))
+        out = torch.cat([unet.conv_out(h), self.conv_out_mask(h)], dim=1)  # (B·L, 8, h, w)
+        out = rearrange(out, "(b l) c h w -> b l c h w", b=B)
+        if valid is not None:
+            out = torch.where(valid[:, :, None, None, None], out, torch.zeros_like(out))  # padding layers → 0
+
+        if not return_dict:
+            return (out,)
+        return LayerDiffUNetOutput(sample=out)

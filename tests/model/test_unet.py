@@ -1,0 +1,224 @@
+"""LayerDiffUNet: parity with SD at init, padding isolation, gradients, persistence, checkpointing, layer text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from model.unet import LayerDiffUNet
+
+TEXT_DIM, T_GLOBAL, T_LAYER, SIZE = 32, 7, 5, 16
+
+
+def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=SIZE,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def sd_unet() -> UNet2DConditionModel:
+    return tiny_sd_unet()
+
+
+def make_inputs(B: int, L: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(B, L, 8, SIZE, SIZE, generator=g),
+        "timesteps": torch.randint(0, 1000, (B, L), generator=g),
+        "global_text": torch.randn(B, T_GLOBAL, TEXT_DIM, generator=g),
+        "layer_text": torch.randn(B, L, T_LAYER, TEXT_DIM, generator=g),
+    }
+
+
+@torch.no_grad()
+def randomize_new_modules(model: LayerDiffUNet, seed: int = 2, std: float = 0.2) -> None:
+    """Give every new parameter (including the zero-initialised ones) random values."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.new_parameters().values():
+        p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
+def sd_reference(sd: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SD on each layer's image latent with the global prompt → (B, L, 4, h, w)."""
+    x, t, g = inputs["sample"], inputs["timesteps"], inputs["global_text"]
+    B, L = x.shape[:2]
+    out = sd(x[:, :, :4].reshape(B * L, 4, SIZE, SIZE), t.reshape(B * L), g.repeat_interleave(L, dim=0)).sample
+    return out.reshape(B, L, 4, SIZE, SIZE)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 4])
+def test_parity_with_sd_at_init(sd_unet, num_layers):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=4).eval()
+    inputs = make_inputs(B=2, L=num_layers)
+    assert num_layers == 1 or len(inputs["timesteps"][0].unique()) > 1  # per-layer timesteps really differ
+    with torch.no_grad():
+        out = model(**inputs).sample
+    ref = sd_reference(sd_unet, inputs)
+    assert out.shape == (2, num_layers, 8, SIZE, SIZE)
+    torch.testing.assert_close(out[:, :, :4], ref, atol=1e-5, rtol=0)
+    # mask head at init = SD's conv_out on the same features (the features do not see the mask latent yet)
+    torch.testing.assert_close(out[:, :, 4:], ref, atol=1e-5, rtol=0)
+
+
+def test_parity_with_padding_layers(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=4).eval()
+    inputs = make_inputs(B=3, L=4, seed=5)
+    valid = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    with torch.no_grad():
+        out = model(**inputs, layer_valid=valid).sample
+    ref = sd_reference(sd_unet, inputs)
+    torch.testing.assert_close(out[valid][:, :4], ref[valid], atol=1e-5, rtol=0)
+    assert torch.all(out[~valid] == 0)
+
+
+def test_padding_content_never_reaches_valid_layers(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=4).eval()
+    randomize_new_modules(model)
+    inputs = make_inputs(B=2, L=4, seed=7)
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    other = {k: v.clone() for k, v in inputs.items()}
+    g = torch.Generator().manual_seed(99)
+    pad = ~valid
+    other["sample"][pad] = torch.randn(other["sample"][pad].shape, generator=g) * 10
+    other["layer_text"][pad] = torch.randn(other["layer_text"][pad].shape, generator=g) * 10
+    other["timesteps"][pad] = 999 - other["timesteps"][pad]
+    with torch.no_grad():
+        a = model(**inputs, layer_valid=valid).sample
+        b = model(**other, layer_valid=valid).sample
+        c = model(**other).sample  # same content, but now the padding layers count
+    torch.testing.assert_close(a[valid], b[valid], atol=1e-6, rtol=0)
+    assert (c[valid] - a[valid]).abs().max() > 1e-3  # the randomised layer attention really mixes layers
+
+
+def test_timestep_broadcast(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=4).eval()
+    randomize_new_modules(model)
+    inputs = make_inputs(B=2, L=3)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        per_layer = model(**{**inputs, "timesteps": t[:, None].expand(2, 3)}).sample
+        per_sample = model(**{**inputs, "timesteps": t}).sample
+        scalar = model(**{**inputs, "timesteps": 10}).sample
+        per_layer_10 = model(**{**inputs, "timesteps": torch.full((2, 3), 10)}).sample
+    torch.testing.assert_close(per_sample, per_layer)
+    torch.testing.assert_close(scalar, per_layer_10)
+
+
+def test_every_parameter_learns(sd_unet):
+    """After one AdamW step every parameter gets gradient, except the prompt enhancer's inner weights: they sit
+    behind TWO zero-initialised linears in series (enhancer output projections → intra-layer attention output),
+    so they need a second step; then every parameter gets gradient."""
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=2).train()
+    inputs = make_inputs(B=2, L=2, seed=3)
+    target = torch.randn(2, 2, 8, SIZE, SIZE, generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def backward_and_list_dead() -> list[str]:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(**inputs).sample, target).backward()
+        return [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+
+    new = model.new_parameters()
+    for group in ["inter_attn", "intra_attn", "collab.ff", "layer_pos", "prompt_enhancer", "conv_in_mask",
+                  "mask_scale", "conv_out_mask"]:
+        assert any(group in name for name in new), group  # every kind of new module is present
+
+    backward_and_list_dead()
+    opt.step()
+    dead = backward_and_list_dead()
+    enhancer_outputs = ("self_attn.to_out", "cross_attn.to_out", "ff.net.2")
+    assert dead and all(n.startswith("prompt_enhancer.") and not any(o in n for o in enhancer_outputs) for n in dead), dead
+    opt.step()
+    assert backward_and_list_dead() == []
+
+
+def test_save_and_load_round_trip(sd_unet, tmp_path):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=3, use_prompt_enhancer=True).eval()
+    randomize_new_modules(model)
+    model.save_pretrained(tmp_path / "ld")
+    assert (tmp_path / "ld" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = LayerDiffUNet.from_pretrained(tmp_path / "ld").eval()
+    assert loaded.config.max_layers == 3 and loaded.in_channels_per_layer == 8 and loaded.latent_channels == 4
+    inputs = make_inputs(B=1, L=3)
+    valid = torch.tensor([[True, True, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs, layer_valid=valid).sample,
+                                   model(**inputs, layer_valid=valid).sample, atol=0, rtol=0)
+
+
+def test_gradient_checkpointing_matches(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=2).train()
+    randomize_new_modules(model)
+    inputs = make_inputs(B=2, L=2)
+    valid = torch.tensor([[True, True], [True, False]])
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**inputs, layer_valid=valid).sample.square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_a, grads_a = loss_and_grads()
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    loss_b, grads_b = loss_and_grads()
+    model.disable_gradient_checkpointing()
+    assert not model.is_gradient_checkpointing
+    torch.testing.assert_close(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("use_prompt_enhancer", [True, False])
+def test_layer_text_matters(sd_unet, use_prompt_enhancer):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=3, use_prompt_enhancer=use_prompt_enhancer).eval()
+    assert (model.prompt_enhancer is not None) == use_prompt_enhancer
+    inputs = make_inputs(B=1, L=3)
+    swapped = dict(inputs, layer_text=inputs["layer_text"][:, [0, 2, 1]])
+    with torch.no_grad():
+        same_a, same_b = model(**inputs).sample, model(**swapped).sample
+        torch.testing.assert_close(same_a, same_b, atol=1e-5, rtol=0)  # at init: SD, layer text unused
+        randomize_new_modules(model)
+        a, b = model(**inputs).sample, model(**swapped).sample
+    for layer in (1, 2):
+        assert (a[:, layer] - b[:, layer]).abs().max() > 1e-3
+
+
+def test_bad_inputs_raise_clear_errors(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=2).eval()
+    inputs = make_inputs(B=1, L=2)
+    with pytest.raises(ValueError, match="sample must be"):
+        model(**{**inputs, "sample": inputs["sample"][:, :, :4]})
+    with pytest.raises(ValueError, match="exceed max_layers"):
+        model(**make_inputs(B=1, L=3))
+    with pytest.raises(ValueError, match="layer_text must be"):
+        model(**{**inputs, "layer_text": inputs["layer_text"][:, :1]})
+    with pytest.raises(ValueError, match="timesteps must be"):
+        model(**{**inputs, "timesteps": torch.zeros(3, dtype=torch.long)})
+    with pytest.raises(ValueError, match="at least one valid layer"):
+        model(**inputs, layer_valid=torch.tensor([[False, False]]))
+    with pytest.raises(ValueError, match="unsupported UNet options"):
+        LayerDiffUNet(unet_config={**dict(sd_unet.config), "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="in_channels"):
+        LayerDiffUNet(unet_config={**dict(sd_unet.config), "in_channels": 9})
+
+
+def test_from_unet_copies_sd_weights(sd_unet):
+    model = LayerDiffUNet.from_unet(sd_unet, max_layers=2)
+    torch.testing.assert_close(model.conv_in_mask.weight, sd_unet.conv_in.weight)
+    torch.testing.assert_close(model.conv_out_mask.weight, sd_unet.conv_out.weight)
+    assert model.mask_scale.item() == 0.0
+    wrapper = model.collab_blocks()[0]
+    sd_block = sd_unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    torch.testing.assert_close(wrapper.collab.intra_attn.to_k.weight, sd_block.attn2.to_k.weight)
+    torch.testing.assert_close(wrapper.block.attn1.to_q.weight, sd_block.attn1.to_q.weight)
+    assert torch.all(wrapper.collab.intra_attn.to_out.weight == 0)
+    assert torch.all(wrapper.collab.inter_attn.to_out.weight == 0)
+    assert torch.all(wrapper.collab.ff.net[-1].weight == 0)
