@@ -160,7 +160,6 @@ def tiny_preset() -> PipelineConfig:
         device="cpu",
         dtype="float32",
         max_side=128,
-        min_side=32,
         decode_threads=2,
         chunk_size=8,
     )

@@ -84,6 +84,7 @@ class ReadStats:
 
     late_members: int = 0
     keys: int = 0
+    truncated: bool = False
 
 
 def _safe_key(key: str) -> str:
@@ -96,7 +97,8 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
     """Stream one tar; yield a `RawRecord` per key (interleaving tolerated), a `Drop` for a truncated tail.
 
     Raises `SampleError(UNREADABLE_SHARD)` if the tar cannot be opened or read at all (the caller decides
-    whether to retry the shard); truncation after some members is reported as a `Drop` and ends the stream.
+    whether to retry the shard). A tar that breaks later ends the stream: complete keys are still yielded,
+    the key whose member was cut becomes a `Drop(truncated_shard)` and `stats.truncated` is set.
     """
     stats = stats if stats is not None else ReadStats()
     pending: OrderedDict[str, dict[str, bytes]] = OrderedDict()  # key → members, oldest first
@@ -107,7 +109,7 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
         stream = open_url(url)
     except (OSError, ValueError) as e:
         raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}") from e
-    members_read = 0
+    members_read, reading = 0, None
     try:
         with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -117,8 +119,10 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
                 if parts is None:
                     continue
                 key, suffix = parts
+                reading = key
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
+                reading = None
                 members_read += 1
                 if key in emitted:
                     stats.late_members += 1
@@ -137,16 +141,18 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
                     stats.keys += 1
                     yield RawRecord(old, pending.pop(old))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if members_read == 0 and not pending:
+        if members_read == 0 and reading is None:
             raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {type(e).__name__}: {e}") from e
-        # The last key being read when the stream broke is the cut one; complete earlier keys are kept.
-        cut = next(reversed(pending)) if pending else ""
-        for key in list(pending):
-            if key != cut:
-                stats.keys += 1
-                yield RawRecord(key, pending.pop(key))
-        stats.keys += 1
-        yield Drop(cut, errors.TRUNCATED_SHARD, f"{url}: {type(e).__name__}: {e}")
+        stats.truncated = True
+        log.warning("%s: truncated (%s: %s); keeping the complete keys", url, type(e).__name__, e)
+        if reading is not None:  # the key whose member was cut is dropped; complete earlier keys are kept
+            pending.pop(reading, None)
+        for key, members in pending.items():
+            stats.keys += 1
+            yield RawRecord(key, members)
+        if reading is not None and reading not in emitted:
+            stats.keys += 1
+            yield Drop(_safe_key(reading), errors.TRUNCATED_SHARD, f"{url}: {type(e).__name__}: {e}")
         return
     for key, members in pending.items():
         stats.keys += 1

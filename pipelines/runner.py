@@ -300,7 +300,7 @@ class ShardProcessor:
                 writer.add_timing(name, secs)
             stats = writer.close({
                 "input_url": input_url, "preset": cfg.preset, "outcomes": outcomes_name(shard_id, cfg.prefix),
-                "late_members": read.late_members, "skipped": False,
+                "late_members": read.late_members, "input_truncated": read.truncated, "skipped": False,
             })
         except BaseException:
             writer.abort()

@@ -79,6 +79,8 @@ def classical_saliency(image: np.ndarray, centre_weight: float = 0.3) -> np.ndar
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"classical_saliency needs an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
     h, w = image.shape[:2]
+    if float(image.std()) < 1.0:  # flat image: nothing stands out (maps would only amplify rounding noise)
+        return np.zeros((h, w), dtype=bool)
     sal = 0.5 * _unit(colour_contrast_map(image)) + 0.5 * _unit(spectral_residual_map(image))
     return otsu_mask(sal * centre_prior(h, w, weight=centre_weight))
 
