@@ -54,10 +54,10 @@ log = logging.getLogger(__name__)
 GENERATOR = "mlcid.synthetic"
 GENERATOR_VERSION = 1
 MAX_PER_SHARD = 10_000  # img2dataset keys hold a 4-digit in-shard index
-GLOBAL_TEMPLATES = (
-    "{objects} on a {background} background",
-    "{objects} against a {background} background",
-    "a {background} background behind {objects}",
+GLOBAL_TEMPLATES = (  # {background} carries its article: "a striped green", "an orange"
+    "{objects} on {background} background",
+    "{objects} against {background} background",
+    "{background} background behind {objects}",
 )
 
 Pair = tuple[str, str]  # (colour, shape)
@@ -172,8 +172,13 @@ def _layout_ok(config: SceneConfig, shapes: list[np.ndarray], visible: list[np.n
 # --- prompts ------------------------------------------------------------------------------------------------------
 
 
+def _with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def _object_phrase(obj: PlacedShape) -> str:
-    return f"a {obj.colour} {obj.shape}"
+    """The layer prompt: 'a red circle', 'an orange star'."""
+    return _with_article(f"{obj.colour} {obj.shape}")
 
 
 def _global_prompt(rng: np.random.Generator, objects: list[PlacedShape], occluders: list[set[int]], background: str) -> str:
@@ -227,7 +232,7 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
 
     # 4. Prompts and metadata.
     occluders = [{j for j in range(i + 1, len(shapes)) if (shapes[i] & shapes[j]).any()} for i in range(len(shapes))]
-    bg_phrase = f"{BACKGROUND_PATTERNS[pattern]} {bg_colour}"
+    bg_phrase = _with_article(f"{BACKGROUND_PATTERNS[pattern]} {bg_colour}")
     global_prompt = _global_prompt(rng, objects, occluders, bg_phrase)
     layers = [LayerInfo(prompt=BACKGROUND_PROMPT)] + [
         LayerInfo(prompt=_object_phrase(o), box=mask_box(vis), area_frac=float(vis.mean())) for o, vis in zip(objects, visible)
@@ -424,7 +429,7 @@ def write_dataset(
     total = sum(len(ranges[s]) for s in todo)
     jobs = [(out, mlcid_out, s, ranges[s], seed, config, jpeg_quality) for s in todo]
     start = time.perf_counter()
-    with tqdm(total=total, desc="synthetic scenes", unit="scene", disable=not progress) as bar:
+    with tqdm(total=total, desc="synthetic scenes", unit="scene", disable=not progress, mininterval=0.5) as bar:
         if processes <= 1:
             results = [write_shard(*job, on_sample=lambda: bar.update(1)) for job in jobs]
         else:

@@ -116,13 +116,15 @@ def test_object_colour_is_recoverable_from_the_composite():
 
 
 def test_prompts_follow_the_templates():
-    for index in range(20):
+    for index in range(40):
         s = make_scene(SMALL, 4, index)
         assert s.layers[0].prompt == BACKGROUND_PROMPT
         objs, bg = s.source["objects"], s.source["background"]
-        assert [layer.prompt for layer in s.layers[1:]] == [f"a {o['colour']} {o['shape']}" for o in objs]
+        expected = [("an " if o["colour"][0] in "aeiou" else "a ") + f"{o['colour']} {o['shape']}" for o in objs]
+        assert [layer.prompt for layer in s.layers[1:]] == expected
         for layer in s.layers[1:]:
             assert layer.prompt in s.global_prompt
+        assert not re.search(r"\ba [aeiou]", s.global_prompt), s.global_prompt  # "an orange", not "a orange"
         assert f"{BACKGROUND_PATTERNS[bg['pattern']]} {bg['colour']} background" in s.global_prompt
         if len(objs) == 2 and objs[0]["occluded_by"] == [2]:
             assert f"{s.layers[2].prompt} in front of {s.layers[1].prompt}" in s.global_prompt
@@ -246,6 +248,14 @@ def test_content_does_not_depend_on_shard_count_and_one_shard_regenerates_alone(
     summary = write_dataset(tmp_path / "c", tmp_path / "c-gt", 7, 9, 3, SMALL, shard_ids=[1], progress=False)
     assert summary["samples"] == 3 and sorted(p.name for p in (tmp_path / "c").glob("*.tar")) == ["00001.tar"]
     assert (tmp_path / "c" / "00001.tar").read_bytes() == (tmp_path / "b" / "00001.tar").read_bytes()
+
+
+def test_worker_processes_write_the_same_shards(tmp_path):
+    write_dataset(tmp_path / "one", tmp_path / "one-gt", 6, 4, 2, SMALL, processes=1, progress=False)
+    summary = write_dataset(tmp_path / "two", tmp_path / "two-gt", 6, 4, 2, SMALL, processes=2, progress=False)
+    assert summary["written"] == 6
+    for name in ("00000.tar", "00001.tar"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_cli_help(capsys):
