@@ -200,6 +200,10 @@ def build_view(
     """Write `index.html` (stats summary, page list, shard table) and `page-NNNN.html` sample cards into `out_dir`."""
     # 1. Resolve shards and read the stats file next to each (missing → incomplete).
     urls = expand_urls(shards)
+    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"shard file(s) not found: {', '.join(missing[:5])}{more}")
     shard_stats = [load_shard_stats(url) for url in urls]
     summary = summarize(shard_stats)
     rows = [ShardRow(st, _shard_name(st.url)) for st in shard_stats]

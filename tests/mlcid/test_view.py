@@ -218,8 +218,36 @@ def test_cli(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "8 samples (ok=8) on 2 page(s)" in capsys.readouterr().out
     assert (out / "index.html").exists() and (out / "page-0002.html").exists()
     with pytest.raises(SystemExit):
-        main([str(tmp_path / "nothing-{0..1}.tar"), "--out", str(out), "--per-page", "0"])
+        main([str(shards), "--out", str(out), "--per-page", "0"])
+    with pytest.raises(ValueError, match="not found: .*nothing-1.tar"):
+        build_view(str(tmp_path / "nothing-{0..1}.tar"), out)
     from mlcid.stats import main as stats_main
 
     assert stats_main([str(shards), "--json"]) == 1  # one shard is incomplete
     assert json.loads(capsys.readouterr().out)["written"] == 8
+
+
+def test_fsspec_urls(shards: Path, tmp_path: Path) -> None:
+    """Shards and stats read through fsspec (memory://), like s3:// or gs:// in production."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in (shard_name(0), stats_name(0), shard_name(2)):  # shard 2 has no stats file
+        fs.pipe(f"/viewtest/{name}", (shards / name).read_bytes())
+    try:
+        urls = f"memory://viewtest/{shard_name(0)} memory://viewtest/{shard_name(2)}"
+        result = build_view(urls, tmp_path / "view", ViewConfig(per_page=50))
+        assert result.cards == 7 and result.summary.complete == 1 and len(result.summary.incomplete) == 1
+        assert result.summary.written == 5 and result.summary.dropped == {"no_foreground": 4}
+    finally:
+        fs.rm("/viewtest", recursive=True)
+
+
+def test_truncated_shard_is_counted_not_fatal(shards: Path, tmp_path: Path) -> None:
+    data = (shards / shard_name(0)).read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    result = build_view([str(cut), str(shards / shard_name(1))], tmp_path / "view")
+    assert result.status_counts["error"] == 1  # the sample cut in half (how the reader names it depends on the cut)
+    assert set(result.reasons) <= {"truncated_shard", "missing_member", "undecodable_image"}
+    assert result.status_counts["ok"] >= 3  # the samples before the cut, and all of the next shard
