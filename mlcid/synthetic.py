@@ -41,6 +41,7 @@ from mlcid.synthetic_shapes import (
     paint_layers,
     place_shapes,
     visible_masks,
+    with_article,
 )
 from mlcid.validate import ValidationConfig
 from mlcid.writer import ShardWriter
@@ -89,17 +90,30 @@ class SceneConfig:
     max_attempts: int = 200  # resamples of a scene whose masks break the limits before giving up
 
     def __post_init__(self) -> None:
+        # Lists (from JSON/YAML) become tuples, so configs stay hashable and compare equal.
+        for name in ("count_weights", "colours", "shapes", "background_patterns", "background_colours", "fill"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("allowed_pairs", "holdout_pairs"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(tuple(p) for p in getattr(self, name)))
+        if isinstance(self.validation, dict):
+            object.__setattr__(self, "validation", ValidationConfig(**self.validation))
         if self.size < 16:
             raise ValueError(f"size must be ≥ 16, got {self.size}")
         if not (1 <= self.min_foregrounds <= self.max_foregrounds):
-            raise ValueError(f"need 1 ≤ min_foregrounds ≤ max_foregrounds, got {self.min_foregrounds}..{self.max_foregrounds}")
+            raise ValueError(
+                f"need 1 ≤ min_foregrounds ≤ max_foregrounds, got {self.min_foregrounds}..{self.max_foregrounds}"
+            )
         if self.max_foregrounds + 1 > self.validation.max_layers:
-            raise ValueError(f"max_foregrounds {self.max_foregrounds} + background > max_layers {self.validation.max_layers}")
+            raise ValueError(
+                f"max_foregrounds {self.max_foregrounds} + background > max_layers {self.validation.max_layers}"
+            )
         n_counts = self.max_foregrounds - self.min_foregrounds + 1
         if self.count_weights is not None and (
             len(self.count_weights) != n_counts or min(self.count_weights) < 0 or sum(self.count_weights) <= 0
         ):
-            raise ValueError(f"count_weights needs {n_counts} non-negative weights (not all 0), got {self.count_weights}")
+            raise ValueError(f"count_weights needs {n_counts} weights ≥ 0 (not all 0), got {self.count_weights}")
         for name, values, known in (
             ("colours", self.colours, COLOURS), ("background_colours", self.background_colours, COLOURS),
             ("shapes", self.shapes, SHAPES), ("background_patterns", self.background_patterns, BACKGROUND_PATTERNS),
@@ -128,13 +142,23 @@ class SceneConfig:
 
     def object_pairs(self) -> list[Pair]:
         """The (colour, shape) combos objects are drawn from: allowed (or colours × shapes) minus holdout."""
-        base = self.allowed_pairs if self.allowed_pairs is not None else [(c, s) for c in self.colours for s in self.shapes]
-        holdout = {tuple(p) for p in self.holdout_pairs}
-        return [(c, s) for c, s in dict.fromkeys(tuple(p) for p in base) if (c, s) not in holdout
-                and c in self.colours and s in self.shapes]
+        base = self.allowed_pairs
+        if base is None:
+            base = tuple((c, s) for c in self.colours for s in self.shapes)
+        keep = set(base) - set(self.holdout_pairs)
+        return [(c, s) for c, s in dict.fromkeys(base) if (c, s) in keep and c in self.colours and s in self.shapes]
 
     def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """Plain JSON types; stored in every sample's `pipeline["config"]`."""
+        return json.loads(_config_text(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "SceneConfig":
+        """Inverse of `to_json` (e.g. from a sample's `pipeline["config"]`); unknown keys are an error."""
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SceneConfig keys: {sorted(unknown)}")
+        return cls(**data)
 
 
 @functools.lru_cache(maxsize=16)
@@ -172,22 +196,15 @@ def _layout_ok(config: SceneConfig, shapes: list[np.ndarray], visible: list[np.n
 # --- prompts ------------------------------------------------------------------------------------------------------
 
 
-def _with_article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _object_phrase(obj: PlacedShape) -> str:
-    """The layer prompt: 'a red circle', 'an orange star'."""
-    return _with_article(f"{obj.colour} {obj.shape}")
-
-
-def _global_prompt(rng: np.random.Generator, objects: list[PlacedShape], occluders: list[set[int]], background: str) -> str:
+def _global_prompt(
+    rng: np.random.Generator, objects: list[PlacedShape], occluders: list[set[int]], background: str
+) -> str:
     """'a red circle in front of a blue square on a striped green background' — objects named front to back."""
     order = list(range(len(objects) - 1, -1, -1))  # front → back
-    text, named = _object_phrase(objects[order[0]]), {order[0]}
+    text, named = objects[order[0]].prompt(), {order[0]}
     for i in order[1:]:
         joiner = " in front of " if occluders[i] & named else " and "
-        text += joiner + _object_phrase(objects[i])
+        text += joiner + objects[i].prompt()
         named.add(i)
     template = GLOBAL_TEMPLATES[int(rng.integers(len(GLOBAL_TEMPLATES)))]
     return template.format(objects=text, background=background)
@@ -228,14 +245,18 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
     background, bg_params = background_image(pattern, COLOURS[bg_colour], size, rng)  # (H, W, 3)
 
     # 3. Paint objects back→front; cut the layers: own pixels in the shape, composite in the ring, `fill` outside.
-    image, foregrounds, masks = paint_layers(background, objects, shapes, visible, config.shade, config.dilation, config.fill)
+    image, foregrounds, masks = paint_layers(
+        background, objects, shapes, visible, config.shade, config.dilation, config.fill
+    )
 
     # 4. Prompts and metadata.
-    occluders = [{j for j in range(i + 1, len(shapes)) if (shapes[i] & shapes[j]).any()} for i in range(len(shapes))]
-    bg_phrase = _with_article(f"{BACKGROUND_PATTERNS[pattern]} {bg_colour}")
+    n = len(shapes)
+    occluders = [{j for j in range(i + 1, n) if (shapes[i] & shapes[j]).any()} for i in range(n)]  # front overlaps
+    bg_phrase = with_article(f"{BACKGROUND_PATTERNS[pattern]} {bg_colour}")
     global_prompt = _global_prompt(rng, objects, occluders, bg_phrase)
     layers = [LayerInfo(prompt=BACKGROUND_PROMPT)] + [
-        LayerInfo(prompt=_object_phrase(o), box=mask_box(vis), area_frac=float(vis.mean())) for o, vis in zip(objects, visible)
+        LayerInfo(prompt=o.prompt(), box=mask_box(vis), area_frac=float(vis.mean()))
+        for o, vis in zip(objects, visible)
     ]
     source = {
         "generator": GENERATOR,
@@ -246,13 +267,8 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
         "caption": global_prompt,
         "background": {"pattern": pattern, "colour": bg_colour, "rgb": list(COLOURS[bg_colour]), **bg_params},
         "objects": [
-            {
-                "colour": o.colour,
-                "shape": o.shape,
-                "rgb": list(COLOURS[o.colour]),
-                "center": [round(o.center[0], 3), round(o.center[1], 3)],
-                "radius": round(o.radius, 3),
-                "angle": round(o.angle, 3),
+            o.to_json()
+            | {
                 "area_frac": float(vis.mean()),
                 "full_area_frac": float(full.mean()),
                 "occluded_by": sorted(j + 1 for j in occ),  # layer indices of objects covering part of this one
@@ -260,7 +276,7 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
             for o, full, vis, occ in zip(objects, shapes, visible, occluders)
         ],
     }
-    pipeline = {"generator": GENERATOR, "version": GENERATOR_VERSION, "config": json.loads(_config_text(config))}
+    pipeline = {"generator": GENERATOR, "version": GENERATOR_VERSION, "config": config.to_json()}
     return MLCIDSample(
         key=key if key is not None else f"{index:09d}",
         global_prompt=global_prompt,
@@ -290,7 +306,8 @@ def shard_ranges(samples: int, shards: int) -> list[range]:
         raise ValueError(f"need samples ≥ 1 and 1 ≤ shards ≤ samples, got samples={samples} shards={shards}")
     per = -(-samples // shards)
     if per > MAX_PER_SHARD:
-        raise ValueError(f"{per} samples per shard > {MAX_PER_SHARD}; use at least {-(-samples // MAX_PER_SHARD)} shards")
+        need = -(-samples // MAX_PER_SHARD)
+        raise ValueError(f"{per} samples per shard > {MAX_PER_SHARD}; use at least {need} shards")
     return [range(s * per, min((s + 1) * per, samples)) for s in range(shards) if s * per < samples]
 
 
@@ -438,6 +455,8 @@ def write_dataset(
                 for result in pool.map(_shard_job, jobs):
                     results.append(result)
                     bar.update(result["samples"])
+    for r in results:
+        log.info("shard %d: %d scenes in %.1f s", r["shard_id"], r["written"], r["seconds"])
     seconds = time.perf_counter() - start
     layer_counts: Counter[int] = Counter()
     for r in results:
@@ -478,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mlcid.synthetic",
         description="Generate synthetic layered scenes (patterned background + 1-3 coloured shapes with occlusions) "
         "with exact ground truth. Writes raw shards in img2dataset's layout (DIR/NNNNN.tar with KEY.jpg/.txt/.json, "
-        "NNNNN.parquet, NNNNN_stats.json) — input for the MLCID pipeline — and the true MLCID shards of the same keys "
+        "NNNNN.parquet, NNNNN_stats.json), input for the MLCID pipeline, and the true MLCID shards of the same keys "
         "(MLCID_OUT/mlcid-NNNNNN.tar). Scene i depends only on (seed, i), not on the shard count.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

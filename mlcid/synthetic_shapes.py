@@ -1,4 +1,4 @@
-"""Drawing for synthetic scenes: colour/shape/pattern vocabulary, shape masks, occlusion, textures, layer cut-outs."""
+"""Drawing for synthetic scenes: vocabulary and its wording, shape masks, occlusion, textures, layer cut-outs."""
 
 from __future__ import annotations
 
@@ -104,6 +104,22 @@ class PlacedShape:
         """The full (unoccluded) shape, (size, size) bool."""
         return shape_mask(self.shape, size, self.center, self.radius, self.angle)
 
+    def prompt(self) -> str:
+        """Its layer prompt: 'a red circle', 'an orange star'."""
+        return with_article(f"{self.colour} {self.shape}")
+
+    def to_json(self) -> dict:
+        return {
+            "colour": self.colour, "shape": self.shape, "rgb": list(COLOURS[self.colour]),
+            "center": [round(self.center[0], 3), round(self.center[1], 3)], "radius": round(self.radius, 3),
+            "angle": round(self.angle, 3), "shade_dir": round(self.shade_dir, 3),
+        }
+
+
+def with_article(phrase: str) -> str:
+    """'orange star' → 'an orange star'; 'red circle' → 'a red circle'."""
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
 
 def place_shapes(
     rng: np.random.Generator,
@@ -149,7 +165,7 @@ def place_shapes(
 
 
 def visible_masks(shapes: list[np.ndarray]) -> list[np.ndarray]:
-    """What stays visible of each shape (paint order back→front): shape_i minus every later shape. (H, W) bool each."""
+    """What stays visible of each shape (paint order back→front): shape_i minus all later shapes. [(H, W) bool]"""
     visible, covered = [np.empty(0)] * len(shapes), np.zeros_like(shapes[0])
     for i in range(len(shapes) - 1, -1, -1):
         visible[i] = shapes[i] & ~covered
@@ -225,7 +241,9 @@ def background_tones(rgb: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]
     return 0.55 * c + 0.45 * 255.0, 0.30 * c + 0.70 * 255.0
 
 
-def background_image(pattern: str, rgb: tuple[int, int, int], size: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def background_image(
+    pattern: str, rgb: tuple[int, int, int], size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict]:
     """Render a full background of `pattern` in tints of `rgb`. Returns ((H, W, 3) uint8, pattern parameters)."""
     a, b = background_tones(rgb)
     xs, ys = _coords(size)

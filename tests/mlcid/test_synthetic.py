@@ -55,6 +55,17 @@ def test_same_seed_same_arrays_other_seed_differs():
     assert make_scene(SMALL, 7, 0).composite.tobytes() != make_scene(SMALL, 7, 1).composite.tobytes()
 
 
+def test_a_scene_regenerates_from_its_own_metadata():
+    cfg = SceneConfig(size=64, holdout_pairs=[["red", "circle"]], count_weights=[1, 2, 3])
+    s = make_scene(cfg, 11, 42)
+    again = SceneConfig.from_json(json.loads(json.dumps(s.pipeline["config"])))
+    assert again == cfg and hash(again) == hash(cfg)
+    t = make_scene(again, s.source["seed"], s.source["index"])
+    assert all(x.tobytes() == y.tobytes() for x, y in zip(_arrays(s), _arrays(t), strict=True))
+    with pytest.raises(ValueError, match="unknown SceneConfig keys"):
+        SceneConfig.from_json({"size": 64, "colour": "red"})
+
+
 def test_scenes_are_valid_and_eq4_is_exact():
     counts = set()
     for index in range(60):
