@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view validate bench-io clean
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -56,8 +56,12 @@ test-all: env ## include slow tests
 
 SHARDS ?=
 OUT ?=
-view: env ## make view SHARDS='dir/mlcid-{000000..000009}.tar' OUT=folder
-	$(PY) -m mlcid.view $(SHARDS) --out $(OUT)
+PER_PAGE ?= 50
+view: env ## make view SHARDS='dir/mlcid-{000000..000009}.tar' OUT=folder [PER_PAGE=50]
+	$(PY) -m mlcid.view $(SHARDS) --out $(OUT) --per-page $(PER_PAGE)
+
+stats: env ## make stats SHARDS='...'  (kept/dropped by reason, layer counts, incomplete shards)
+	$(PY) -m mlcid.stats $(SHARDS)
 
 validate: env ## make validate SHARDS='...'
 	$(PY) -m mlcid.validate $(SHARDS)

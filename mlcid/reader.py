@@ -35,8 +35,7 @@ def iter_shard_samples(
             if config is not None:
                 validate_sample(sample, config)
         except SampleError as e:
-            e.detail = f"{url}:{key}: {e.detail}"
-            yield e
+            yield SampleError(e.reason, f"{url}:{key}: {e.detail}")
             continue
         yield sample
 
