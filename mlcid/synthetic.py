@@ -493,47 +493,68 @@ def default_mlcid_out(out: str | os.PathLike) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    d = SceneConfig()
     parser = argparse.ArgumentParser(
         prog="python -m mlcid.synthetic",
-        description="Generate synthetic layered scenes (patterned background + 1-3 coloured shapes with occlusions) "
-        "with exact ground truth. Writes raw shards in img2dataset's layout (DIR/NNNNN.tar with KEY.jpg/.txt/.json, "
-        "NNNNN.parquet, NNNNN_stats.json), input for the MLCID pipeline, and the true MLCID shards of the same keys "
-        "(MLCID_OUT/mlcid-NNNNNN.tar). Scene i depends only on (seed, i), not on the shard count.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Generate synthetic layered scenes (patterned background + 1-3 coloured shapes with real "
+        "occlusions) with exact ground truth. Writes raw shards in img2dataset's layout (DIR/NNNNN.tar with "
+        "KEY.jpg/.txt/.json, NNNNN.parquet, NNNNN_stats.json), the input of the MLCID pipeline, and the true MLCID "
+        "shards of the same keys (MLCID_OUT/mlcid-NNNNNN.tar). Scene i depends only on (seed, i), not on the shard "
+        "count, so any shard can be regenerated alone (--only-shards).",
+        epilog="Ground truth: B = the full background; m_i = the visible part of object i (front wins); F_i = RGBA "
+        "with alpha = 5x5-dilated m_i, RGB = the object's own pixels inside its shape and the composite in the "
+        "dilated ring, black outside the alpha. Raw JPEGs use quality 95 without chroma subsampling. Each sample's "
+        "KEY.json holds the labels (source.objects: colour, shape, geometry, occluded_by) and the SceneConfig "
+        "(pipeline.config). Example: python -m mlcid.synthetic --out data/synth --samples 1000 --shards 4 --seed 0",
     )
-    parser.add_argument("--out", required=True, help="folder for the raw img2dataset-style shards")
-    parser.add_argument("--mlcid-out", default=None, help="folder for the ground-truth MLCID shards "
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the raw img2dataset-style shards")
+    parser.add_argument("--mlcid-out", metavar="DIR2", help="folder for the ground-truth MLCID shards "
                         "(default: DIR/../<basename of DIR>-mlcid)")
-    parser.add_argument("--samples", type=int, required=True, help="number of scenes")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (≥ 0)")
-    parser.add_argument("--shards", type=int, default=1, help="number of shards (≤ 10000 scenes each)")
-    parser.add_argument("--only-shards", type=int, nargs="+", default=None, metavar="ID",
-                        help="regenerate only these shard ids of the layout")
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--min-foregrounds", type=int, default=1)
-    parser.add_argument("--max-foregrounds", type=int, default=3)
-    parser.add_argument("--count-weights", type=lambda t: tuple(float(v) for v in _names(t)), default=None,
-                        help="comma-separated weights of min..max foreground counts, e.g. 5,3,2 (default uniform)")
-    parser.add_argument("--colours", type=_names, default=tuple(COLOURS), help="object colours (comma-separated)")
-    parser.add_argument("--shapes", type=_names, default=SHAPES, help="object shapes (comma-separated)")
-    parser.add_argument("--patterns", type=_names, default=tuple(BACKGROUND_PATTERNS), help="background patterns")
-    parser.add_argument("--allow", type=_pairs, default=None, help="only these COLOUR:SHAPE pairs (comma-separated)")
-    parser.add_argument("--holdout", type=_pairs, default=(), help="never draw these COLOUR:SHAPE pairs")
-    parser.add_argument("--occlusion-prob", type=float, default=SceneConfig.occlusion_prob)
-    parser.add_argument("--processes", type=int, default=1, help="worker processes (one shard per task)")
-    parser.add_argument("--jpeg-quality", type=int, default=95)
+    parser.add_argument("--samples", type=int, required=True, metavar="N", help="number of scenes")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed, ≥ 0 (default: 0)")
+    parser.add_argument("--shards", type=int, default=1, metavar="K", help="number of shards, ≤ 10000 scenes each "
+                        "(default: 1)")
+    parser.add_argument("--only-shards", type=int, nargs="+", metavar="ID", help="write only these shard ids")
+    parser.add_argument("--size", type=int, default=d.size, help=f"image side in pixels (default: {d.size})")
+    parser.add_argument("--min-foregrounds", type=int, default=d.min_foregrounds, metavar="N",
+                        help=f"(default: {d.min_foregrounds})")
+    parser.add_argument("--max-foregrounds", type=int, default=d.max_foregrounds, metavar="N",
+                        help=f"at most 3 with the default 4-layer limit (default: {d.max_foregrounds})")
+    parser.add_argument("--count-weights", type=lambda t: tuple(float(v) for v in _names(t)), metavar="W,W,..",
+                        help="weights of the min..max foreground counts, e.g. 5,3,2 (default: uniform)")
+    for flag, default, what in (
+        ("--colours", d.colours, "object colours"),
+        ("--shapes", d.shapes, "object shapes"),
+        ("--patterns", d.background_patterns, "background patterns"),
+    ):
+        parser.add_argument(flag, type=_names, default=default, metavar="A,B,..",
+                            help=f"{what} (default: {','.join(default)})")
+    parser.add_argument("--allow", type=_pairs, metavar="COLOUR:SHAPE,..", help="draw only these pairs")
+    parser.add_argument("--holdout", type=_pairs, default=(), metavar="COLOUR:SHAPE,..", help="never draw these pairs")
+    parser.add_argument("--occlusion-prob", type=float, default=d.occlusion_prob, metavar="P",
+                        help=f"chance an object is placed over an earlier one (default: {d.occlusion_prob})")
+    parser.add_argument("--processes", type=int, default=1, help="worker processes, one shard each (default: 1)")
+    parser.add_argument("--jpeg-quality", type=int, default=95, metavar="Q", help="raw JPEG quality (default: 95)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = SceneConfig(
-        size=args.size, min_foregrounds=args.min_foregrounds, max_foregrounds=args.max_foregrounds,
-        count_weights=args.count_weights, colours=args.colours, shapes=args.shapes, background_patterns=args.patterns,
-        allowed_pairs=args.allow, holdout_pairs=args.holdout, occlusion_prob=args.occlusion_prob,
-    )
+    try:  # bad settings end here with a usage message, before anything is written
+        config = SceneConfig(
+            size=args.size, min_foregrounds=args.min_foregrounds, max_foregrounds=args.max_foregrounds,
+            count_weights=args.count_weights, colours=args.colours, shapes=args.shapes,
+            background_patterns=args.patterns, allowed_pairs=args.allow, holdout_pairs=args.holdout,
+            occlusion_prob=args.occlusion_prob,
+        )
+        shard_ranges(args.samples, args.shards)
+        if args.seed < 0:
+            raise ValueError(f"--seed must be ≥ 0, got {args.seed}")
+    except ValueError as e:
+        parser.error(str(e))
     mlcid_out = Path(args.mlcid_out) if args.mlcid_out else default_mlcid_out(args.out)
     summary = write_dataset(
         args.out, mlcid_out, args.samples, args.seed, args.shards, config, shard_ids=args.only_shards,

@@ -291,5 +291,9 @@ def test_cli_small_run(tmp_path, capsys):
     sample = next(iter_shard_samples(str(gt / "mlcid-000000.tar")))
     assert sample.pipeline["config"]["holdout_pairs"] == [["red", "circle"], ["blue", "star"]]
     assert "wrote 5 scenes" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--out", str(raw), "--samples", "2", "--holdout", "redcircle"])
+    for bad in (["--holdout", "redcircle"], ["--colours", "red,mauve"], ["--shards", "3"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["--out", str(tmp_path / "bad"), "--samples", "2", *bad])
+        assert exc.value.code == 2
+    assert not (tmp_path / "bad").exists()
+    assert "mauve" in capsys.readouterr().err
