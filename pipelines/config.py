@@ -152,9 +152,12 @@ def tiny_preset() -> PipelineConfig:
             "inpaint": "opencv",
         },
         stage_options={
-            # Random weights: keep every box (threshold 0) and the top-k; clip SAM masks to their boxes.
+            # Random weights: keep every box (threshold 0) and the top-k; clip SAM masks to their boxes;
+            # short captions (a random language model would otherwise babble up to its token cap).
             "detect": {"score_threshold": 0.0, "max_detections": 8},
             "segment": {"clip_to_box": True},
+            "caption": {"max_new_tokens": 8},
+            "object_caption": {"max_new_tokens": 6},
         },
         batch_sizes={kind: 4 for kind in STAGE_ORDER},
         device="cpu",

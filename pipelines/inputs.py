@@ -210,7 +210,8 @@ def decode_record(record: RawRecord, opts: DecodeOptions) -> Item | Drop:
         "original_size": [w, h],
         "image_format": suffix,
     }
-    return Item(key=key, image=np.ascontiguousarray(rgb), source=source)
+    rgb = rgb if rgb.flags.writeable and rgb.flags.c_contiguous else np.array(rgb, order="C")  # own the buffer
+    return Item(key=key, image=rgb, source=source)
 
 
 def iter_inputs(url: str, opts: DecodeOptions | None = None) -> Iterator[Item | Drop]:
