@@ -48,7 +48,7 @@ from mlcid.writer import ShardWriter
 
 __all__ = [
     "BACKGROUND_PATTERNS", "COLOURS", "SHAPES", "SceneConfig", "make_scene", "write_shard", "write_dataset",
-    "raw_key", "shard_ranges", "main",
+    "raw_key", "shard_ranges", "encode_jpeg_444", "default_mlcid_out", "build_parser", "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,9 +406,11 @@ def write_shard(
         "count": len(rows), "successes": len(rows), "failed_to_download": 0, "failed_to_resize": 0,
         "duration": round(seconds, 4), "start_time": t_start, "end_time": time.time(),
         "status_dict": {"success": len(rows)}, "generator": GENERATOR, "seed": seed,
-        "indices": [int(indices[0]), int(indices[-1]) + 1] if len(rows) else [],
+        "first_index": int(indices[0]) if len(rows) else None, "last_index": int(indices[-1]) if len(rows) else None,
     }
-    raw_stats.write_text(json.dumps(stats, indent=1))
+    tmp_stats = raw_stats.with_name(raw_stats.name + ".tmp")
+    tmp_stats.write_text(json.dumps(stats, indent=1))
+    _replace_atomically(tmp_stats, raw_stats)
     return {
         "shard_id": shard_id, "samples": len(rows), "written": writer.written,
         "layer_counts": dict(writer.layer_counts), "seconds": seconds,

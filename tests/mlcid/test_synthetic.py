@@ -176,6 +176,14 @@ def test_impossible_layout_fails_loudly():
         make_scene(cfg, 0, 0)
 
 
+def test_a_failed_shard_leaves_nothing_visible(tmp_path):
+    cfg = SceneConfig(size=64, max_radius=0.13, validation=ValidationConfig(min_area_frac=0.5), max_attempts=3)
+    with pytest.raises(RuntimeError, match="no valid layout"):
+        write_dataset(tmp_path / "raw", tmp_path / "gt", 3, 0, 1, cfg, progress=False)
+    assert [p.name for p in (tmp_path / "raw").iterdir()] == []
+    assert [p.name for p in (tmp_path / "gt").iterdir()] == []
+
+
 def test_dilate_matches_pil_max_filter():
     rng = np.random.default_rng(0)
     for _ in range(10):
