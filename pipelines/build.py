@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--shards", required=True, nargs="+",
                    help="input shards: paths, brace patterns ('raw/{00000..00009}.tar'), folders or fsspec URLs")
-    p.add_argument("--out", required=True, help="output folder (or fsspec-free local path) for MLCID shards")
+    p.add_argument("--out", required=True, help="local output folder for the MLCID shards, their .parquet outcomes and _stats.json files")
     p.add_argument("--preset", default="real", choices=sorted(PRESETS), help="pipeline profile (default: real)")
     p.add_argument("--backend", action="append", default=[], metavar="KIND=NAME",
                    help=f"override a stage backend (kinds: {', '.join(STAGE_ORDER)}; NAME 'none' disables an "

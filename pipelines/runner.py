@@ -212,7 +212,10 @@ class ShardProcessor:
     # -- writer thread --------------------------------------------------------------------------------------
     def _emit(self, writer: ShardWriter, results: list[Item | Drop], rows: list[dict[str, Any]],
               seconds: Counter[str]) -> None:
-        """Write or count every result of one chunk; append one outcome row each (runs on the writer thread)."""
+        """Write or count every result of one chunk; append one outcome row each (runs on the writer thread).
+
+        `seconds` is this thread's own counter (write and summed per-item decode seconds).
+        """
         for res in results:
             row: dict[str, Any] = {"key": res.key, "kept": False, "reason": None, "detail": "", "num_layers": 0}
             if isinstance(res, Drop):
@@ -238,6 +241,7 @@ class ShardProcessor:
                 seconds["write"] += dt
                 res.timings["write"] = dt
             if isinstance(res, Item):
+                seconds["decode"] += res.timings.get("decode", 0.0)
                 row.update({f"seconds_{k}": v for k, v in res.timings.items()})
             rows.append(row)
 
@@ -255,7 +259,8 @@ class ShardProcessor:
         opts = DecodeOptions(cfg.max_side, cfg.min_side, cfg.max_pixels, input_url, shard_id)
         read = ReadStats()
         rows: list[dict[str, Any]] = []
-        seconds: Counter[str] = Counter()
+        seconds: Counter[str] = Counter()  # main thread: stages, decode_wait
+        io_seconds: Counter[str] = Counter()  # writer thread: write, decode (summed over decode threads)
 
         def decode(rec: RawRecord | Drop) -> Item | Drop:
             if isinstance(rec, Drop):
@@ -286,7 +291,7 @@ class ShardProcessor:
                     # 3. Hand the chunk to the writer thread (at most one chunk in flight).
                     if last_write is not None:
                         last_write.result()
-                    last_write = write_pool.submit(self._emit, writer, results, rows, seconds)
+                    last_write = write_pool.submit(self._emit, writer, results, rows, io_seconds)
                     if on_progress is not None:
                         on_progress(len(results))
                 if last_write is not None:
@@ -296,7 +301,7 @@ class ShardProcessor:
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")
             # 4. Per-sample outcomes (atomic), then the shard and its stats file (last).
             self._write_outcomes(Path(out_dir) / outcomes_name(shard_id, cfg.prefix), rows)
-            for name, secs in seconds.items():
+            for name, secs in (seconds + io_seconds).items():
                 writer.add_timing(name, secs)
             stats = writer.close({
                 "input_url": input_url, "preset": cfg.preset, "outcomes": outcomes_name(shard_id, cfg.prefix),
