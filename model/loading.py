@@ -177,3 +177,181 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: list[str]) -> tor
                        truncation=True, return_tensors="pt")
     input_ids = tokens.input_ids.to(text_encoder.device)  # (N, 77)
     return text_encoder(input_ids)[0]  # (N, 77, D)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP scorer (open_clip; the paper's CLIP score uses RN50)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ClipScorer(NamedTuple):
+    """An open_clip model in eval mode, its image preprocessing and its tokenizer."""
+
+    model: Any
+    preprocess: Any
+    tokenizer: Any
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def load_clip_scorer(preset: str = "real", path: str | os.PathLike | None = None, *, arch: str = "RN50",
+                     device: str | torch.device = "cpu") -> ClipScorer:
+    """Load the CLIP model used for CLIP score through open_clip.
+
+    `path` (else $LAYERDIFF_CLIP_RN50, else the tiny preset when `preset="tiny"`) is either an open_clip
+    folder (`open_clip_config.json` + weights, e.g. a copy of hf `timm/resnet50_clip.openai` or the tiny
+    preset) or a weights file for `arch` (safetensors, or a state dict read with `weights_only=True`).
+    OpenAI's original TorchScript `RN50.pt` is refused (it would need `torch.jit.load`). With no local weights
+    the OpenAI RN50 is fetched through open_clip when online; offline this is a clear `FileNotFoundError`.
+    """
+    import open_clip
+
+    source = registry.resolve("clip-rn50", preset, path)
+    local = Path(source)
+    common = dict(device=device, require_pretrained=True, weights_only=True)
+    if local.is_dir():
+        if not (local / "open_clip_config.json").is_file():
+            raise ValueError(f"{local} is not an open_clip folder: open_clip_config.json is missing")
+        if not any(local.glob(ext) for ext in ("*.safetensors", "*.bin", "*.pth")):
+            raise FileNotFoundError(f"{local} has an open_clip config but no weights file")
+        model_id = f"local-dir:{local}"
+        model, _, preprocess = open_clip.create_model_and_transforms(model_id, **common)
+        tokenizer = open_clip.get_tokenizer(model_id)
+    elif local.is_file():
+        if _is_torchscript_archive(local):
+            raise ValueError(f"{local} is a TorchScript archive (OpenAI's original release); it loads only with "
+                             "torch.jit.load, which this project does not run. Use the safetensors release "
+                             "(hf timm/resnet50_clip.openai: open_clip_model.safetensors + open_clip_config.json)")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(local),
+                                                                     force_quick_gelu=True, **common)
+        tokenizer = open_clip.get_tokenizer(arch)
+    elif os.sep in source or source.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise FileNotFoundError(f"CLIP weights not found: {source}")
+    elif _is_offline():
+        raise FileNotFoundError(
+            f"no local CLIP {source} weights and HF_HUB_OFFLINE=1: set LAYERDIFF_CLIP_RN50 to an open_clip folder "
+            "or weights file (e.g. timm/resnet50_clip.openai's open_clip_model.safetensors), or use preset 'tiny'")
+    else:
+        model, _, preprocess = open_clip.create_model_and_transforms(source, pretrained="openai", **common)
+        tokenizer = open_clip.get_tokenizer(source)
+    model.eval().requires_grad_(False)
+    log.info("loaded CLIP scorer from %s", source)
+    return ClipScorer(model=model, preprocess=preprocess, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FID feature extractor (torch-fidelity)
+# ----------------------------------------------------------------------------------------------------------
+
+CONV_EXTRACTOR_NAME = "layerdiff-conv"
+INCEPTION_NAME = "inception-v3-compat"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's download, cached under TORCH_HOME
+
+
+@dataclass(frozen=True)
+class FidExtractor:
+    """A torch-fidelity feature extractor, registered by `name`, with the weights it must be given."""
+
+    name: str
+    weights_path: str | None  # torch-fidelity's `feature_extractor_weights_path` (None: it downloads)
+    feature_layer: str  # features used for FID / KID
+
+    def metric_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `torch_fidelity.calculate_metrics` selecting this extractor."""
+        return {"feature_extractor": self.name, "feature_extractor_weights_path": self.weights_path,
+                "feature_layer_fid": self.feature_layer, "feature_layer_kid": self.feature_layer}
+
+
+def _register_conv_extractor() -> None:
+    """Register the tiny conv extractor with torch-fidelity under `CONV_EXTRACTOR_NAME` (once)."""
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    from model.tiny import load_conv_extractor
+
+    if CONV_EXTRACTOR_NAME in FEATURE_EXTRACTORS_REGISTRY:
+        return
+
+    class ConvFidExtractor(FeatureExtractorBase):
+        """torch-fidelity adapter of `model.tiny.ConvFeatureNet`: uint8 (N, 3, H, W) -> features, logits."""
+
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if feature_extractor_weights_path is None:
+                raise ValueError(f"{name} needs feature_extractor_weights_path= its folder (nothing to download)")
+            self.net = load_conv_extractor(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("features", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 64, 64, dtype=torch.uint8)
+
+        def forward(self, x):
+            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
+                raise ValueError(f"expected uint8 images (N, 3, H, W), got {getattr(x, 'dtype', type(x))} "
+                                 f"{tuple(getattr(x, 'shape', ()))}")
+            features, logits = self.net(x)  # (N, D), (N, K)
+            by_name = {"features": features, "logits": logits}
+            return tuple(by_name[f] for f in self.features_list)
+
+    register_feature_extractor(CONV_EXTRACTOR_NAME, ConvFidExtractor)
+
+
+def _check_plain_state_dict(path: Path) -> None:
+    """Refuse a weights file that is not a plain tensor state dict (torch-fidelity reads it with pickle)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: not a plain state dict
+        raise ValueError(f"{path} is not a plain tensor state dict (weights_only=True load failed: {err})") from err
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} is not a plain tensor state dict of Inception weights")
+
+
+def load_fid_extractor(preset: str = "real", path: str | os.PathLike | None = None) -> FidExtractor:
+    """Register and describe the FID feature extractor for torch-fidelity.
+
+    Tiny (or any folder with `config.json` + `model.safetensors`): the seeded conv net of `model.tiny`.
+    Real: torch-fidelity's `inception-v3-compat` with weights from `path`, $LAYERDIFF_FID_WEIGHTS or torch
+    hub's cache; a weights file must pass a `weights_only=True` load first. Offline (HF_HUB_OFFLINE=1) with no
+    local weights raises `FileNotFoundError`; online torch-fidelity downloads them itself.
+    """
+    source = registry.resolve("fid-inception", preset, path)
+    local = Path(source)
+    if local.is_dir():
+        from model.tiny import load_conv_extractor
+
+        load_conv_extractor(local)  # fail now, with a clear error, rather than inside torch-fidelity
+        _register_conv_extractor()
+        return FidExtractor(CONV_EXTRACTOR_NAME, str(local), "features")
+    if local.is_file():
+        _check_plain_state_dict(local)
+        return FidExtractor(INCEPTION_NAME, str(local), "2048")
+    if source != INCEPTION_NAME:
+        raise FileNotFoundError(f"FID extractor weights not found: {source}")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    if cached.is_file():
+        _check_plain_state_dict(cached)
+        return FidExtractor(INCEPTION_NAME, str(cached), "2048")
+    if _is_offline():
+        raise FileNotFoundError(
+            f"no Inception weights for FID and HF_HUB_OFFLINE=1: download {INCEPTION_FILE} (torch-fidelity "
+            "release v0.2.0) once and set LAYERDIFF_FID_WEIGHTS to it, or use preset 'tiny'")
+    return FidExtractor(INCEPTION_NAME, None, "2048")

@@ -110,6 +110,10 @@ class ConvFeatureNet(nn.Module):
             c_in = width
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, config.num_logits)
+        for conv in self.body:  # He init keeps activations O(1) through the ReLUs (features not squashed to ~0)
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
 
     @property
     def feature_dim(self) -> int:
