@@ -1,0 +1,440 @@
+"""LayerDiff trainer (paper §5.1–5.2) and its CLI: `python -m model.train --data SHARDS --out RUN [...]`.
+
+One process by default; with `--workers N > 1` the same `Trainer` runs in N DDP workers through Ray Train
+(`cluster.train`). The run folder holds `config.yaml`, `metrics.jsonl` (one line per optimiser step), `tb/`
+(TensorBoard), `checkpoint-NNNNNN/` folders and, at the end, a diffusers-style pipeline folder (`unet/` with the
+LayerDiff UNet, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from model import checkpoint as ckpt
+from model.config import TrainConfig, config_to_dict, load_config, save_config
+from model.data import Batch, OrderedBatches, SlotPosition, build_loader
+from model.ema import EMA
+from model.loading import load_sd_components, resolve_sd
+from model.train_step import Generators, LayerDiffObjective
+from model.unet import LayerDiffUNet
+
+log = logging.getLogger(__name__)
+
+EXIT_DIVERGED = 3
+EXIT_BAD_INPUT = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) stopped being finite."""
+
+
+@dataclass
+class RunResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # one per optimiser step run by this call
+    out_dir: Path | None = None
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA, none (fp32) on CPU."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Train a LayerDiffUNet on MLCID shards; rank 0 writes logs and checkpoints. `setup()` then `train()`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        data: str,
+        out_dir: str | Path,
+        resume: bool | str | Path = False,
+        device: torch.device | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        config.validate()
+        self.config, self.data, self.out_dir = config, data, Path(out_dir)
+        self.resume, self.on_step = resume, on_step
+        self.rank, self.world_size = _dist()
+        self.device = device or pick_device()
+        if config.batch_size % self.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by {self.world_size} workers")
+        self.local_batch = config.batch_size // self.world_size
+        self.step = 0
+        self.samples_seen = 0
+        self.batches_consumed = 0
+        self.positions: dict[int, SlotPosition] = {}
+        self.dropped: Counter[str] = Counter()
+        self._keys_file = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        cfg = self.config
+        # 1. Seeds (model init draws from the global RNG) and the run folder.
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        resume_from = self._resume_path()
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        # 2. Frozen SD parts and the LayerDiff UNet built from SD's UNet.
+        amp = autocast_dtype(cfg.mixed_precision, self.device)
+        frozen_dtype = amp or torch.float32
+        source = resolve_sd(cfg.preset, cfg.pretrained)
+        self.components = load_sd_components(source, dtype=torch.float32)
+        c = self.components
+        unet = LayerDiffUNet.from_unet(c.unet, max_layers=cfg.data.max_layers, **cfg.unet_options)
+        c.unet = None  # the plain SD UNet is no longer needed
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.unet = unet.to(self.device).train()
+        for frozen in (c.vae, c.text_encoder):
+            frozen.requires_grad_(False).eval().to(self.device, frozen_dtype)
+        from diffusers import DDPMScheduler
+
+        noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
+        self.objective = LayerDiffObjective(c.vae, c.text_encoder, c.tokenizer, noise_scheduler, cfg, self.device, amp)
+        self.model = self.unet
+        if self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.unet, device_ids=ids)
+        # 3. Optimiser (AdamW), constant LR after linear warm-up, optional grad scaler and EMA.
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                           weight_decay=cfg.weight_decay)
+        warmup = max(0, cfg.warmup_steps)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+        self.ema = EMA(self.unet, cfg.ema_decay) if cfg.use_ema else None
+        self.gens = Generators.seeded(cfg.seed + 1_000_003 * self.rank, self.device)
+        # 4. Resume: weights, optimiser, RNG, data positions.
+        if resume_from is not None:
+            self._load(resume_from)
+        # 5. Data: this rank's stream, resumed at its slots' positions and in its round-robin order.
+        loader = build_loader(self.data, cfg.data, self.local_batch, seed=cfg.seed, rank=self.rank,
+                              world_size=self.world_size, start=self.positions)
+        self.batches = OrderedBatches(loader, max(1, cfg.data.num_workers), first=self.batches_consumed)
+        if self.is_main:
+            self._open_logs()
+        if cfg.record_keys:
+            self._keys_file = open(self.out_dir / f"keys-rank{self.rank}.txt", "a")
+        log.info("rank %d/%d on %s: %.1fM trainable parameters, micro-batch %d × accum %d, start step %d",
+                 self.rank, self.world_size, self.device, sum(p.numel() for p in params) / 1e6, self.local_batch,
+                 cfg.grad_accum, self.step)
+        return self
+
+    def _resume_path(self) -> Path | None:
+        if not self.resume:
+            existing = ckpt.latest_checkpoint(self.out_dir)
+            if existing is not None:
+                raise FileExistsError(f"{self.out_dir} already holds {existing.name}; pass --resume to continue it "
+                                      "or choose a new --out")
+            return None
+        if self.resume is True:
+            found = ckpt.latest_checkpoint(self.out_dir)
+            if found is None:
+                raise ckpt.CheckpointError(f"--resume: no checkpoint-* folder in {self.out_dir}")
+            return found
+        return Path(self.resume)
+
+    def _load(self, path: Path) -> None:
+        state, rng = ckpt.load_checkpoint(path, self.unet, self.optimizer, self.lr_scheduler, self.scaler, self.ema)
+        workers = max(1, self.config.data.num_workers)
+        if state.world_size != self.world_size or state.loader_workers != workers:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path} was written by {state.world_size} worker(s) × {state.loader_workers} loader "
+                f"worker(s); this run has {self.world_size} × {workers}: the data position cannot be restored")
+        if len(rng) != self.world_size or len(state.data) != self.world_size:
+            raise ckpt.CheckpointError(f"checkpoint {path}: per-rank state for {len(rng)} ranks, need {self.world_size}")
+        self.gens.load_state(ckpt.restore_rng(rng[self.rank]))
+        mine = state.data[self.rank]
+        self.positions = {int(k): SlotPosition(*v) for k, v in mine["positions"].items()}
+        self.batches_consumed = int(mine["batches"])
+        self.dropped = Counter(state.dropped[self.rank] if state.dropped else {})
+        self.step, self.samples_seen = state.step, state.samples_seen
+        log.info("resumed from %s at step %d (%d samples seen)", path, self.step, self.samples_seen)
+
+    def _open_logs(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        metrics = self.out_dir / "metrics.jsonl"
+        if metrics.exists():  # drop lines past the checkpoint we resumed from (or everything on a fresh run)
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep) if self.step else "")
+        self._metrics = open(metrics, "a")
+        self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def train(self) -> RunResult:
+        """Run optimiser steps until `max_steps`; checkpoints every `checkpoint_every`; final pipeline folder."""
+        cfg = self.config
+        result = RunResult(step=self.step, out_dir=self.out_dir)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.max_steps:
+                metrics = self._optimizer_step()
+                result.losses.append(metrics["loss"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+                if self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self.is_main:
+                self.save_pipeline()
+        finally:
+            bar.close()
+            self.close()
+        result.step = self.step
+        return result
+
+    def _consume(self, batch: Batch) -> None:
+        self.positions[batch.slot] = batch.position
+        self.batches_consumed += 1
+        self.dropped.update(batch.dropped)
+        if self._keys_file is not None:
+            self._keys_file.write("".join(f"{self.step + 1}\t{k}\n" for k in batch.keys))
+
+    def _optimizer_step(self) -> dict[str, Any]:
+        cfg = self.config
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        parts = torch.zeros(2, device=self.device)
+        for micro in range(cfg.grad_accum):
+            batch = next(self.batches)
+            self._consume(batch)
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if (last or self.model is self.unet) else self.model.no_sync()
+            with sync:
+                loss, part = self.compute_loss(batch)
+                scaled = loss / cfg.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach()
+            parts += torch.stack([part["image"], part["mask"]])
+        # 1. Mean loss over micro-batches and workers; stop every worker together if it is not finite.
+        stats = torch.cat([total[None], parts]) / cfg.grad_accum
+        if self.world_size > 1:
+            dist.all_reduce(stats)
+            stats /= self.world_size
+        loss_value = float(stats[0])
+        if not math.isfinite(loss_value):
+            self._diverged(f"loss is {loss_value}")
+        # 2. Clip, step, schedule, EMA.
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if self.scaler is None and not math.isfinite(float(norm)):
+            self._diverged(f"gradient norm is {float(norm)}")
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.unet)
+        self.step += 1
+        step_samples = cfg.batch_size * cfg.grad_accum
+        self.samples_seen += step_samples
+        seconds = time.perf_counter() - start
+        metrics = {
+            "step": self.step, "loss": loss_value, "loss_image": float(stats[1]), "loss_mask": float(stats[2]),
+            "lr": lr, "grad_norm": float(norm), "samples_per_s": step_samples / seconds, "samples": self.samples_seen,
+            "seconds": seconds, "dropped": dict(self.dropped),
+        }  # fmt: skip
+        self._log(metrics)
+        return metrics
+
+    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro-batch (hook for tests and subclasses)."""
+        return self.objective.loss(self.model, batch, self.gens)
+
+    def _diverged(self, what: str) -> None:
+        last = ckpt.latest_checkpoint(self.out_dir)
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: {what}. Stopped without saving; last good checkpoint: "
+            f"{last if last is not None else 'none (no checkpoint was written yet)'}. Lower the lr, enable "
+            "gradient clipping (max_grad_norm) or check the data."
+        )
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self.on_step is not None:
+            self.on_step(metrics)
+        if not self.is_main:
+            return
+        self._metrics.write(json.dumps(metrics) + "\n")
+        self._metrics.flush()
+        if self.step % self.config.log_every == 0 or self.step == 1:
+            for k in ("loss", "loss_image", "loss_mask", "lr", "grad_norm", "samples_per_s"):
+                self._tb.add_scalar(f"train/{k}", metrics[k], self.step)
+            for reason, n in metrics["dropped"].items():
+                self._tb.add_scalar(f"data/dropped_{reason}", n, self.step)
+
+    # -- saving ------------------------------------------------------------------------------------------------
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def save_checkpoint(self) -> Path | None:
+        """All ranks contribute their RNG and data state; rank 0 writes `checkpoint-NNNNNN/` (tmp → rename)."""
+        mine = {"positions": {str(k): [v.epoch, v.index] for k, v in self.positions.items()},
+                "batches": self.batches_consumed}
+        rng = self._gather(ckpt.capture_rng(self.gens.state()))
+        data = self._gather(mine)
+        dropped = self._gather(dict(self.dropped))
+        path = None
+        if self.is_main:
+            state = ckpt.TrainState(step=self.step, samples_seen=self.samples_seen, world_size=self.world_size,
+                                    loader_workers=max(1, self.config.data.num_workers), data=data, dropped=dropped,
+                                    config=config_to_dict(self.config))
+            path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.out_dir, self.step), self.unet, self.optimizer,
+                                        self.lr_scheduler, self.scaler, self.ema, state, rng)
+            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            log.info("saved %s", path)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def save_pipeline(self) -> Path:
+        """Write the final diffusers-style pipeline folder into the run folder (model_index.json last)."""
+        import diffusers
+
+        if self.ema is not None:
+            self.ema.copy_to(self.unet)  # the sampler gets the averaged weights
+        c = self.components
+        parts = {"unet": self.unet, "vae": c.vae.to(torch.float32), "text_encoder": c.text_encoder.to(torch.float32),
+                 "tokenizer": c.tokenizer, "scheduler": c.scheduler}
+        index: dict[str, Any] = {"_class_name": "LayerDiffPipeline", "_diffusers_version": diffusers.__version__}
+        for name, obj in parts.items():
+            tmp = self.out_dir / f".{name}.tmp"
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            if name in ("unet", "vae"):
+                obj.save_pretrained(tmp, safe_serialization=True)
+            else:
+                obj.save_pretrained(tmp)
+            final = self.out_dir / name
+            if final.exists():
+                import shutil
+
+                shutil.rmtree(final)
+            tmp.rename(final)
+            module = type(obj).__module__.split(".")[0]
+            index[name] = [type(obj).__module__ if module == "model" else module, type(obj).__name__]
+        (self.out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+        log.info("wrote pipeline folder %s (unet %s)", self.out_dir, "EMA" if self.ema else "last step")
+        return self.out_dir
+
+    def close(self) -> None:
+        for f in (getattr(self, "_metrics", None), self._keys_file):
+            if f is not None and not f.closed:
+                f.close()
+        tb = getattr(self, "_tb", None)
+        if tb is not None:
+            tb.close()
+
+
+# -- CLI -----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model.train",
+        description="Train LayerDiff on MLCID shards (paper recipe by default). One process unless --workers > 1 "
+        "(then DDP workers through Ray Train). Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN).",
+    )
+    p.add_argument("--data", required=True, help="MLCID shards: brace pattern, folder, space-separated list or URLs")
+    p.add_argument("--out", required=True, type=Path, help="run folder (logs, checkpoints, final pipeline)")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default model/configs/layerdiff_sd15.yaml)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", help="SD 1.x hub id or local pipeline folder to start from")
+    src.add_argument("--preset", choices=["real", "tiny"], help="registry preset for sd15 (tiny = offline test model)")
+    p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
+    p.add_argument("--workers", type=int, default=1, help="training processes (DDP through Ray Train when > 1)")
+    p.add_argument("--gpu", action="store_true", help="with --workers > 1: one GPU per worker (nccl)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable, e.g. --set data.resolution=64 --set batch_size=4")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = list(args.set)
+    if args.max_steps is not None:
+        overrides.append(f"max_steps={args.max_steps}")
+    if args.pretrained:
+        overrides.append(f"pretrained={json.dumps(args.pretrained)}")
+    if args.preset:
+        overrides.append(f"preset={args.preset}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        if args.workers > 1:
+            from cluster.train import launch  # Ray lives in cluster/, imported only when asked for
+
+            launch(config, args.data, args.out, workers=args.workers, use_gpu=args.gpu, resume=args.resume)
+            return 0
+        Trainer(config, args.data, args.out, resume=args.resume).setup().train()
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return EXIT_DIVERGED
+    except (ckpt.CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
+        log.error("%s: %s", type(e).__name__, e)
+        log.debug("traceback", exc_info=True)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Trainer: objective pieces, a tiny end-to-end run, exact resume, and the bad-input paths (NaN, checkpoints, SD)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model import checkpoint as ckpt
+from model.config import TrainConfig, load_config
+from model.ema import EMA
+from model.losses import drop_prompts, layered_noise_loss, sample_timesteps
+from model.train import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
+
+from test_data import write_shards  # tests/model is on sys.path (rootdir-relative test modules)
+
+TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    return write_shards(tmp_path_factory.mktemp("mlcid"), shards=2, per_shard=6, size=40, fg_counts=(1, 2, 3))
+
+
+def run(shards: str, out: Path, steps: int, *extra: str) -> int:
+    return main(["--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny", "--max-steps", str(steps),
+                 *extra])
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- objective pieces --------------------------------------------------------------------------------------------
+
+
+def test_timesteps_shared_or_per_layer():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(4000, 3, 1000, 0.5, g)
+    shared = (t == t[:, :1]).all(1).float().mean().item()
+    assert t.shape == (4000, 3) and t.min() >= 0 and t.max() < 1000
+    assert 0.45 < shared < 0.55  # per-layer draws almost never coincide
+    always = sample_timesteps(50, 3, 1000, 1.0, g)
+    assert (always == always[:, :1]).all()
+
+
+def test_prompt_drops_are_independent_and_about_ten_percent():
+    g = torch.Generator().manual_seed(0)
+    glob, layers = drop_prompts(["g"] * 5000, [["the background", "a cat"]] * 5000, 0.1, 0.1, g)
+    dg = [x == "" for x in glob]
+    dl = [ls == ["", ""] for ls in layers]
+    assert 0.08 < sum(dg) / 5000 < 0.12 and 0.08 < sum(dl) / 5000 < 0.12
+    both = sum(a and b for a, b in zip(dg, dl)) / 5000
+    assert both < 0.03  # independent: ~1%
+    assert all(ls in (["", ""], ["the background", "a cat"]) for ls in layers)
+
+
+def test_loss_ignores_padding_layers_and_weights_mask_channels():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 3, 8, 4, 4), torch.randn(2, 3, 8, 4, 4)
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    loss, parts = layered_noise_loss(pred, target, valid)
+    pred2 = pred.clone()
+    pred2[0, 2] += 100.0  # padding layer
+    assert torch.equal(layered_noise_loss(pred2, target, valid)[0], loss)
+    full = ((pred - target) ** 2).mean(dim=(2, 3, 4))
+    assert torch.allclose(loss, full[valid].mean(), atol=1e-6)  # w=1: mean over all 8 channels (Eq. 5)
+    img_only, _ = layered_noise_loss(pred, target, valid, mask_weight=0.0)
+    assert torch.allclose(img_only, parts["image"])
+
+
+def test_ema_moves_towards_weights_and_round_trips(tmp_path):
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    before = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)
+    assert torch.allclose(ema.shadow["weight"], before + 0.5)
+    ema.save(tmp_path / "ema.safetensors")
+    other = EMA(m, decay=0.5)
+    other.load(tmp_path / "ema.safetensors")
+    assert torch.equal(other.shadow["weight"], ema.shadow["weight"])
+
+
+def test_config_recipe_and_errors(tmp_path):
+    paper = load_config()
+    assert (paper.lr, paper.weight_decay, paper.warmup_steps, paper.batch_size, paper.grad_accum) == (
+        1e-5, 1e-2, 500, 32, 8)
+    assert paper.data.resolution == 256 and paper.global_prompt_drop == paper.layer_prompt_drop == 0.1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"lr": 1e-4, "bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="too_many_layers"):
+        load_config(TINY, ["data.too_many_layers=drop"])
+    assert load_config(TINY, ["data.random_scale=[1, 2]"]).data.random_scale == (1.0, 2.0)
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, shards, tmp_path):
+    from model.unet import LayerDiffUNet
+
+    out = tmp_path / "run"
+    assert run(shards, out, 3, "--set", "use_ema=true", "--set", "record_keys=true") == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(x["loss"] > 0 and x["samples_per_s"] > 0 and x["lr"] > 0 for x in lines)
+    assert lines[0]["lr"] < lines[-1]["lr"] == pytest.approx(1e-4)  # linear warm-up (2 steps) then constant
+    cp = out / "checkpoint-000003"
+    for member in ckpt.REQUIRED + ("ema.safetensors",):
+        assert (cp / member).is_file(), member
+    assert not list(out.glob("*.tmp"))
+    unet = LayerDiffUNet.from_pretrained(cp / "unet")
+    assert unet.config.max_layers == 4
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == ["model.unet", "LayerDiffUNet"]
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / sub).is_dir() and sub in index
+    final = LayerDiffUNet.from_pretrained(out / "unet")  # EMA weights differ from the last step's
+    assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), unet.state_dict().values()))
+    keys = (out / "keys-rank0.txt").read_text().split()
+    assert len(keys) == 2 * 3 * 2  # (step, key) × batch 2 × 3 steps
+    assert list(out.glob("tb/events.out.tfevents.*"))
+
+
+def test_resume_continues_exactly(tiny_models, shards, tmp_path):
+    loader = ["--set", "data.num_workers=2", "--set", "checkpoint_every=3"]
+    assert run(shards, tmp_path / "full", 6, *loader) == 0
+    assert run(shards, tmp_path / "part", 3, *loader) == 0
+    assert (tmp_path / "part" / "checkpoint-000003").is_dir()
+    assert run(shards, tmp_path / "part", 6, "--resume", *loader) == 0
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert len(full) == len(part) == 6
+    assert max(abs(a - b) for a, b in zip(full, part)) <= 1e-6, (full, part)
+    # a run folder with checkpoints is never silently restarted
+    assert run(shards, tmp_path / "part", 6, *loader) == EXIT_BAD_INPUT
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_models, shards, tmp_path, monkeypatch, caplog):
+    real = Trainer.compute_loss
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        calls["n"] += 1
+        loss, parts = real(self, batch)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(Trainer, "compute_loss", flaky)
+    out = tmp_path / "run"
+    with caplog.at_level(logging.ERROR):
+        assert run(shards, out, 5, "--set", "checkpoint_every=1") == EXIT_DIVERGED
+    assert "diverged at step 3" in caplog.text and "checkpoint-000002" in caplog.text
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-000001", "checkpoint-000002"]
+    assert not (out / "model_index.json").exists()
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused(tiny_models, shards, tmp_path, caplog):
+    out = tmp_path / "run"
+    assert run(shards, out, 3) == 0
+    weights = out / "checkpoint-000003" / "unet" / ckpt.WEIGHTS
+    good = weights.read_bytes()
+    with caplog.at_level(logging.ERROR):
+        # another model layout (max_layers 3) than the checkpoint's
+        assert run(shards, out, 4, "--resume", "--set", "data.max_layers=3") == EXIT_BAD_INPUT
+        assert "different model" in caplog.text and "max_layers" in caplog.text
+        caplog.clear()
+        weights.write_bytes(good[: len(good) // 2])
+        assert run(shards, out, 4, "--resume") == EXIT_BAD_INPUT
+        assert "corrupt" in caplog.text
+        caplog.clear()
+        weights.unlink()
+        assert run(shards, out, 4, "--resume") == EXIT_BAD_INPUT
+        assert "incomplete" in caplog.text
+    weights.write_bytes(good)
+    assert run(shards, out, 4, "--resume") == 0 and len(losses(out)) == 4
+
+
+def test_pretrained_folder_that_is_not_sd_is_refused(tiny_models, shards, tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        rc = main(["--data", shards, "--out", str(tmp_path / "run"), "--config", TINY,
+                   "--pretrained", str(tiny_models / "sd15" / "vae")])
+    assert rc == EXIT_BAD_INPUT
+    assert "not an SD-1.x pipeline folder" in caplog.text
+
+
+def test_trainer_rejects_batch_not_divisible_by_workers(monkeypatch):
+    monkeypatch.setattr("model.train._dist", lambda: (0, 2))  # as if running in 2 DDP workers
+    with pytest.raises(ValueError, match="not divisible by 2 workers"):
+        Trainer(TrainConfig(batch_size=3), "unused", "unused")
