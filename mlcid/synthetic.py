@@ -174,14 +174,11 @@ def _config_text(config: SceneConfig) -> str:
 # --- scene layout -------------------------------------------------------------------------------------------------
 
 
-def _place_objects(rng: np.random.Generator, config: SceneConfig, pairs: list[Pair]) -> list[PlacedShape]:
-    """Draw the object count, then the objects (later ones often overlap earlier ones)."""
+def _draw_count(rng: np.random.Generator, config: SceneConfig) -> int:
+    """The number of foregrounds, drawn once per scene (before layout retries, so `count_weights` hold exactly)."""
     counts = np.arange(config.min_foregrounds, config.max_foregrounds + 1)
     p = None if config.count_weights is None else np.asarray(config.count_weights, float) / sum(config.count_weights)
-    return place_shapes(
-        rng, int(rng.choice(counts, p=p)), pairs, config.size, (config.min_radius, config.max_radius),
-        config.occlusion_prob, config.distinct_colours,
-    )
+    return int(rng.choice(counts, p=p))
 
 
 def _layout_ok(config: SceneConfig, shapes: list[np.ndarray], visible: list[np.ndarray]) -> bool:
@@ -223,16 +220,18 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
     rng = np.random.default_rng([seed, index])
     size, pairs = config.size, _object_pairs(config)
 
-    # 1. Lay out objects until every visible mask respects the area limits.
+    # 1. Draw the object count, then lay objects out until every visible mask respects the area limits.
+    n = _draw_count(rng, config)
     for _ in range(config.max_attempts):
-        objects = _place_objects(rng, config, pairs)
+        radii = (config.min_radius, config.max_radius)
+        objects = place_shapes(rng, n, pairs, size, radii, config.occlusion_prob, config.distinct_colours)
         shapes = [o.mask(size) for o in objects]  # [(H, W) bool]
         visible = visible_masks(shapes)
         if _layout_ok(config, shapes, visible):
             break
     else:
         raise RuntimeError(
-            f"no valid layout for seed={seed} index={index} in {config.max_attempts} attempts; "
+            f"no valid layout of {n} objects for seed={seed} index={index} in {config.max_attempts} attempts; "
             "widen the radius range or the area limits"
         )
 
@@ -250,7 +249,6 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
     )
 
     # 4. Prompts and metadata.
-    n = len(shapes)
     occluders = [{j for j in range(i + 1, n) if (shapes[i] & shapes[j]).any()} for i in range(n)]  # front overlaps
     bg_phrase = with_article(f"{BACKGROUND_PATTERNS[pattern]} {bg_colour}")
     global_prompt = _global_prompt(rng, objects, occluders, bg_phrase)

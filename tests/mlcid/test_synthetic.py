@@ -87,6 +87,14 @@ def test_scenes_are_valid_and_eq4_is_exact():
     assert counts == {1, 2, 3}
 
 
+def test_layer_counts_follow_the_weights():
+    cfg = SceneConfig(size=64, count_weights=(1.0, 1.0, 2.0))
+    counts = np.bincount([len(make_scene(cfg, 6, i).foregrounds) for i in range(200)], minlength=4)[1:]
+    assert abs(counts[2] / 200 - 0.5) < 0.1 and abs(counts[0] / 200 - 0.25) < 0.08, counts
+    two = SceneConfig(size=64, min_foregrounds=2, max_foregrounds=2)
+    assert {len(make_scene(two, 6, i).masks) for i in range(10)} == {2}
+
+
 def test_occlusions_really_happen():
     occluded = 0
     for index in range(40):
