@@ -41,6 +41,13 @@ env: $(STAMP) ## create .venv (idempotent)
 tiny-models: env ## build the tiny random-weight model presets into .work/tiny-models
 	$(PY) -m mlcid.tiny_models --out $(LAYERDIFF_TINY_MODELS)
 
+N ?= 1000
+NSHARDS ?= 4
+SEED ?= 0
+SIZE ?= 128
+synthetic: env ## make synthetic OUT=dir [N=1000 NSHARDS=4 SEED=0 SIZE=128]: raw img2dataset shards + ground-truth MLCID
+	$(PY) -m mlcid.synthetic --out $(OUT) --samples $(N) --shards $(NSHARDS) --seed $(SEED) --size $(SIZE)
+
 DEMO := $(WORK)/demo
 demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
 	$(PY) -m mlcid.synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128
