@@ -1,0 +1,206 @@
+"""Guidance as pure functions of noise predictions: CFG, self-mask guidance (paper Eqs. 6–9) and a SAG variant.
+
+Nothing here calls a model or a scheduler: the pipeline (model/pipeline.py) runs the UNet and the VAE and hands
+the predictions to these functions. Conventions:
+
+* latents `x_t` are ε-parameterised: x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε (Eq. 1); x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t (Eq. 3);
+* `alpha_bar` is a float or a tensor that broadcasts against the latents from the left, e.g. (B, L) per-layer
+  ᾱ for latents (B, L, C, h, w) (trailing singleton axes are added here);
+* masks are in [0, 1] with one channel, broadcast over the latent channels.
+
+Self-mask guidance combines with CFG in the SAG manner (DESIGN.md): the degraded latent is built from the
+*base* branch (unconditional under CFG), run through the UNet with the base text, and
+`ε̃ = ε_cfg + s·(ε_base − ε_degraded)`. With s = 0 nothing changes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+BlurSide = Literal["inside", "outside"]
+BLUR_SIDES: tuple[str, ...] = ("inside", "outside")
+SMG_KERNEL, SMG_SIGMA = 31, 3.0  # Appendix A
+SAG_KERNEL, SAG_SIGMA = 9, 1.0  # SAG's defaults (diffusers' StableDiffusionSAGPipeline)
+SAG_ATTENTION_THRESHOLD = 1.0  # SAG: a query position is "attended to" when its summed attention exceeds 1
+
+
+def _broadcast(alpha_bar: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ as a tensor on `like`'s device/dtype with trailing singleton axes up to `like.ndim`."""
+    a = torch.as_tensor(alpha_bar, device=like.device, dtype=like.dtype)
+    if a.ndim > like.ndim or tuple(a.shape) != tuple(like.shape[: a.ndim]) and a.numel() != 1:
+        raise ValueError(f"alpha_bar of shape {tuple(a.shape)} does not broadcast from the left against "
+                         f"latents {tuple(like.shape)}")
+    return a.reshape(*a.shape, *([1] * (like.ndim - a.ndim)))
+
+
+def check_scale(name: str, scale: float) -> float:
+    """A finite, non-negative guidance scale, else `ValueError` naming it."""
+    value = float(scale)
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {scale!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ basics
+
+
+def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: ε_u + w·(ε_c − ε_u) (w = 1: the conditional prediction)."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 3 / Eq. 6: x̂_0 = (x_t − √(1−ᾱ)·ε) / √ᾱ."""
+    a = _broadcast(alpha_bar, x_t)
+    return (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 1 / Eq. 8: x_t = √ᾱ·x_0 + √(1−ᾱ)·ε."""
+    a = _broadcast(alpha_bar, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def gaussian_kernel1d(kernel: int, sigma: float, device=None, dtype=None) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps (sum 1), length `kernel` (odd)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"blur kernel size must be a positive odd integer, got {kernel}")
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    half = (kernel - 1) / 2
+    x = torch.linspace(-half, half, kernel, device=device, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).to(dtype or torch.float32)
+
+
+def gaussian_blur(x: torch.Tensor, kernel: int = SMG_KERNEL, sigma: float = SMG_SIGMA) -> torch.Tensor:
+    """Separable Gaussian blur over the last two axes of `x` (any leading axes), size-preserving.
+
+    Borders are reflected (as SAG does) when the image is larger than half the kernel, else replicated
+    (reflection needs pad < size: tiny latents). Taps sum to 1, so a constant image is left unchanged.
+    """
+    *lead, h, w = x.shape
+    taps = gaussian_kernel1d(kernel, sigma, device=x.device, dtype=x.dtype)
+    pad = kernel // 2
+    flat = x.reshape(-1, 1, h, w)  # (N, 1, h, w)
+    mode = "reflect" if pad < h and pad < w else "replicate"
+    flat = F.pad(flat, (pad, pad, pad, pad), mode=mode)
+    flat = F.conv2d(flat, taps.view(1, 1, 1, kernel))  # blur along w
+    flat = F.conv2d(flat, taps.view(1, 1, kernel, 1))  # blur along h
+    return flat.reshape(*lead, h, w)
+
+
+# ------------------------------------------------------------------------------------------------ masks
+
+
+def layer_masks_from_x0(mask_pixels: torch.Tensor, layer_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """§4.1 binary masks: decoded mask images (B, L, 3, H, W) → channel mean → arg-max over layers → one-hot
+    (B, L, 1, H, W) float. Padding layers (`layer_valid` (B, L) False) never win."""
+    if mask_pixels.ndim != 5:
+        raise ValueError(f"mask_pixels must be (B, L, C, H, W), got {tuple(mask_pixels.shape)}")
+    score = mask_pixels.float().mean(dim=2)  # (B, L, H, W)
+    if layer_valid is not None:
+        score = score.masked_fill(~layer_valid.to(score.device, torch.bool)[:, :, None, None], float("-inf"))
+    winner = score.argmax(dim=1)  # (B, H, W)
+    one_hot = F.one_hot(winner, num_classes=mask_pixels.shape[1])  # (B, H, W, L)
+    return rearrange(one_hot, "b h w l -> b l 1 h w").to(mask_pixels.dtype)
+
+
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks (B, L, 1, H, W) → (B, L, 1, h, w) by area averaging (a latent cell gets its covered fraction)."""
+    B, L = masks.shape[:2]
+    flat = rearrange(masks, "b l c h w -> (b l) c h w")
+    if tuple(flat.shape[-2:]) != tuple(size):
+        flat = F.interpolate(flat, size=size, mode="area")
+    return rearrange(flat, "(b l) c h w -> b l c h w", b=B, l=L)
+
+
+# ------------------------------------------------------------------------------------------------ SMG / SAG
+
+
+def blur_degrade(
+    z_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    masks: torch.Tensor,
+    kernel: int,
+    sigma: float,
+    side: BlurSide = "inside",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Conceal information on one side of `masks`: Eqs. 6–9.
+
+    x̂_0 from (z_t, ε) (Eq. 6), blurred (Eq. 7), re-noised to the same level with `noise` (default ε, as SAG
+    does; Eq. 8), and merged with z_t (Eq. 9). side="inside": blurred where mask = 1 and z_t kept outside (the
+    paper's text); side="outside": z_t kept where mask = 1 and blurred outside (Eq. 9 as printed).
+    """
+    if side not in BLUR_SIDES:
+        raise ValueError(f"blur side must be one of {BLUR_SIDES}, got {side!r}")
+    x0 = predict_x0(z_t, eps, alpha_bar)  # Eq. 6
+    x0_blur = gaussian_blur(x0, kernel, sigma)  # Eq. 7
+    z_blur = add_noise(x0_blur, eps if noise is None else noise, alpha_bar)  # Eq. 8
+    m = masks.to(z_t.dtype)
+    blurred_where = m if side == "inside" else 1 - m
+    return blurred_where * z_blur + (1 - blurred_where) * z_t  # Eq. 9
+
+
+def smg_degrade(
+    z_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar: torch.Tensor | float,
+    masks: torch.Tensor,
+    kernel: int = SMG_KERNEL,
+    sigma: float = SMG_SIGMA,
+    side: BlurSide = "inside",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Self-mask guidance input: each layer's image latent z_t (B, L, 4, h, w) blurred on one side of its own
+    predicted mask (B, L, 1, h, w) (Eqs. 6–9, kernel 31 / sigma 3 by default)."""
+    if masks.shape[:2] != z_t.shape[:2] or masks.shape[-2:] != z_t.shape[-2:]:
+        raise ValueError(f"masks {tuple(masks.shape)} must be (B, L, 1, h, w) for latents {tuple(z_t.shape)}")
+    return blur_degrade(z_t, eps, alpha_bar, masks, kernel, sigma, side, noise)
+
+
+def smg_combine(eps_cfg: torch.Tensor, eps_base: torch.Tensor, eps_degraded: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """SAG-manner combination: ε̃ = ε_cfg + s·(ε_base − ε_degraded) (ε_base: the unconditional prediction)."""
+    return eps_cfg + scale * (eps_base - eps_degraded)
+
+
+def sag_attention_mask(attn_probs: torch.Tensor, heads: int, map_size: tuple[int, int],
+                       latent_size: tuple[int, int]) -> torch.Tensor:
+    """SAG's mask from self-attention probabilities (N·heads, Q, K) of a (N, C, h', w') feature map:
+    mean over heads, sum over queries, > 1 → (N, 1, h, w) float at latent size (nearest upsampling)."""
+    nh, q, k = attn_probs.shape
+    if nh % heads or q != map_size[0] * map_size[1]:
+        raise ValueError(f"attention probs {tuple(attn_probs.shape)} do not fit {heads} heads over a "
+                         f"{map_size} map")
+    probs = rearrange(attn_probs, "(n h) q k -> n h q k", h=heads)
+    attended = probs.mean(dim=1).sum(dim=1) > SAG_ATTENTION_THRESHOLD  # (N, K)
+    mask = rearrange(attended, "n (y x) -> n 1 y x", y=map_size[0], x=map_size[1]).to(attn_probs.dtype)
+    return F.interpolate(mask, size=latent_size)  # (N, 1, h, w)
+
+
+def sag_degrade(z_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor | float, attn_mask: torch.Tensor,
+                kernel: int = SAG_KERNEL, sigma: float = SAG_SIGMA) -> torch.Tensor:
+    """SAG-style input for the Table 3 ablation: blur x̂_0 where the self-attention mask (B, L, 1, h, w) is set,
+    re-noise with ε, keep z_t elsewhere (Hong et al., as in diffusers' SAG pipeline)."""
+    return blur_degrade(z_t, eps, alpha_bar, attn_mask, kernel, sigma, side="inside")
+
+
+# ------------------------------------------------------------------------------------------------ x0 replacement
+
+
+def replace_x0(prev_sample: torch.Tensor, x0_pred: torch.Tensor, x0_new: torch.Tensor,
+               alpha_bar_prev: torch.Tensor | float, where: torch.Tensor) -> torch.Tensor:
+    """Swap the predicted x_0 in a finished DDIM step (Song et al. Eq. 12) for `x0_new` where `where` is True.
+
+    DDIM: x_{t−1} = √ᾱ_{t−1}·x̂_0 + √(1−ᾱ_{t−1}−σ²)·ε + σ·z, so replacing x̂_0 adds √ᾱ_{t−1}·(x0_new − x̂_0) and
+    keeps the model's ε term. `where` broadcasts against the latents (e.g. (B, L, C, 1, 1) bool).
+    """
+    a = _broadcast(alpha_bar_prev, prev_sample)
+    return torch.where(where, prev_sample + a.sqrt() * (x0_new - x0_pred), prev_sample)

@@ -1,0 +1,181 @@
+"""model.guidance: CFG, x0 prediction, blur, one-hot masks, SMG degrade/combine (Eqs. 6–9), SAG mask, x0 swap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from model import guidance as G
+
+B, L, C, H, W = 2, 3, 4, 8, 8
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_cfg_identities():
+    u, c = rand(B, L, C, H, W, seed=1), rand(B, L, C, H, W, seed=2)
+    assert torch.equal(G.cfg(u, c, 0.0), u)
+    assert torch.allclose(G.cfg(u, c, 1.0), c, atol=1e-6)
+    assert torch.allclose(G.cfg(u, c, 3.0), u + 3 * (c - u), atol=1e-6)
+
+
+def test_predict_x0_inverts_add_noise_with_per_layer_alpha():
+    x0, eps = rand(B, L, C, H, W, seed=1), rand(B, L, C, H, W, seed=2)
+    alpha = torch.rand(B, L, generator=torch.Generator().manual_seed(3)) * 0.9 + 0.05  # (B, L)
+    x_t = G.add_noise(x0, eps, alpha)
+    # layer (1, 2) was noised with its own ᾱ
+    a = alpha[1, 2]
+    assert torch.allclose(x_t[1, 2], a.sqrt() * x0[1, 2] + (1 - a).sqrt() * eps[1, 2])
+    assert torch.allclose(G.predict_x0(x_t, eps, alpha), x0, atol=1e-5)
+    with pytest.raises(ValueError, match="broadcast"):
+        G.predict_x0(x_t, eps, torch.rand(L, B))
+
+
+def test_predict_x0_matches_ddim_scheduler():
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(10)
+    t = sched.timesteps[3]
+    x_t, eps = rand(1, 4, H, W, seed=4), rand(1, 4, H, W, seed=5)
+    out = sched.step(eps, t, x_t)
+    assert torch.allclose(G.predict_x0(x_t, eps, sched.alphas_cumprod[t]), out.pred_original_sample, atol=1e-5)
+
+
+def test_gaussian_blur_keeps_constants_and_mean_and_smooths():
+    const = torch.full((2, 3, 40, 40), 0.7)
+    assert torch.allclose(G.gaussian_blur(const, 31, 3.0), const, atol=1e-6)
+    x = rand(2, 3, 64, 64, seed=6)
+    y = G.gaussian_blur(x, 31, 3.0)
+    assert y.shape == x.shape
+    assert torch.allclose(y.mean(dim=(-2, -1)), x.mean(dim=(-2, -1)), atol=0.02)
+    assert y.std() < 0.3 * x.std()  # σ=3 removes most white noise
+    # an impulse spreads into the normalised separable Gaussian
+    imp = torch.zeros(1, 1, 41, 41)
+    imp[0, 0, 20, 20] = 1.0
+    blurred = G.gaussian_blur(imp, 31, 3.0)
+    taps = G.gaussian_kernel1d(31, 3.0)
+    assert math.isclose(float(blurred.sum()), 1.0, rel_tol=1e-5)
+    assert torch.allclose(blurred[0, 0, 20, 5:36], taps[15] * taps, atol=1e-7)
+    # tiny latents (smaller than the kernel) still work: replicated borders
+    small = rand(1, 4, 4, 4, seed=7)
+    assert G.gaussian_blur(small, 31, 3.0).shape == small.shape
+    with pytest.raises(ValueError, match="odd"):
+        G.gaussian_blur(x, 30, 3.0)
+    with pytest.raises(ValueError, match="sigma"):
+        G.gaussian_blur(x, 31, 0.0)
+
+
+def test_layer_masks_from_x0_one_hot_argmax():
+    pixels = rand(B, L, 3, H, W, seed=8)
+    masks = G.layer_masks_from_x0(pixels)
+    assert masks.shape == (B, L, 1, H, W)
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks.sum(dim=1), torch.ones(B, 1, H, W))  # exactly one layer per pixel
+    winner = pixels.mean(dim=2).argmax(dim=1)  # channel mean, then arg-max over layers
+    assert torch.equal(masks[:, :, 0].argmax(dim=1), winner)
+    # a padding layer never wins, even with the largest values
+    loud = pixels.clone()
+    loud[:, 2] = 100.0
+    valid = torch.tensor([[True, True, False]] * B)
+    masks = G.layer_masks_from_x0(loud, valid)
+    assert masks[:, 2].sum() == 0 and torch.equal(masks.sum(dim=1), torch.ones(B, 1, H, W))
+
+
+def test_resize_masks_area_fraction():
+    m = torch.zeros(1, 2, 1, 8, 8)
+    m[0, 0, 0, :4, :] = 1.0  # top half → layer 0
+    m[0, 1] = 1 - m[0, 0]
+    small = G.resize_masks(m, (2, 2))
+    assert torch.equal(small[0, 0, 0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert torch.allclose(small.sum(dim=1), torch.ones(1, 1, 2, 2))
+
+
+def _smg_inputs():
+    z_t, eps = rand(B, L, C, H, W, seed=10), rand(B, L, C, H, W, seed=11)
+    alpha = torch.full((B, L), 0.5)
+    masks = torch.zeros(B, L, 1, H, W)
+    masks[:, :, :, : H // 2] = 1.0  # top half marked
+    return z_t, eps, alpha, masks
+
+
+def test_smg_degrade_sides_swap_roles():
+    z_t, eps, alpha, masks = _smg_inputs()
+    inside = G.smg_degrade(z_t, eps, alpha, masks, 31, 3.0, side="inside")
+    outside = G.smg_degrade(z_t, eps, alpha, masks, 31, 3.0, side="outside")
+    top, bottom = slice(0, H // 2), slice(H // 2, H)
+    # inside: z_t kept outside the mask, concealed inside; outside: the opposite (Eq. 9 as printed)
+    assert torch.equal(inside[..., bottom, :], z_t[..., bottom, :])
+    assert not torch.allclose(inside[..., top, :], z_t[..., top, :])
+    assert torch.equal(outside[..., top, :], z_t[..., top, :])
+    assert not torch.allclose(outside[..., bottom, :], z_t[..., bottom, :])
+    # the concealed part is exactly Eqs. 6–8: blurred x̂_0 re-noised with ε
+    expected = G.add_noise(G.gaussian_blur(G.predict_x0(z_t, eps, alpha), 31, 3.0), eps, alpha)
+    assert torch.allclose(inside[..., top, :], expected[..., top, :], atol=1e-6)
+    assert torch.allclose(outside[..., bottom, :], expected[..., bottom, :], atol=1e-6)
+    # the two sides partition the latent: together they are the fully concealed and the original latent
+    assert torch.allclose(inside + outside, z_t + expected, atol=1e-6)
+    with pytest.raises(ValueError, match="side"):
+        G.smg_degrade(z_t, eps, alpha, masks, side="both")  # type: ignore[arg-type]
+
+
+def test_smg_degrade_fresh_noise_and_mask_shape_check():
+    z_t, eps, alpha, masks = _smg_inputs()
+    noise = rand(B, L, C, H, W, seed=12)
+    out = G.smg_degrade(z_t, eps, alpha, masks, noise=noise)
+    expected = G.add_noise(G.gaussian_blur(G.predict_x0(z_t, eps, alpha), 31, 3.0), noise, alpha)
+    assert torch.allclose(out[..., : H // 2, :], expected[..., : H // 2, :], atol=1e-6)
+    with pytest.raises(ValueError, match="masks"):
+        G.smg_degrade(z_t, eps, alpha, masks[:, :2])
+
+
+def test_smg_combine_identities():
+    e_cfg, e_base, e_deg = rand(B, L, C, H, W, seed=13), rand(B, L, C, H, W, seed=14), rand(B, L, C, H, W, seed=15)
+    assert torch.equal(G.smg_combine(e_cfg, e_base, e_deg, 0.0), e_cfg)
+    assert torch.equal(G.smg_combine(e_cfg, e_base, e_base, 3.0), e_cfg)  # nothing degraded → no push
+    assert torch.allclose(G.smg_combine(e_cfg, e_base, e_deg, 3.0), e_cfg + 3 * (e_base - e_deg), atol=1e-6)
+    # the paper's stand-alone form ε̂ + (1+s)(ε − ε̂) is the same rule with ε_cfg = ε_base = ε
+    s = 2.0
+    assert torch.allclose(G.smg_combine(e_base, e_base, e_deg, s), e_deg + (1 + s) * (e_base - e_deg), atol=1e-6)
+
+
+def test_sag_attention_mask_and_degrade():
+    heads, n, hw = 2, 3, (2, 2)
+    probs = torch.full((n * heads, 4, 4), 0.25)  # uniform attention: every key gets a total of 1 → not set
+    probs[0:heads, :, 1] += 0.5  # sample 0: key 1 attended more
+    probs[0:heads, :, 0] -= 0.5
+    mask = G.sag_attention_mask(probs, heads, hw, (4, 4))
+    assert mask.shape == (n, 1, 4, 4)
+    assert mask[0, 0, 0:2, 2:4].eq(1).all() and mask[0].sum() == 4  # key 1 = top-right 2×2 cell
+    assert mask[1:].sum() == 0
+    with pytest.raises(ValueError, match="heads"):
+        G.sag_attention_mask(probs, 4, (3, 3), (4, 4))
+    z_t, eps, alpha, masks = _smg_inputs()
+    assert torch.equal(G.sag_degrade(z_t, eps, alpha, torch.zeros_like(masks)), z_t)
+
+
+def test_replace_x0_after_ddim_step():
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(5)
+    t, t_prev = sched.timesteps[1], sched.timesteps[2]
+    x_t, eps, x0_new = rand(B, L, C, H, W, seed=16), rand(B, L, C, H, W, seed=17), rand(B, L, C, H, W, seed=18)
+    out = sched.step(eps, t, x_t)
+    where = torch.zeros(1, L, 1, 1, 1, dtype=torch.bool)
+    where[:, 1] = True
+    prev = G.replace_x0(out.prev_sample, out.pred_original_sample, x0_new, sched.alphas_cumprod[t_prev], where)
+    a_prev = sched.alphas_cumprod[t_prev]
+    expected = a_prev.sqrt() * x0_new[:, 1] + (1 - a_prev).sqrt() * eps[:, 1]  # Song et al. Eq. 12, η = 0
+    assert torch.allclose(prev[:, 1], expected, atol=1e-5)
+    assert torch.equal(prev[:, [0, 2]], out.prev_sample[:, [0, 2]])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_check_scale_rejects(bad):
+    with pytest.raises(ValueError, match="smg_scale"):
+        G.check_scale("smg_scale", bad)
+    assert G.check_scale("smg_scale", 0) == 0.0
