@@ -65,6 +65,21 @@ def import_backends() -> None:
             log.debug("backend module %s not present", name)
 
 
+def accepted_kwargs(cls: type) -> set[str] | None:
+    """Keyword names `cls(...)` accepts, following `**kwargs` up the MRO; None if it takes anything."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is object:  # a `**kwargs` that no base class consumes: anything goes
+            return None
+        params = inspect.signature(klass.__init__).parameters.values()
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
+
+
 def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
     chunk: list[Any] = []
     for x in it:
@@ -98,13 +113,13 @@ class ShardProcessor:
     def stage_kwargs(self, kind: str, cls: type) -> dict[str, Any]:
         """Constructor kwargs: shared settings the class accepts, this runner's own thresholds, then overrides."""
         cfg = self.config
-        params = inspect.signature(cls.__init__).parameters
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = accepted_kwargs(cls)
         common = {
             "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype,
             "batch_size": cfg.batch_sizes.get(kind), "model_overrides": dict(cfg.models) or None,
+            "dilate_kernel": cfg.dilate_kernel,  # inpaint holes = the cut-outs' dilated alpha
         }
-        kwargs = {k: v for k, v in common.items() if v is not None and (takes_any or k in params)}
+        kwargs = {k: v for k, v in common.items() if v is not None and (accepted is None or k in accepted)}
         if kind == "mask_rules":
             kwargs.update(min_saliency_overlap=cfg.min_saliency_overlap, containment=cfg.containment,
                           min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,

@@ -269,3 +269,27 @@ def test_cli_builds_and_resumes(tmp_path, capsys):
     assert totals["read"] == 3 and totals["skipped"] == 0
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
+
+
+def test_accepted_kwargs_follows_kwargs_up_the_mro():
+    from pipelines.runner import accepted_kwargs
+
+    class Base:
+        def __init__(self, preset="real", device="cpu"):
+            pass
+
+    class Child(Base):
+        def __init__(self, *args, template="{}", **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class Anything:
+        def __init__(self, **kwargs):
+            pass
+
+    assert accepted_kwargs(Child) == {"preset", "device", "template"}
+    assert accepted_kwargs(Anything) is None
+    from pipelines.filters import MaskRules
+
+    kw = ShardProcessor(classical_config()).stage_kwargs("mask_rules", MaskRules)
+    assert kw == {"min_saliency_overlap": 0.1, "containment": 0.9, "min_area_frac": 0.01, "max_area_frac": 0.8,
+                  "max_foregrounds": 3}
