@@ -75,22 +75,38 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return prefix + key, suffix
 
 
+class _TailRecorder:
+    """File wrapper that remembers the last bytes read, to tell a complete tar (ends in zero blocks) from a cut one."""
+
+    def __init__(self, raw: IO[bytes], keep: int = 1024) -> None:
+        self.raw, self.keep, self.tail = raw, keep, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            self.tail = (self.tail + data)[-self.keep :]
+        return data
+
+
 def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleError]:
     """Stream a tar and yield (key, {suffix: bytes}) per contiguous run of members with one key.
 
     Yields `SampleError`s instead of raising: a key whose members are not contiguous (interleaved tar) →
     `BAD_SCHEMA` for its later run; a truncated or unreadable tar → one `TRUNCATED_SHARD`/`UNREADABLE_SHARD`
-    after the groups read so far (the group cut by the truncation is reported as truncated).
+    in place of the group the cut fell in. A plain `.tar` must end in its zero end-of-archive block; a cut
+    exactly between members is caught that way (the last group is then reported as truncated, not yielded).
     """
     try:
         stream = open_url(url)
     except (OSError, ValueError) as e:
         yield SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}")
         return
+    plain = url.endswith(".tar")
+    recorder = _TailRecorder(stream)
     seen: set[str] = set()
     key, group, skip = None, {}, False
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with stream, tarfile.open(fileobj=recorder, mode="r|" if plain else "r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -108,6 +124,8 @@ def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleE
                     key, group = k, {}
                 f = tar.extractfile(info)
                 group[suffix] = f.read() if f is not None else b""
+            if plain and seen and recorder.tail[-512:] != bytes(512):
+                raise EOFError("no end-of-archive block: the tar was cut between members")
             if key is not None and not skip:
                 yield key, group
     except (tarfile.TarError, EOFError, OSError, zlib_error()) as e:
