@@ -1,0 +1,408 @@
+"""A pool of Ray actors that each own one shard processor: dynamic shard hand-out, retries, recycling.
+
+The pool only sees the contract `processor.setup()` once per actor and `processor.process(url, out_dir) -> stats`
+(STYLE.md rule 8). Per actor at most `max_in_flight` shards are queued (one runs, the next waits, so the actor
+never idles between shards). A shard whose task raises, or whose actor dies while running it, is retried up to
+`max_retries` times and then reported as failed. A shard that was only *queued* on an actor that died is put
+back without using up a retry. Actors are killed and restarted every `recycle_every` shards to bound leaks.
+
+Kill safety: each shard runs under an exclusive `flock` on `OUT/.locks/KEY.lock`. The kernel drops the lock when
+its holder dies, so a worker left over from a killed driver and a worker of the re-run never write one shard at
+the same time; together with the processor's `.tmp` → rename → stats-last this makes every shard all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import inspect
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+log = logging.getLogger(__name__)
+
+LOCK_DIR = ".locks"
+
+
+class Processor(Protocol):
+    """What an actor holds: models loaded once by `setup()`, then `process(url, out_dir) -> stats` per shard."""
+
+    def setup(self) -> Any: ...
+
+    def process(self, input_url: str, out_dir: str) -> dict[str, Any]: ...
+
+
+class PoolListener(Protocol):
+    """Receives live events (the progress line implements it)."""
+
+    def on_shard(self, outcome: "ShardOutcome") -> None: ...
+
+    def on_samples(self, count: int) -> None: ...
+
+    def on_retry(self, task: "ShardTask", error: str) -> None: ...
+
+
+class PoolError(RuntimeError):
+    """The pool cannot make progress (e.g. actors keep dying while loading their models)."""
+
+
+@dataclass
+class PoolConfig:
+    """Actor resources and the hand-out / retry / recycling policy."""
+
+    workers: int = 1  # actors alive at once
+    num_cpus: float = 1.0  # logical CPUs per actor (fractions allowed)
+    num_gpus: float = 0.0  # GPUs per actor (1 on GPU nodes: one actor per GPU)
+    max_in_flight: int = 2  # shards queued per actor (one running + the next one)
+    max_retries: int = 2  # re-runs of a shard whose task failed or whose actor died while running it
+    recycle_every: int = 0  # kill and restart an actor after this many shards (0 = never)
+    max_startup_failures: int = 3  # actors dying during setup in a row before the pool gives up
+    torch_threads: int | None = None  # torch intra-op threads per actor (default: max(1, int(num_cpus)))
+    lock_timeout_s: float = 900.0  # how long a shard waits for a lock held by a stale worker
+    poll_seconds: float = 1.0  # how often live sample counts are polled from the actors
+    startup_timeout_s: float = 1800.0  # give up if no actor is ready by then (e.g. no node has the resources)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be ≥ 1, got {self.workers}")
+        if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:
+            raise ValueError(f"an actor needs CPUs or GPUs: num_cpus={self.num_cpus}, num_gpus={self.num_gpus}")
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be ≥ 1, got {self.max_in_flight}")
+        if self.max_retries < 0 or self.recycle_every < 0 or self.max_startup_failures < 1:
+            raise ValueError("max_retries and recycle_every must be ≥ 0 and max_startup_failures ≥ 1")
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or max(1, int(self.num_cpus))
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One unit of work: `key` names the output (and its lock) and must be unique within a run."""
+
+    key: str
+    url: str
+
+
+@dataclass
+class ShardOutcome:
+    """What became of one shard: its stats when it succeeded, every error otherwise."""
+
+    task: ShardTask
+    ok: bool
+    stats: dict[str, Any] | None = None
+    attempts: int = 0  # runs that counted against the retry budget (+1 for the successful one)
+    errors: list[str] = field(default_factory=list)
+    actor: int | None = None  # serial number of the actor that finished it
+    pid: int | None = None
+    node: str | None = None
+    process_seconds: float = 0.0  # time inside processor.process (excludes the lock wait)
+    lock_seconds: float = 0.0
+
+
+@dataclass
+class PoolReport:
+    """Everything a run produced: one outcome per task, actor counts, timings."""
+
+    outcomes: list[ShardOutcome]
+    actors_started: int = 0
+    actors_recycled: int = 0
+    actors_died: int = 0
+    startup_seconds: float = 0.0  # pool start → first actor ready (imports + model loading)
+    wall_seconds: float = 0.0
+    max_in_flight_seen: int = 0  # largest number of shards queued on one actor
+
+    @property
+    def failed(self) -> list[ShardOutcome]:
+        return [o for o in self.outcomes if not o.ok]
+
+
+@contextmanager
+def shard_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[float]:
+    """Hold an exclusive `flock` on `path` (released by the kernel if this process dies). Yields the wait time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(path, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.perf_counter() - t0 > timeout_s:
+                    raise TimeoutError(f"shard lock {path} still held after {timeout_s:.0f}s (a stale worker?)")
+                time.sleep(poll_s)
+        try:
+            yield time.perf_counter() - t0
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+@ray.remote(concurrency_groups={"monitor": 1})
+class ShardActor:
+    """Owns one processor (all models loaded once) and runs shards one at a time; `progress` answers meanwhile."""
+
+    def __init__(self, make_processor: Callable[[], Processor], threads: int, lock_timeout_s: float) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(threads)
+        except ImportError:
+            pass
+        self.lock_timeout_s = lock_timeout_s
+        self.samples = 0
+        self.processor = make_processor()
+        self.processor.setup()
+        params = inspect.signature(self.processor.process).parameters
+        self.reports_progress = "on_progress" in params
+
+    def ready(self) -> tuple[int, str]:
+        """(pid, node ip) once `setup()` has finished."""
+        return os.getpid(), ray.util.get_node_ip_address()
+
+    def _count(self, n: int) -> None:
+        self.samples += n
+
+    def process(self, task: ShardTask, out_dir: str) -> dict[str, Any]:
+        """Run one shard under its lock; the stats plus where and how long it ran."""
+        with shard_lock(Path(out_dir) / LOCK_DIR / f"{task.key}.lock", self.lock_timeout_s) as waited:
+            t0 = time.perf_counter()
+            if self.reports_progress:
+                stats = self.processor.process(task.url, out_dir, on_progress=self._count)
+            else:
+                stats = self.processor.process(task.url, out_dir)
+            seconds = time.perf_counter() - t0
+        return {"stats": stats, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "process_seconds": seconds, "lock_seconds": waited}
+
+    @ray.method(concurrency_group="monitor")
+    def progress(self) -> int:
+        """Samples this actor has pushed through its stages so far (all shards)."""
+        return self.samples
+
+    @ray.method(concurrency_group="monitor")
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@dataclass
+class _Slot:
+    """One live actor and the shards queued on it (oldest first: the first one is the running one)."""
+
+    serial: int
+    handle: Any
+    ready_ref: Any
+    ready: bool = False
+    assigned: int = 0
+    retiring: bool = False
+    inflight: list[tuple[Any, ShardTask]] = field(default_factory=list)
+    poll_ref: Any = None
+    samples_seen: int = 0
+
+
+def _error_text(err: BaseException) -> str:
+    """A one-line error: the processor's own exception for task errors, Ray's summary otherwise."""
+    cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
+    shown = cause if isinstance(cause, BaseException) else err
+    lines = [ln for ln in str(shown).strip().splitlines() if ln.strip()]
+    return f"{type(shown).__name__}: {lines[0] if lines else ''}"[:500]
+
+
+class ShardPool:
+    """Run `make_processor()`-built processors on Ray actors over a list of shards; see the module docstring."""
+
+    def __init__(self, make_processor: Callable[[], Processor], out_dir: str | os.PathLike, config: PoolConfig,
+                 listener: PoolListener | None = None) -> None:
+        self.make_processor = make_processor
+        self.out_dir = str(out_dir)
+        self.config = config
+        self.listener = listener
+        self.slots: list[_Slot] = []
+        self._serial = 0
+        self._startup_failures = 0
+        self._last_poll = 0.0
+
+    # -- actors ---------------------------------------------------------------------------------------------
+    def _start_actor(self, report: PoolReport) -> None:
+        cfg = self.config
+        handle = ShardActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0,
+                                    name=None).remote(self.make_processor, cfg.threads, cfg.lock_timeout_s)
+        self._serial += 1
+        self.slots.append(_Slot(self._serial, handle, handle.ready.remote()))
+        report.actors_started += 1
+        log.debug("started actor #%d", self._serial)
+
+    def _remove(self, slot: _Slot) -> None:
+        self.slots.remove(slot)
+        try:
+            ray.kill(slot.handle, no_restart=True)
+        except Exception:  # noqa: BLE001 — already gone
+            pass
+
+    # -- results --------------------------------------------------------------------------------------------
+    def _succeed(self, slot: _Slot, task: ShardTask, result: dict[str, Any], st: dict) -> ShardOutcome:
+        out = ShardOutcome(task, True, result["stats"], st["attempts"].get(task, 0) + 1,
+                           st["errors"].get(task, []), slot.serial, result["pid"], result["node"],
+                           result["process_seconds"], result["lock_seconds"])
+        if self.listener is not None:
+            self.listener.on_shard(out)
+        return out
+
+    def _charge(self, task: ShardTask, error: str, st: dict, queue: deque, outcomes: dict) -> None:
+        """Count one failed run of `task`; requeue it or, out of retries, record it as failed."""
+        st["attempts"][task] = st["attempts"].get(task, 0) + 1
+        st["errors"].setdefault(task, []).append(error)
+        if st["attempts"][task] > self.config.max_retries:
+            out = ShardOutcome(task, False, None, st["attempts"][task], st["errors"][task])
+            outcomes[task] = out
+            log.error("shard %s failed after %d attempts: %s", task.url, out.attempts, error)
+            if self.listener is not None:
+                self.listener.on_shard(out)
+        else:
+            log.warning("shard %s: attempt %d failed (%s); retrying", task.url, st["attempts"][task], error)
+            queue.append(task)
+            if self.listener is not None:
+                self.listener.on_retry(task, error)
+
+    def _actor_died(self, slot: _Slot, err: BaseException, st: dict, queue: deque, outcomes: dict,
+                    report: PoolReport) -> None:
+        """Collect what the dead actor finished; charge the shard it was running; requeue the rest for free."""
+        text = _error_text(err)
+        charged = False
+        if slot.inflight:  # let the other refs of the dead actor resolve (results or errors)
+            ray.wait([r for r, _ in slot.inflight], num_returns=len(slot.inflight), timeout=2.0)
+        for ref, task in slot.inflight:
+            try:
+                outcomes[task] = self._succeed(slot, task, ray.get(ref, timeout=0), st)
+                continue
+            except (RayError, GetTimeoutError) as e:
+                if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
+                    self._charge(task, _error_text(e), st, queue, outcomes)
+                    continue
+            if slot.ready and not charged:  # the oldest unfinished shard was the one running
+                self._charge(task, f"actor died while running it: {text}", st, queue, outcomes)
+                charged = True
+            else:
+                queue.appendleft(task)
+        slot.inflight.clear()
+        if not slot.ready:
+            self._startup_failures += 1
+            log.error("actor #%d died during setup (%d in a row): %s", slot.serial, self._startup_failures, text)
+            if self._startup_failures >= self.config.max_startup_failures:
+                self._remove(slot)
+                raise PoolError(f"{self._startup_failures} actors in a row died while loading their models; "
+                                f"last error: {text}")
+        else:
+            report.actors_died += 1
+            log.warning("actor #%d died (%s); starting a replacement", slot.serial, text)
+        self._remove(slot)
+
+    # -- live sample counts ---------------------------------------------------------------------------------
+    def _poll_progress(self) -> None:
+        if self.listener is None:
+            return
+        for slot in self.slots:
+            if slot.poll_ref is not None:
+                done, _ = ray.wait([slot.poll_ref], timeout=0)
+                if done:
+                    try:
+                        count = ray.get(slot.poll_ref)
+                        if count > slot.samples_seen:
+                            self.listener.on_samples(count - slot.samples_seen)
+                            slot.samples_seen = count
+                    except RayError:
+                        pass
+                    slot.poll_ref = None
+        now = time.perf_counter()
+        if now - self._last_poll >= self.config.poll_seconds:
+            self._last_poll = now
+            for slot in self.slots:
+                if slot.ready and slot.inflight and slot.poll_ref is None:
+                    slot.poll_ref = slot.handle.progress.remote()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def run(self, tasks: list[ShardTask]) -> PoolReport:
+        """Process every task; returns one outcome per task (in input order). Raises `PoolError` if stuck."""
+        keys = [t.key for t in tasks]
+        if len(set(keys)) != len(keys):
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise ValueError(f"shard keys must be unique within a run; repeated: {dup[:5]}")
+        cfg = self.config
+        t_start = time.perf_counter()
+        report = PoolReport(outcomes=[])
+        queue: deque[ShardTask] = deque(tasks)
+        outcomes: dict[ShardTask, ShardOutcome] = {}
+        st: dict[str, dict] = {"attempts": {}, "errors": {}}
+        first_ready: float | None = None
+        try:
+            while queue or any(s.inflight for s in self.slots):
+                # 1. Keep `workers` actors alive while work remains; retire drained ones due for recycling.
+                for slot in [s for s in self.slots if s.retiring and not s.inflight]:
+                    log.info("recycling actor #%d after %d shards", slot.serial, slot.assigned)
+                    self._remove(slot)
+                    report.actors_recycled += 1
+                pending = len(queue) + sum(len(s.inflight) for s in self.slots)
+                while len(self.slots) < min(cfg.workers, pending):
+                    self._start_actor(report)
+                # 2. Hand out shards: at most `max_in_flight` per actor, least-loaded actor first.
+                for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
+                    while queue and not slot.retiring and len(slot.inflight) < cfg.max_in_flight:
+                        task = queue.popleft()
+                        slot.inflight.append((slot.handle.process.remote(task, self.out_dir), task))
+                        slot.assigned += 1
+                        report.max_in_flight_seen = max(report.max_in_flight_seen, len(slot.inflight))
+                        if cfg.recycle_every and slot.assigned >= cfg.recycle_every:
+                            slot.retiring = True
+                # 3. Wait for the next result (or readiness), then route it.
+                watch = {s.ready_ref: s for s in self.slots if not s.ready}
+                watch.update({ref: s for s in self.slots for ref, _ in s.inflight})
+                done, _ = ray.wait(list(watch), num_returns=1, timeout=cfg.poll_seconds)
+                for ref in done:
+                    slot = watch[ref]
+                    if slot not in self.slots:
+                        continue  # removed while handling an earlier ref of this round
+                    if ref is slot.ready_ref:
+                        try:
+                            ray.get(ref)
+                            slot.ready = True
+                            self._startup_failures = 0
+                            first_ready = first_ready or time.perf_counter()
+                        except RayError as e:
+                            self._actor_died(slot, e, st, queue, outcomes, report)
+                        continue
+                    task = next(t for r, t in slot.inflight if r is ref)
+                    try:
+                        result = ray.get(ref)
+                    except RayActorError as e:
+                        self._actor_died(slot, e, st, queue, outcomes, report)
+                        continue
+                    except RayTaskError as e:
+                        slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
+                        self._charge(task, _error_text(e), st, queue, outcomes)
+                        continue
+                    except RayError as e:  # worker crash, OOM kill, lost object: treat the actor as gone
+                        self._actor_died(slot, e, st, queue, outcomes, report)
+                        continue
+                    slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
+                    outcomes[task] = self._succeed(slot, task, result, st)
+                # 4. Live sample counts for the progress line; fail if no actor ever gets scheduled.
+                self._poll_progress()
+                if first_ready is None and time.perf_counter() - t_start > cfg.startup_timeout_s:
+                    raise PoolError(f"no actor became ready within {cfg.startup_timeout_s:.0f}s; does the cluster "
+                                    f"have {cfg.num_cpus} CPU / {cfg.num_gpus} GPU free per actor?")
+        finally:
+            for slot in list(self.slots):
+                self._remove(slot)
+        report.outcomes = [outcomes[t] for t in tasks]
+        report.wall_seconds = time.perf_counter() - t_start
+        report.startup_seconds = (first_ready or time.perf_counter()) - t_start
+        return report
