@@ -39,7 +39,8 @@ env: $(STAMP) ## create .venv (idempotent)
 	@mkdir -p $(WORK)/tmp $(WORK)/ray
 
 tiny-models: env ## build the tiny random-weight model presets into .work/tiny-models
-	$(PY) -m mlcid.tiny_models --out $(LAYERDIFF_TINY_MODELS)
+	$(PY) -m model.tiny --out $(LAYERDIFF_TINY_MODELS)
+	$(PY) -m pipelines.tiny --out $(LAYERDIFF_TINY_MODELS)
 
 N ?= 1000
 NSHARDS ?= 4

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_view import make_sample, write_shard  # sample builders shared with the unit tests (same folder)
+from tests.mlcid.test_view import make_sample, write_shard  # sample builders shared with the unit tests
 
 from mlcid.view import ViewConfig, build_view
 
