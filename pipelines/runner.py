@@ -119,13 +119,14 @@ class ShardProcessor:
             "batch_size": cfg.batch_sizes.get(kind), "model_overrides": dict(cfg.models) or None,
             "dilate_kernel": cfg.dilate_kernel,  # inpaint holes = the cut-outs' dilated alpha
         }
+        own = {  # the typed config fields that belong to one kind
+            "mask_rules": dict(min_saliency_overlap=cfg.min_saliency_overlap, containment=cfg.containment,
+                               min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,
+                               max_foregrounds=cfg.max_foregrounds),
+            "cutout": dict(kernel=cfg.dilate_kernel, fill=tuple(cfg.cutout_fill)),
+        }
         kwargs = {k: v for k, v in common.items() if v is not None and (accepted is None or k in accepted)}
-        if kind == "mask_rules":
-            kwargs.update(min_saliency_overlap=cfg.min_saliency_overlap, containment=cfg.containment,
-                          min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,
-                          max_foregrounds=cfg.max_foregrounds)
-        elif kind == "cutout":
-            kwargs.update(kernel=cfg.dilate_kernel, fill=tuple(cfg.cutout_fill))
+        kwargs.update(own.get(kind, {}))
         kwargs.update(cfg.stage_options.get(kind, {}))
         return kwargs
 
