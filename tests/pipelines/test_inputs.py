@@ -194,7 +194,7 @@ def test_bad_inputs_never_stop_the_shard(tmp_path):
     from mlcid.validate import validate_shard
     from mlcid.writer import shard_name
     from pipelines.runner import ShardProcessor
-    from test_runner import classical_config, raw_records  # noqa: E402 (same test folder)
+    from tests.pipelines.test_runner import classical_config, raw_records
 
     good = raw_records(3, seed=5, shard=9)
     odd = [
