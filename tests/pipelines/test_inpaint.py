@@ -1,0 +1,97 @@
+"""Background inpainting: SD (tiny sd15-inpaint preset) and OpenCV; pixels outside the hole kept exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.base import Item, ObjectLayer
+from pipelines.inpaint import (
+    OpenCVInpainter,
+    StableDiffusionInpainter,
+    hole_mask,
+    negative_prompt,
+    work_size,
+)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    from model.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny")
+    build_tiny_models(root, only=("sd15-inpaint",))
+    return str(root / "sd15-inpaint")
+
+
+def _items(n=3):
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n):
+        h = 40 + 8 * i
+        image = rng.integers(0, 255, (h, 48, 3), dtype=np.uint8)
+        a = np.zeros((h, 48), bool)
+        a[6:18, 8:20] = True
+        b = np.zeros((h, 48), bool)
+        b[20:30, 25:40] = True
+        items.append(Item(key=f"k{i}", image=image, objects=[
+            ObjectLayer(a, (8, 6, 20, 18), 0.9, "Cat", prompt="a small cat"),
+            ObjectLayer(b, (25, 20, 40, 30), 0.5, "Dog"),
+        ]))
+    return items
+
+
+def test_hole_mask_dilation_and_negative_prompt():
+    it = _items(1)[0]
+    union = it.objects[0].mask | it.objects[1].mask
+    np.testing.assert_array_equal(hole_mask(it, 1), union)
+    dilated = hole_mask(it, 5)
+    assert dilated[union].all() and dilated.sum() > union.sum()
+    assert dilated[4, 6] and not dilated[3, 6]  # 2 px ring around a 5×5 kernel
+    assert negative_prompt(it) == "a small cat, Dog"
+    with pytest.raises(ValueError, match="does not match"):
+        it.objects[0].mask = np.zeros((3, 3), bool)
+        hole_mask(it, 5)
+
+
+def test_work_size_multiple_of_8():
+    assert work_size(512, 768, 512) == (512, 768)
+    assert work_size(40, 48, 64) == (64, 80)
+    assert all(v % 8 == 0 for v in work_size(333, 500, 512))
+
+
+def test_opencv_keeps_outside_and_fills_hole():
+    items = OpenCVInpainter(dilate_kernel=5)(_items())
+    for it in items:
+        hole = hole_mask(it, 5)
+        assert it.background.shape == it.image.shape and it.background.dtype == np.uint8
+        np.testing.assert_array_equal(it.background[~hole], it.image[~hole])
+        assert (it.background[hole] != it.image[hole]).any()
+    with pytest.raises(ValueError, match="odd"):
+        OpenCVInpainter(dilate_kernel=4)
+    with pytest.raises(ValueError, match="method"):
+        OpenCVInpainter(method="magic")
+
+
+def test_sd_inpaint_shapes_exact_outside_and_batching(sd_dir):
+    stage = StableDiffusionInpainter(model=sd_dir, device="cpu", num_inference_steps=2, resolution=64,
+                                     batch_size=3)
+    items = stage(_items())
+    for it in items:
+        hole = hole_mask(it, 5)
+        assert it.background.shape == it.image.shape and it.background.dtype == np.uint8
+        np.testing.assert_array_equal(it.background[~hole], it.image[~hole])
+        assert (it.background[hole] != it.image[hole]).mean() > 0.5  # the hole was generated, not copied
+    stage.batch_size = 1
+    single = stage(_items())
+    for a, b in zip(items, single):
+        np.testing.assert_array_equal(a.background, b.background)
+
+
+def test_dropped_items_untouched_and_missing_model(tmp_path):
+    items = _items(2)
+    items[0].drop("no_mask")
+    OpenCVInpainter()(items)
+    assert items[0].background is None and items[1].background is not None
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        StableDiffusionInpainter(model=str(tmp_path / "nope")).setup()

@@ -1,0 +1,88 @@
+"""SAM box-prompted masks with the tiny segment-anything preset: shapes, batching, thresholds, safe loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.base import Detection, Item
+from pipelines.segment import SAM_ARCHS, SamGeometry, SamSegmenter, clip_box, load_sam
+
+
+@pytest.fixture(scope="module")
+def sam_dir(tmp_path_factory):
+    from pipelines.tiny import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny"), only=["sam"])["sam"]
+
+
+def _items(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        h = 40 + 8 * i
+        img = rng.integers(0, 255, (h, 64, 3), dtype=np.uint8)
+        img[8:24, 8:30] = (250, 20, 20)
+        dets = [Detection((8.0, 8.0, 30.0, 24.0), 0.9, "Person"), Detection((20.0, 10.0, 60.0, h - 2.0), 0.5, "Car")]
+        items.append(Item(key=f"k{i}", image=img, detections=dets))
+    return items
+
+
+def test_masks_shapes_order_and_batching(sam_dir):
+    seg = SamSegmenter(model=str(sam_dir), device="cpu", batch_size=3, mask_threshold=-1e9)
+    items = seg(_items())
+    for it in items:
+        assert it.alive
+        assert len(it.masks) == len(it.detections) == 2
+        for m in it.masks:
+            assert m.dtype == bool and m.shape == it.image.shape[:2]
+            assert m.all()  # threshold below every logit: the whole image
+    # batched image encoder == one image at a time
+    seg.mask_threshold = 0.0
+    batched = seg(_items())
+    seg.batch_size = 1
+    single = seg(_items())
+    for a, b in zip(batched, single):
+        for ma, mb in zip(a.masks, b.masks):
+            np.testing.assert_array_equal(ma, mb)
+
+
+def test_clip_to_box_and_no_mask_drop(sam_dir):
+    seg = SamSegmenter(model=str(sam_dir), device="cpu", mask_threshold=-1e9, clip_to_box=True)
+    it = seg(_items(1))[0]
+    for m, d in zip(it.masks, it.detections):
+        x0, y0, x1, y1 = clip_box(d.box, *m.shape)
+        assert m[y0:y1, x0:x1].all() and m.sum() == (x1 - x0) * (y1 - y0)
+    seg = SamSegmenter(model=str(sam_dir), device="cpu", mask_threshold=1e9)
+    it = seg(_items(1))[0]
+    assert it.drop_reason == "no_mask"
+
+
+def test_dropped_items_are_skipped(sam_dir):
+    items = _items(2)
+    items[0].drop("no_detection")
+    SamSegmenter(model=str(sam_dir), device="cpu")(items)
+    assert items[0].masks == [] and len(items[1].masks) == 2
+
+
+def test_load_sam_folder_and_file(sam_dir, tmp_path):
+    config = json.loads((sam_dir / "sam_config.json").read_text())
+    assert SamGeometry.from_dict(config).img_size == 64
+    sam = load_sam(sam_dir)
+    ref = torch.load(sam_dir / "sam.pth", weights_only=True)
+    assert torch.equal(sam.state_dict()["mask_decoder.iou_token.weight"], ref["mask_decoder.iou_token.weight"])
+    # a bare checkpoint file takes its geometry from `arch`: the tiny weights do not fit ViT-H
+    with pytest.raises(RuntimeError):
+        load_sam(sam_dir / "sam.pth", arch="vit_b")
+    assert SAM_ARCHS["vit_h"].encoder_embed_dim == 1280
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="SAM checkpoint"):
+        SamSegmenter(model=str(tmp_path / "sam_vit_h_4b8939.pth")).setup()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="sam_config.json"):
+        load_sam(tmp_path / "folder")
