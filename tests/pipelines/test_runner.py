@@ -293,3 +293,44 @@ def test_accepted_kwargs_follows_kwargs_up_the_mro():
     kw = ShardProcessor(classical_config()).stage_kwargs("mask_rules", MaskRules)
     assert kw == {"min_saliency_overlap": 0.1, "containment": 0.9, "min_area_frac": 0.01, "max_area_frac": 0.8,
                   "max_foregrounds": 3}
+
+
+@_register("inpaint", "test-slow-fill")
+class SlowFillInpaint(FillInpaint):
+    """FillInpaint that sleeps per batch, so a test can kill the process while the shard is being written."""
+
+    def __call__(self, batch):
+        import time
+
+        time.sleep(0.3)
+        return super().__call__(batch)
+
+
+def test_killed_process_leaves_no_visible_shard_and_rerun_completes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url = write_raw_shard(tmp_path / "00006.tar", raw_records(24, seed=6, shard=6))
+    out = tmp_path / "out"
+    script = (
+        "import sys; import tests.pipelines.test_runner as t; "
+        "from pipelines.runner import ShardProcessor; "
+        "cfg = t.classical_config(backends={'inpaint': 'test-slow-fill'}, chunk_size=2); "
+        "ShardProcessor(cfg).setup().process(sys.argv[1], sys.argv[2])"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-c", script, url, str(out)], cwd=repo)
+    tmp_tar = out / (shard_name(6) + ".tmp")
+    deadline = time.monotonic() + 60
+    while not (tmp_tar.exists() and tmp_tar.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / shard_name(6)).exists() and not (out / stats_name(6)).exists()
+    stats = ShardProcessor(classical_config()).setup().process(url, str(out))
+    assert not stats["skipped"] and stats["read"] == 24
+    assert validate_shard(str(out / shard_name(6))) == (stats["written"], {})
+    assert not tmp_tar.exists()
