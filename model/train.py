@@ -369,6 +369,7 @@ class Trainer:
         return self.out_dir
 
     def close(self) -> None:
+        self.batches = None  # finish the data stream's generators now, not at interpreter shutdown
         for f in (getattr(self, "_metrics", None), self._keys_file):
             if f is not None and not f.closed:
                 f.close()

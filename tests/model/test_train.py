@@ -16,9 +16,18 @@ from model.ema import EMA
 from model.losses import drop_prompts, layered_noise_loss, sample_timesteps
 from model.train import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
 
-from test_data import write_shards  # tests/model is on sys.path (rootdir-relative test modules)
+from tests.model.test_data import write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, torch's spinning OpenMP threads slow tiny steps ~20×."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
