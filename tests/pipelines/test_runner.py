@@ -271,6 +271,30 @@ def test_cli_builds_and_resumes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
 
 
+# -- the full tiny pipeline on synthetic scenes (E1's model-backed stages with random-weight presets) ---------
+def test_tiny_preset_on_synthetic_scenes(tmp_path, tiny_models):
+    """Random weights decide nothing, yet the tiny profile's thresholds make the synthetic scenes yield samples.
+
+    Models come through `mlcid.registry` from the session's tiny-model folder, as `--preset tiny` loads them.
+    """
+    from mlcid.synthetic import SceneConfig, write_shard
+
+    write_shard(tmp_path / "raw", tmp_path / "gt", 0, range(6), seed=0, config=SceneConfig(size=128))
+    url = str(tmp_path / "raw" / "00000.tar")
+    config = PipelineConfig.from_preset("tiny")
+    proc = ShardProcessor(config).setup()
+    stats = proc.process(url, str(tmp_path / "out"))
+    assert stats["read"] == 6 == stats["written"] + sum(stats["dropped"].values())
+    assert stats["written"] >= 1, stats["dropped"]
+    valid, bad = validate_shard(str(tmp_path / "out" / shard_name(0)))
+    assert valid == stats["written"] and not bad
+    sample = next(s for s in iter_shard_samples(str(tmp_path / "out" / shard_name(0))) if isinstance(s, MLCIDSample))
+    assert sample.pipeline["models"]["detect"] == str(tiny_models / "owlv2")
+    assert set(sample.pipeline["backends"]) == {"caption", "detect", "segment", "saliency", "mask_rules",
+                                                "object_caption", "cutout", "inpaint"}
+    assert {"caption", "detect", "segment", "object_caption", "inpaint"} <= set(stats["timings"])
+
+
 def test_accepted_kwargs_follows_kwargs_up_the_mro():
     from pipelines.runner import accepted_kwargs
 
