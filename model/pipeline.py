@@ -1,0 +1,511 @@
+"""LayerDiffPipeline: DDIM sampling of layered images with CFG + self-mask guidance (paper §4.1, §4.2, §5.2).
+
+    pipe = LayerDiffPipeline.from_pretrained("runs/layerdiff")            # a run folder written by model.train
+    out = pipe("a dog on the grass", ["the background", "a dog"], generator=torch.Generator().manual_seed(0))
+    out.composites[0].save("composite.png")
+
+Per step: one batched UNet call for the conditional and the negative-prompt branches (CFG, paper negatives),
+then — with self-guidance — one call on the degraded latents (it depends on the first call's output, so it
+cannot join it). The model predicts, the scheduler steps, `model.guidance` combines, this file loops.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.models.attention_processor import Attention
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from einops import rearrange
+from PIL import Image
+
+from mlcid.composite import composite as composite_eq4
+from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
+from model import guidance as G
+from model.loading import encode_prompts
+from model.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.unet", "LayerDiffUNet"]
+
+RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ALLOWED_LIBRARIES = {"unet": ("model.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
+                     "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
+OUTPUT_TYPES = ("pil", "np", "latent")
+SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latents"}  # mode → degrader method
+
+
+def paper_negatives(layer_prompts: list[str]) -> tuple[str, list[str]]:
+    """§5.2 negatives: global and background = the foreground prompts joined; each foreground = "the background"."""
+    joined = ", ".join(layer_prompts[1:])
+    return joined, [joined] + [BACKGROUND_PROMPT] * (len(layer_prompts) - 1)
+
+
+@dataclass
+class KeepLayers:
+    """Known clean latents whose predicted x0 replaces the model's (Appendix D): image latents of
+    `image_layers` at every step, mask latents of `mask_layers` during the first `mask_steps` steps
+    (None: every step)."""
+
+    latents: torch.Tensor  # (B, L, 8, h, w) clean latents (image ‖ mask)
+    image_layers: tuple[int, ...] = ()
+    mask_layers: tuple[int, ...] = ()
+    mask_steps: int | None = None
+
+    def where(self, step: int, latent_channels: int) -> torch.Tensor:
+        """(1, L, 8, 1, 1) bool: the channels whose x0 is replaced at loop step `step` (0-based)."""
+        L = self.latents.shape[1]
+        sel = torch.zeros(1, L, 2 * latent_channels, 1, 1, dtype=torch.bool, device=self.latents.device)
+        sel[:, list(self.image_layers), :latent_channels] = True
+        if self.mask_steps is None or step < self.mask_steps:
+            sel[:, list(self.mask_layers), latent_channels:] = True
+        return sel
+
+
+@dataclass
+class Intermediate:
+    """An x0 preview (Fig. 13): decoded layer images (B, L, H, W, 3) and one-hot masks (B, L, H, W), uint8."""
+
+    step: int
+    timestep: int
+    images: np.ndarray
+    masks: np.ndarray
+
+
+@dataclass
+class LayerDiffPipelineOutput(BaseOutput):
+    """Per sample b and layer l (0 = background): RGB image, binary mask (0/255, one-hot over layers), RGBA layer
+    (alpha = mask; background opaque) and the Eq. 4 composite. `output_type="pil"`: nested lists [b][l] of PIL
+    images; "np": uint8 arrays images (B, L, H, W, 3), masks (B, L, H, W), rgba_layers (B, L, H, W, 4),
+    composites (B, H, W, 3); "latent": only `latents`."""
+
+    latents: torch.Tensor  # (B, L, 8, h, w) final image ‖ mask latents
+    layer_images: Any = None
+    masks: Any = None
+    rgba_layers: Any = None
+    composites: Any = None
+    global_prompt: str = ""
+    layer_prompts: list[str] = field(default_factory=list)
+    intermediates: list[Intermediate] | None = None
+
+    def to_sample(self, index: int = 0, key: str = "sample") -> MLCIDSample:
+        """Sample `index` as an `MLCIDSample` (foreground alpha = its mask), e.g. for the applications."""
+        if self.layer_images is None:
+            raise ValueError("this output holds latents only (output_type='latent'); sample with 'pil' or 'np'")
+        images = [np.asarray(im)[..., :3] for im in self.layer_images[index]]
+        masks = [np.asarray(m) for m in self.masks[index]]
+        fgs = [np.concatenate([im, m[..., None]], axis=-1) for im, m in zip(images[1:], masks[1:])]
+        area = masks[0].size
+        layers = [LayerInfo(self.layer_prompts[0])] + [
+            LayerInfo(p, area_frac=float((m > 127).sum()) / area) for p, m in zip(self.layer_prompts[1:], masks[1:])]
+        return MLCIDSample(key=key, global_prompt=self.global_prompt, composite=np.asarray(self.composites[index]),
+                           background=images[0], foregrounds=fgs, masks=masks[1:], layers=layers)
+
+
+class _StoreAttentionProcessor:
+    """Self-attention processor that keeps its attention probabilities (for the SAG ablation), one list per
+    denoising step (one entry per UNet chunk)."""
+
+    def __init__(self) -> None:
+        self.probs: list[torch.Tensor] = []
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **_):
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (N·heads, Q, d)
+        key = attn.head_to_batch_dim(attn.to_k(hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(hidden_states))
+        probs = attn.get_attention_scores(query, key, None)  # (N·heads, Q, K)
+        self.probs.append(probs)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+@dataclass
+class _LoopState:
+    """Per-call state of the self-guidance: the last predicted masks, the SAG attention store."""
+
+    masks: torch.Tensor | None = None  # (B, L, 1, h, w) latent-resolution layer masks
+    store: _StoreAttentionProcessor | None = None
+    map_size: tuple[int, int] | None = None
+
+
+class LayerDiffPipeline(DiffusionPipeline):
+    """Text → layered image: background + foreground layers, each an RGB image and a mask (paper Fig. 2)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+        super().__init__()
+        if not isinstance(unet, LayerDiffUNet):
+            raise ValueError(f"LayerDiffPipeline needs a LayerDiffUNet, got {type(unet).__name__}")
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"LayerDiff predicts ε; scheduler prediction_type is {scheduler.config.prediction_type!r}")
+        self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def check_run_folder(cls, folder: str | Path) -> Path:
+        """Raise ValueError unless `folder` is a LayerDiff run/pipeline folder (model_index.json naming the
+        LayerDiff UNet and only diffusers/transformers parts, five subfolders)."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise ValueError(f"{path} is not a LayerDiff run: not a local folder (train one with `make train`)")
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise ValueError(f"{path} is not a LayerDiff run: model_index.json is missing")
+        try:
+            index = json.loads(index_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a LayerDiff run: model_index.json is unreadable ({err})") from err
+        unet_entry = index.get("unet")
+        if unet_entry != ["model.unet", "LayerDiffUNet"]:
+            raise ValueError(f"{path} is not a LayerDiff run: its unet is {unet_entry!r}, want "
+                             "['model.unet', 'LayerDiffUNet'] (a plain SD folder must be trained first)")
+        for name, libraries in ALLOWED_LIBRARIES.items():
+            entry = index.get(name)
+            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries):
+                raise ValueError(f"{path} is not a LayerDiff run: component {name!r} is {entry!r} "
+                                 f"(allowed libraries: {libraries})")
+        missing = [s for s in RUN_SUBFOLDERS if not (path / s).is_dir()]
+        if missing:
+            raise ValueError(f"{path} is not a LayerDiff run: missing {', '.join(m + '/' for m in missing)}")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "LayerDiffPipeline":
+        """Load a local run folder through diffusers (checked first; no remote code, no custom pipelines)."""
+        for forbidden in ("trust_remote_code", "custom_pipeline"):
+            if kwargs.get(forbidden):
+                raise ValueError(f"{forbidden} is not supported by LayerDiffPipeline")
+        path = cls.check_run_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(str(path), **kwargs)
+
+    @classmethod
+    def from_sd(cls, sd: str | Path, max_layers: int = 4, dtype: torch.dtype = torch.float32,
+                **unet_options: Any) -> "LayerDiffPipeline":
+        """An UNTRAINED LayerDiff initialised from an SD-1.x folder or hub id (Appendix A): for tests and demos
+        before a run exists. `save_pretrained(folder)` makes it a run folder that `from_pretrained` loads."""
+        from model.loading import load_sd_components
+
+        c = load_sd_components(sd, dtype, unet_in_channels=4)
+        unet = LayerDiffUNet.from_unet(c.unet, max_layers=max_layers, **unet_options)
+        return cls(unet=unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, scheduler=c.scheduler)
+
+    # ------------------------------------------------------------------ sizes and codecs
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.latent_channels)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.unet.unet.config.sample_size) * self.vae_scale_factor
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, L, 3, H, W) in [-1, 1] → latents (B, L, 4, h, w) = posterior mode × scaling (deterministic)."""
+        B = pixels.shape[0]
+        flat = rearrange(pixels, "b l c h w -> (b l) c h w").to(self._execution_device, self.vae.dtype)
+        z = self.vae.encode(flat).latent_dist.mode() * self.vae.config.scaling_factor  # (B·L, 4, h, w)
+        return rearrange(z, "(b l) c h w -> b l c h w", b=B)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """(B, L, 4, h, w) → pixels (B, L, 3, H, W) in [-1, 1], `chunk` images per VAE call."""
+        B = latents.shape[0]
+        flat = rearrange(latents, "b l c h w -> (b l) c h w").to(self.vae.dtype) / self.vae.config.scaling_factor
+        parts = [self.vae.decode(z).sample for z in flat.split(chunk or flat.shape[0])]
+        return rearrange(torch.cat(parts).clamp(-1, 1), "(b l) c h w -> b l c h w", b=B)
+
+    def prepare_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> torch.Tensor:
+        """Set the scheduler's steps; with strength < 1 keep the last `int(steps·strength)` (SDEdit)."""
+        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        keep = min(int(num_inference_steps * strength), num_inference_steps)
+        return self.scheduler.timesteps[num_inference_steps - keep:]
+
+    def alpha_bar(self, timestep: int | torch.Tensor) -> torch.Tensor:
+        """ᾱ_t on the execution device; a negative t (after the last DDIM step) gives the final ᾱ."""
+        t = int(timestep)
+        a = self.scheduler.alphas_cumprod[t] if t >= 0 else self.scheduler.final_alpha_cumprod
+        return a.to(self._execution_device, torch.float32)
+
+    def _prev_timestep(self, t: int) -> int:
+        return t - self.scheduler.config.num_train_timesteps // self.scheduler.num_inference_steps
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(self, global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
+                     smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
+                     latents, smg_mask_interval, max_batch) -> None:
+        """Raise ValueError naming the first bad argument (before any model runs)."""
+        if not isinstance(global_prompt, str):
+            raise ValueError(f"global_prompt must be a string, got {type(global_prompt).__name__}")
+        if not layer_prompts:
+            raise ValueError("no layer prompts: give the background prompt first, e.g. ['the background', 'a dog']")
+        if isinstance(layer_prompts, str) or not all(isinstance(p, str) for p in layer_prompts):
+            raise ValueError(f"layer_prompts must be a list of strings, got {layer_prompts!r:.200}")
+        L, max_layers = len(layer_prompts), int(self.unet.config.max_layers)
+        if L < 2:
+            raise ValueError(f"need a background and at least one foreground layer prompt, got {L} prompt(s)")
+        if L > max_layers:
+            raise ValueError(f"{L} layer prompts exceed this model's max_layers={max_layers}")
+        G.check_scale("guidance_scale", guidance_scale)
+        G.check_scale("smg_scale", smg_scale)
+        if guidance not in SELF_GUIDANCE:
+            raise ValueError(f"guidance must be one of {sorted(SELF_GUIDANCE)}, got {guidance!r}")
+        if smg_blur_side not in G.BLUR_SIDES:
+            raise ValueError(f"smg_blur_side must be one of {G.BLUR_SIDES}, got {smg_blur_side!r}")
+        G.gaussian_kernel1d(smg_kernel, smg_sigma)  # raises on a bad kernel/sigma
+        for name, value in (("num_inference_steps", num_inference_steps), ("num_images", num_images),
+                            ("smg_mask_interval", smg_mask_interval),
+                            ("max_batch", 1 if max_batch is None else max_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor}, got {value!r}")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(f"strength {strength} leaves no denoising step out of {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        shape = (num_images, L, 2 * self.latent_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape} (B, L, image ‖ mask channels, h, w), "
+                             f"got {tuple(latents.shape)}")
+
+    @torch.no_grad()
+    def encode_text(self, global_prompts: list[str], layer_prompts: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each prompt separately (identical prompts once) → global (N, 77, D), layer (N, L, 77, D)."""
+        N, L = len(layer_prompts), len(layer_prompts[0])
+        flat = list(global_prompts) + [p for ps in layer_prompts for p in ps]
+        unique = sorted(set(flat))
+        emb = encode_prompts(self.tokenizer, self.text_encoder, unique).to(self._execution_device, self.unet.dtype)
+        index = torch.tensor([unique.index(p) for p in flat], device=emb.device)
+        all_emb = emb[index]  # (N + N·L, 77, D)
+        return all_emb[:N], rearrange(all_emb[N:], "(n l) t d -> n l t d", n=N, l=L)
+
+    # ------------------------------------------------------------------ model calls
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, global_text: torch.Tensor, layer_text: torch.Tensor,
+                 max_batch: int | None) -> torch.Tensor:
+        """UNet ε for x (N, L, 8, h, w) at timestep t, in chunks of `max_batch` samples → (N, L, 8, h, w)."""
+        n = x.shape[0]
+        step = max_batch or n
+        outs = [self.unet(x[i:i + step].to(self.unet.dtype), t, global_text[i:i + step], layer_text[i:i + step]).sample
+                for i in range(0, n, step)]
+        return torch.cat(outs).float()
+
+    def _predicted_masks(self, mask_latents: torch.Tensor, mask_eps: torch.Tensor, alpha: torch.Tensor,
+                         chunk: int | None) -> torch.Tensor:
+        """§4.2: mask x̂_0 (Eq. 3) → VAE decode → channel mean → arg-max over layers → (B, L, 1, h, w) latent-size
+        masks (area fractions of the one-hot pixel masks)."""
+        x0 = G.predict_x0(mask_latents, mask_eps, alpha)  # (B, L, 4, h, w)
+        pixels = self.decode_latents(x0, chunk)  # (B, L, 3, H, W)
+        return G.resize_masks(G.layer_masks_from_x0(pixels), tuple(mask_latents.shape[-2:])).float()
+
+    def _smg_latents(self, x, eps, base_eps, alpha, step, state, opts) -> torch.Tensor:
+        """Self-mask guidance input: image latents blurred on one side of each layer's predicted mask."""
+        c = self.latent_channels
+        if state.masks is None or step % opts["smg_mask_interval"] == 0:
+            state.masks = self._predicted_masks(x[:, :, c:], eps[:, :, c:], alpha, opts["vae_chunk"])
+        degraded = G.smg_degrade(x[:, :, :c], base_eps[:, :, :c], alpha, state.masks, opts["smg_kernel"],
+                                 opts["smg_sigma"], opts["smg_blur_side"])
+        return torch.cat([degraded, x[:, :, c:]], dim=2)  # (B, L, 8, h, w)
+
+    def _sag_latents(self, x, eps, base_eps, alpha, step, state, opts) -> torch.Tensor:
+        """SAG ablation input: image latents blurred where the mid-block self-attention of the base branch is set."""
+        c, B, L = self.latent_channels, x.shape[0], x.shape[1]
+        probs = torch.cat(state.store.probs)  # (N·L·heads, Q, K) for the whole first call
+        heads = self._sag_attention().heads
+        per_sample = probs.shape[0] // (opts["branches"] * B)
+        base = probs[(opts["branches"] - 1) * B * per_sample:]  # base branch = last B samples of the call
+        masks = G.sag_attention_mask(base, heads, state.map_size, tuple(x.shape[-2:]))  # (B·L, 1, h, w)
+        masks = rearrange(masks, "(b l) c h w -> b l c h w", b=B, l=L)
+        degraded = G.sag_degrade(x[:, :, :c], base_eps[:, :, :c], alpha, masks)
+        return torch.cat([degraded, x[:, :, c:]], dim=2)
+
+    def _sag_attention(self) -> Attention:
+        """The first self-attention of the UNet's middle block (where SAG reads its map)."""
+        for name, module in self.unet.unet.mid_block.named_modules():
+            if name.endswith("attn1") and isinstance(module, Attention):
+                return module
+        raise ValueError("guidance 'cfg+sag' needs a UNet middle block with self-attention")
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        global_prompt: str,
+        layer_prompts: list[str],
+        num_inference_steps: int = 50,
+        guidance_scale: float = 3.0,
+        smg_scale: float = 3.0,
+        guidance: str = "cfg+smg",
+        smg_blur_side: str = "inside",
+        smg_kernel: int = G.SMG_KERNEL,
+        smg_sigma: float = G.SMG_SIGMA,
+        smg_mask_interval: int = 1,
+        negative_prompt: str | None = None,
+        negative_layer_prompts: list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        strength: float = 1.0,
+        keep: KeepLayers | None = None,
+        eta: float = 0.0,
+        max_batch: int | None = None,
+        output_type: str = "pil",
+        return_intermediates: bool = False,
+        intermediate_every: int = 5,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        return_dict: bool = True,
+    ) -> LayerDiffPipelineOutput | tuple:
+        """Sample `num_images` layered images.
+
+        layer_prompts[0] is the background ("the background"), then foregrounds back→front. Guidance: CFG with
+        the paper's negatives (override with `negative_prompt` / `negative_layer_prompts`), plus self-mask
+        guidance ("cfg+smg", blur `smg_blur_side` of each layer's predicted mask; masks re-decoded every
+        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`. `latents` (B, L, 8, h, w) are
+        the start at the first kept timestep (`strength` < 1: SDEdit); `keep` pins known layers' x0
+        (applications). `max_batch` caps samples per UNet call. `callback_on_step_end(pipe, step, t,
+        {"latents": …})` may return {"latents": …} to replace them.
+        """
+        # 1. Check inputs (nothing has run yet).
+        height = height or self.default_size
+        width = width or self.default_size
+        self.check_inputs(global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
+                          smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
+                          latents, smg_mask_interval, max_batch)
+        neg_global, neg_layers = paper_negatives(list(layer_prompts))
+        neg_global = neg_global if negative_prompt is None else negative_prompt
+        neg_layers = neg_layers if negative_layer_prompts is None else list(negative_layer_prompts)
+        if len(neg_layers) != len(layer_prompts):
+            raise ValueError(f"{len(neg_layers)} negative layer prompts for {len(layer_prompts)} layers")
+        B, L, c = num_images, len(layer_prompts), self.latent_channels
+        device = self._execution_device
+
+        # 2. Text: conditional first, then the negatives (the CFG base branch); skipped when CFG is off.
+        do_cfg = guidance_scale != 1.0
+        g_text, l_text = self.encode_text([global_prompt] * B + [neg_global] * B * do_cfg,
+                                          [list(layer_prompts)] * B + [neg_layers] * B * do_cfg)
+        base_g, base_l = g_text[-B:], l_text[-B:]  # unconditional under CFG, else conditional
+
+        # 3. Timesteps and initial latents (B, L, 8, h, w).
+        timesteps = self.prepare_timesteps(num_inference_steps, strength)
+        shape = (B, L, 2 * c, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+            latents = latents * self.scheduler.init_noise_sigma
+        latents = latents.to(device, torch.float32)
+
+        # 4. Self-guidance setup.
+        self_guided = SELF_GUIDANCE[guidance] is not None and smg_scale > 0
+        degrade = getattr(self, SELF_GUIDANCE[guidance]) if self_guided else None
+        state = _LoopState()
+        opts = dict(smg_kernel=smg_kernel, smg_sigma=smg_sigma, smg_blur_side=smg_blur_side,
+                    smg_mask_interval=smg_mask_interval, vae_chunk=(max_batch * L if max_batch else None),
+                    branches=1 + do_cfg)
+        original_processor = None
+        if self_guided and guidance == "cfg+sag":
+            attn = self._sag_attention()
+            original_processor, state.store = attn.processor, _StoreAttentionProcessor()
+            state.map_size = self._mid_map_size(shape)
+            attn.set_processor(state.store)
+
+        # 5. Denoising loop.
+        intermediates: list[Intermediate] = []
+        extra = {"eta": eta, "generator": generator} if eta > 0 else {}
+        try:
+            with self.progress_bar(total=len(timesteps)) as progress:
+                for i, t in enumerate(timesteps):
+                    alpha = self.alpha_bar(t)
+                    # 5a. conditional + negative branches in one batched call
+                    if state.store is not None:
+                        state.store.probs.clear()  # keep only this call's attention maps
+                    x_in = torch.cat([latents] * (1 + do_cfg))  # ((1+cfg)·B, L, 8, h, w)
+                    eps_all = self._predict(x_in, t, g_text, l_text, max_batch)
+                    eps_cond, base_eps = eps_all[:B], eps_all[-B:]
+                    eps = G.cfg(base_eps, eps_cond, guidance_scale) if do_cfg else eps_cond
+                    # 5b. self-guidance: degraded latents through the base branch, pushed away from
+                    if degrade is not None:
+                        x_deg = degrade(latents, eps, base_eps, alpha, i, state, opts)
+                        eps_deg = self._predict(x_deg, t, base_g, base_l, max_batch)
+                        eps = torch.cat([G.smg_combine(eps[:, :, :c], base_eps[:, :, :c], eps_deg[:, :, :c],
+                                                       smg_scale), eps[:, :, c:]], dim=2)
+                    # 5c. the scheduler steps; known layers get their x0 back (Song et al. Eq. 12)
+                    out = self.scheduler.step(eps, t, latents, **extra)
+                    latents = out.prev_sample
+                    if keep is not None:
+                        where = keep.where(i, c).to(device)
+                        x0_new = keep.latents.to(device, torch.float32)
+                        latents = G.replace_x0(latents, out.pred_original_sample, x0_new,
+                                               self.alpha_bar(self._prev_timestep(int(t))), where)
+                        if i == len(timesteps) - 1:  # the output is the replaced x0 itself: exactly the original
+                            latents = torch.where(where, x0_new, latents)
+                    if return_intermediates and (i % intermediate_every == 0 or i == len(timesteps) - 1):
+                        intermediates.append(self._preview(i, int(t), out.pred_original_sample, max_batch))
+                    if callback_on_step_end is not None:
+                        result = callback_on_step_end(self, i, int(t), {"latents": latents}) or {}
+                        latents = result.get("latents", latents)
+                    progress.update()
+        finally:
+            if original_processor is not None:
+                self._sag_attention().set_processor(original_processor)
+
+        # 6. Decode layer images and masks; composite (Eq. 4).
+        self.maybe_free_model_hooks()
+        result = self._outputs(latents, output_type, max_batch)
+        output = LayerDiffPipelineOutput(latents=latents, global_prompt=global_prompt,
+                                         layer_prompts=list(layer_prompts),
+                                         intermediates=intermediates if return_intermediates else None, **result)
+        return output if return_dict else (output.layer_images, output.masks, output.composites, output.latents)
+
+    def _mid_map_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """Spatial size of the UNet's middle block for latents of `shape` (each downsampler halves, rounding up)."""
+        h, w = shape[-2:]
+        for _ in range(self.unet.unet.num_upsamplers):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        return h, w
+
+    def _decode_uint8(self, latents: torch.Tensor, max_batch: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, L, 8, h, w) → images (B, L, H, W, 3) uint8 and one-hot masks (B, L, H, W) 0/255 uint8."""
+        c, L = self.latent_channels, latents.shape[1]
+        chunk = max_batch * L if max_batch else None
+        images = self.decode_latents(latents[:, :, :c], chunk)  # (B, L, 3, H, W) in [-1, 1]
+        masks = G.layer_masks_from_x0(self.decode_latents(latents[:, :, c:], chunk))  # (B, L, 1, H, W)
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        images = rearrange(images, "b l c h w -> b l h w c").cpu().numpy()
+        return images, (masks[:, :, 0] * 255).to(torch.uint8).cpu().numpy()
+
+    def _preview(self, step: int, timestep: int, x0: torch.Tensor, max_batch: int | None) -> Intermediate:
+        images, masks = self._decode_uint8(x0, max_batch)
+        return Intermediate(step=step, timestep=timestep, images=images, masks=masks)
+
+    def _outputs(self, latents: torch.Tensor, output_type: str, max_batch: int | None) -> dict[str, Any]:
+        """Decoded images, masks, RGBA layers and composites in the requested form."""
+        if output_type == "latent":
+            return {}
+        images, masks = self._decode_uint8(latents, max_batch)  # (B, L, H, W, 3), (B, L, H, W)
+        B, L = images.shape[:2]
+        alpha = masks.copy()
+        alpha[:, 0] = 255  # the background layer is opaque
+        rgba = np.concatenate([images, alpha[..., None]], axis=-1)  # (B, L, H, W, 4)
+        composites = np.stack([composite_eq4(images[b, 0], list(images[b, 1:]), list(masks[b, 1:]))
+                               for b in range(B)])  # (B, H, W, 3)
+        if output_type == "np":
+            return dict(layer_images=images, masks=masks, rgba_layers=rgba, composites=composites)
+        return dict(
+            layer_images=[[Image.fromarray(images[b, l]) for l in range(L)] for b in range(B)],
+            masks=[[Image.fromarray(masks[b, l], mode="L") for l in range(L)] for b in range(B)],
+            rgba_layers=[[Image.fromarray(rgba[b, l], mode="RGBA") for l in range(L)] for b in range(B)],
+            composites=[Image.fromarray(composites[b]) for b in range(B)],
+        )

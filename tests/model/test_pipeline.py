@@ -1,0 +1,268 @@
+"""LayerDiffPipeline: run-folder loading, outputs (one-hot masks, Eq. 4 composite, RGBA), paper negatives,
+batched UNet calls, CFG / SMG / SAG, intermediates, callbacks and bad input refused before any UNet call."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from mlcid.composite import composite as composite_eq4
+from model import guidance as G
+from model.loading import encode_prompts
+from model.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
+from model.tiny import build_tiny_models
+
+PROMPTS = ["the background", "a red ball", "a dog"]
+SIZE = 32  # px → 4×4 latents
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine's 2 cores are shared with other jobs: one torch thread keeps these tests fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_run(root, max_layers: int = 4):
+    """A LayerDiff run folder from the tiny SD preset, every new module randomised (so all paths are live)."""
+    build_tiny_models(root / "tiny", only=("sd15",))
+    pipe = LayerDiffPipeline.from_sd(root / "tiny" / "sd15", max_layers=max_layers)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.new_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pipe.save_pretrained(root / "run")
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("layerdiff"))
+
+
+@pytest.fixture(scope="module")
+def pipe(run_dir):
+    p = LayerDiffPipeline.from_pretrained(run_dir)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+class UNetSpy:
+    """Records (batch size, global_text, layer_text) of every UNet forward."""
+
+    def __init__(self, pipe):
+        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.handle = pipe.unet.register_forward_pre_hook(self._record)
+
+    def _record(self, _module, args):
+        self.calls.append((args[0].shape[0], args[2].detach().clone(), args[3].detach().clone()))
+
+    def close(self):
+        self.handle.remove()
+
+
+def sample(pipe, **kw):
+    args = dict(global_prompt="a dog with a red ball", layer_prompts=PROMPTS, num_inference_steps=2,
+                height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0), output_type="np")
+    args.update(kw)
+    return pipe(**args)
+
+
+def test_run_folder_round_trip(run_dir, pipe):
+    index = json.loads((run_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "LayerDiffPipeline" and index["unet"] == ["model.unet", "LayerDiffUNet"]
+    assert type(pipe.unet).__name__ == "LayerDiffUNet" and pipe.unet.config.max_layers == 4
+    assert pipe.default_size == 256 and pipe.vae_scale_factor == 8
+
+
+def test_outputs_are_consistent_layers(pipe):
+    out = sample(pipe)
+    B, L = 1, len(PROMPTS)
+    assert out.layer_images.shape == (B, L, SIZE, SIZE, 3) and out.layer_images.dtype == np.uint8
+    assert out.latents.shape == (B, L, 8, SIZE // 8, SIZE // 8)
+    # one-hot binary masks across layers (background included)
+    assert set(np.unique(out.masks)) <= {0, 255}
+    assert (out.masks.astype(int).sum(axis=1) == 255).all()
+    # the masks are the arg-max of the channel-averaged decoded mask latents
+    decoded = pipe.decode_latents(out.latents[:, :, 4:])
+    assert np.array_equal(out.masks[0].argmax(axis=0), decoded.mean(dim=2)[0].argmax(dim=0).numpy())
+    # Eq. 4 composite and RGBA layers
+    expected = composite_eq4(out.layer_images[0, 0], list(out.layer_images[0, 1:]), list(out.masks[0, 1:]))
+    assert np.array_equal(out.composites[0], expected)
+    assert (out.rgba_layers[0, 0, ..., 3] == 255).all()
+    assert np.array_equal(out.rgba_layers[0, 1:, ..., 3], out.masks[0, 1:])
+    sample_ = out.to_sample(0)
+    assert sample_.num_layers == L and sample_.layer_prompts == PROMPTS
+    # same seed → same result; pil output carries the same pixels
+    pil = sample(pipe, output_type="pil")
+    assert np.array_equal(np.asarray(pil.composites[0]), out.composites[0])
+    assert np.array_equal(np.asarray(pil.masks[0][2]), out.masks[0, 2])
+    latent_only = sample(pipe, output_type="latent")
+    assert torch.equal(latent_only.latents, out.latents) and latent_only.layer_images is None
+
+
+def test_paper_negatives_reach_the_unet(pipe):
+    neg_global, neg_layers = paper_negatives(PROMPTS)
+    assert neg_global == "a red ball, a dog"
+    assert neg_layers == ["a red ball, a dog", "the background", "the background"]
+    spy = UNetSpy(pipe)
+    try:
+        sample(pipe, guidance="cfg", num_inference_steps=1)
+    finally:
+        spy.close()
+    (batch, g_text, l_text), = spy.calls
+    assert batch == 2  # conditional + negative branch in ONE call
+    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a dog with a red ball", neg_global] + PROMPTS + neg_layers)
+    assert torch.allclose(g_text[0], enc[0], atol=1e-5) and torch.allclose(g_text[1], enc[1], atol=1e-5)
+    assert torch.allclose(l_text[0], enc[2:5], atol=1e-5) and torch.allclose(l_text[1], enc[5:8], atol=1e-5)
+
+
+@pytest.mark.parametrize(("guidance", "max_batch", "num_images", "sizes"), [
+    ("cfg", None, 1, [2]),
+    ("cfg+smg", None, 1, [2, 1]),
+    ("cfg+smg", None, 2, [4, 2]),
+    ("cfg+smg", 1, 2, [1, 1, 1, 1, 1, 1]),
+    ("cfg+sag", None, 1, [2, 1]),
+])
+def test_unet_calls_are_batched(pipe, guidance, max_batch, num_images, sizes):
+    spy = UNetSpy(pipe)
+    try:
+        out = sample(pipe, guidance=guidance, max_batch=max_batch, num_images=num_images, num_inference_steps=2)
+    finally:
+        spy.close()
+    assert [c[0] for c in spy.calls] == sizes * 2  # per step; 2 steps
+    assert out.layer_images.shape[0] == num_images
+
+
+def test_max_batch_does_not_change_the_result(pipe):
+    a = sample(pipe, num_images=2, output_type="latent")
+    b = sample(pipe, num_images=2, max_batch=1, output_type="latent")
+    assert torch.allclose(a.latents, b.latents, atol=1e-4)
+
+
+def test_self_guidance_identities_and_effects(pipe):
+    cfg = sample(pipe, guidance="cfg", output_type="latent").latents
+    assert torch.equal(sample(pipe, guidance="cfg+smg", smg_scale=0.0, output_type="latent").latents, cfg)
+    smg = sample(pipe, guidance="cfg+smg", output_type="latent").latents
+    outside = sample(pipe, guidance="cfg+smg", smg_blur_side="outside", output_type="latent").latents
+    sag = sample(pipe, guidance="cfg+sag", output_type="latent").latents
+    assert not torch.allclose(smg, cfg, atol=1e-4)
+    assert not torch.allclose(smg, outside, atol=1e-4)
+    assert not torch.allclose(sag, cfg, atol=1e-4)
+    # SMG only pushes the image noise: mask latents of step 1 see the same ε
+    one = sample(pipe, guidance="cfg", num_inference_steps=1, output_type="latent").latents
+    one_smg = sample(pipe, guidance="cfg+smg", num_inference_steps=1, output_type="latent").latents
+    assert torch.equal(one[:, :, 4:], one_smg[:, :, 4:]) and not torch.allclose(one[:, :, :4], one_smg[:, :, :4])
+    # SAG leaves the UNet's attention processors as they were
+    assert type(pipe._sag_attention().processor).__name__ != "_StoreAttentionProcessor"
+
+
+def test_smg_with_empty_masks_inside_changes_nothing(pipe, monkeypatch):
+    """Blurring INSIDE an all-zero mask conceals nothing: the degraded pass equals the base branch."""
+    cfg = sample(pipe, guidance="cfg", output_type="latent").latents
+    monkeypatch.setattr(pipe, "_predicted_masks",
+                        lambda mask_latents, *a: torch.zeros_like(mask_latents[:, :, :1]))
+    empty = sample(pipe, guidance="cfg+smg", smg_scale=3.0, output_type="latent").latents
+    assert torch.allclose(empty, cfg, atol=1e-4)
+
+
+def test_smg_masks_come_from_decoded_mask_x0(pipe, monkeypatch):
+    seen = []
+    real = pipe._predicted_masks
+
+    def spy(mask_latents, mask_eps, alpha, chunk):
+        masks = real(mask_latents, mask_eps, alpha, chunk)
+        x0 = G.predict_x0(mask_latents, mask_eps, alpha)
+        expected = G.layer_masks_from_x0(pipe.decode_latents(x0))  # (B, L, 1, H, W) one-hot
+        assert torch.allclose(masks, G.resize_masks(expected, (SIZE // 8, SIZE // 8)))
+        assert torch.allclose(masks.sum(dim=1), torch.ones_like(masks[:, 0]))
+        seen.append(masks)
+        return masks
+
+    monkeypatch.setattr(pipe, "_predicted_masks", spy)
+    sample(pipe, num_inference_steps=4)
+    assert len(seen) == 4
+    seen.clear()
+    sample(pipe, num_inference_steps=4, smg_mask_interval=2)
+    assert len(seen) == 2
+
+
+def test_intermediates_and_callback(pipe):
+    steps_seen = []
+
+    def callback(p, step, t, kwargs):
+        steps_seen.append((step, t))
+        return {"latents": kwargs["latents"] * 0 if step == 2 else kwargs["latents"]}
+
+    out = sample(pipe, num_inference_steps=3, return_intermediates=True, intermediate_every=2,
+                 callback_on_step_end=callback, output_type="latent")
+    assert [s for s, _ in steps_seen] == [0, 1, 2] and steps_seen[0][1] > steps_seen[-1][1]
+    assert torch.equal(out.latents, torch.zeros_like(out.latents))
+    assert [x.step for x in out.intermediates] == [0, 2]
+    assert out.intermediates[0].images.shape == (1, 3, SIZE, SIZE, 3)
+    assert (out.intermediates[0].masks.astype(int).sum(axis=1) == 255).all()
+
+
+def test_keep_layers_hold_image_latents_exactly(pipe):
+    known = torch.randn(1, 3, 8, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(5))
+    keep = KeepLayers(latents=known, image_layers=(0, 2), mask_layers=(0,), mask_steps=1)
+    out = sample(pipe, keep=keep, num_inference_steps=3, output_type="latent")
+    assert torch.equal(out.latents[:, [0, 2], :4], known[:, [0, 2], :4])
+    assert not torch.allclose(out.latents[:, 1, :4], known[:, 1, :4])
+    assert not torch.allclose(out.latents[:, 0, 4:], known[:, 0, 4:])  # masks freed after k = 1 step
+
+
+BAD_INPUTS = [
+    (dict(layer_prompts=[]), "no layer prompts"),
+    (dict(layer_prompts=["the background"]), "at least one foreground"),
+    (dict(layer_prompts=["the background"] + ["x"] * 4), "max_layers=4"),
+    (dict(layer_prompts="the background|a dog"), "list of strings"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(smg_scale=float("nan")), "smg_scale"),
+    (dict(guidance="cfg+xyz"), "guidance must be one of"),
+    (dict(smg_blur_side="left"), "smg_blur_side"),
+    (dict(smg_kernel=4), "odd"),
+    (dict(height=30), "multiple of 8"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(strength=0.0), "strength"),
+    (dict(max_batch=0), "max_batch"),
+    (dict(latents=torch.zeros(1, 2, 8, 4, 4)), "latents must have shape"),
+    (dict(output_type="jpg"), "output_type"),
+    (dict(negative_layer_prompts=["x"]), "negative layer prompts"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_INPUTS)
+def test_bad_input_refused_before_any_unet_call(pipe, kwargs, message):
+    spy = UNetSpy(pipe)
+    try:
+        with pytest.raises(ValueError, match=message):
+            sample(pipe, **kwargs)
+    finally:
+        spy.close()
+    assert spy.calls == []
+
+
+def test_not_a_layerdiff_run(tmp_path, run_dir):
+    with pytest.raises(ValueError, match="not a local folder"):
+        LayerDiffPipeline.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="model_index.json is missing"):
+        LayerDiffPipeline.from_pretrained(tmp_path)
+    sd = run_dir.parent / "tiny" / "sd15"  # a plain SD folder
+    with pytest.raises(ValueError, match="UNet2DConditionModel"):
+        LayerDiffPipeline.from_pretrained(sd)
+    evil = tmp_path / "evil"
+    shutil.copytree(run_dir, evil)
+    index = json.loads((evil / "model_index.json").read_text())
+    index["vae"] = ["os", "system"]
+    (evil / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="component 'vae'"):
+        LayerDiffPipeline.from_pretrained(evil)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        LayerDiffPipeline.from_pretrained(run_dir, trust_remote_code=True)
