@@ -21,8 +21,6 @@ Both set `item.saliency`, (H, W) bool. A flat map (constant image) gives an all-
 
 from __future__ import annotations
 
-from typing import Any
-
 import cv2
 import numpy as np
 
@@ -103,17 +101,6 @@ class ClassicalSaliency:
 
 
 # -- learned: depth ------------------------------------------------------------------------------------------
-def _resolve_device(device: str, dtype: str) -> tuple[Any, Any]:
-    import torch
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    if dtype == "auto":
-        dt = torch.float16 if dev.type == "cuda" else torch.float32
-    else:
-        dt = getattr(torch, dtype)
-    return dev, dt
-
-
 @register_stage("saliency", "depth")
 class DepthSaliency:
     """Learned saliency: near region (Otsu over inverse depth) of `AutoModelForDepthEstimation`."""
@@ -137,9 +124,12 @@ class DepthSaliency:
     def setup(self) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        self.device, self.dtype = _resolve_device(self.device_name, self.dtype_name)
+        from pipelines.segment import check_model_location, device_and_dtype  # shared torch helpers
+
+        check_model_location(self.model_id, "depth-saliency")
+        self.device, self.dtype = device_and_dtype(self.device_name, self.dtype_name)
         self.processor = AutoImageProcessor.from_pretrained(self.model_id)
-        self.model = AutoModelForDepthEstimation.from_pretrained(self.model_id, torch_dtype=self.dtype)
+        self.model = AutoModelForDepthEstimation.from_pretrained(self.model_id, dtype=self.dtype)
         self.model.to(self.device).eval()
 
     def inverse_depth(self, images: list[np.ndarray]) -> list[np.ndarray]:

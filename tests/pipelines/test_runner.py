@@ -358,3 +358,26 @@ def test_killed_process_leaves_no_visible_shard_and_rerun_completes(tmp_path):
     assert not stats["skipped"] and stats["read"] == 24
     assert validate_shard(str(out / shard_name(6))) == (stats["written"], {})
     assert not tmp_tar.exists()
+
+
+def test_config_presets_and_overrides():
+    real, tiny = PipelineConfig.from_preset("real"), PipelineConfig.from_preset("tiny")
+    assert real.backends["saliency"] == "depth" and tiny.backends["saliency"] == "classical"
+    assert real.stage_options["detect"]["score_threshold"] == 0.1  # Appendix B
+    assert tiny.stage_options["detect"]["score_threshold"] == 0.0  # random weights: keep the top-k
+    assert (real.min_saliency_overlap, real.min_area_frac, real.max_area_frac, real.max_foregrounds) == (0.1, 0.01, 0.8, 3)
+    # Dict overrides merge one level deep; other keys of the preset stay.
+    cfg = PipelineConfig.from_preset("tiny", stage_options={"detect": {"max_detections": 2}}, max_side=64)
+    assert cfg.stage_options["detect"] == {"score_threshold": 0.0, "max_detections": 2}
+    assert cfg.stage_options["segment"] == {"clip_to_box": True} and cfg.max_side == 64
+    assert cfg.validation().max_layers == 4
+    with pytest.raises(TypeError, match="unknown PipelineConfig fields"):
+        PipelineConfig.from_preset("tiny", max_sidez=3)
+    with pytest.raises(ValueError, match="needs a backend"):
+        PipelineConfig.from_preset("tiny", backends={"inpaint": None})
+    with pytest.raises(ValueError, match="unknown stage kinds"):
+        PipelineConfig.from_preset("tiny", backends={"upscale": "x"})
+    with pytest.raises(ValueError, match="multiple of 8|% 8"):
+        PipelineConfig.from_preset("tiny", max_side=100)
+    with pytest.raises(ValueError, match="unknown pipeline preset"):
+        PipelineConfig.from_preset("huge")

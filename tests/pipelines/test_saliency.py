@@ -67,29 +67,10 @@ def test_classical_stage_sets_saliency_on_alive_items_only():
     assert a.saliency is not None and a.saliency.shape == (96, 128) and b.saliency is None
 
 
-@pytest.fixture(scope="module")
-def tiny_depth(tmp_path_factory):
-    """A tiny Depth Anything (random weights) saved with save_pretrained, like the registry's tiny preset."""
-    import torch
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config, DPTImageProcessor
-
-    out = tmp_path_factory.mktemp("depth-saliency")
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                            image_size=56, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
-                            reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone.to_dict(), reassemble_hidden_size=32, patch_size=14,
-                                 neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_hidden_size=8)
-    torch.manual_seed(0)
-    DepthAnythingForDepthEstimation(config).eval().save_pretrained(out)
-    DPTImageProcessor(size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                      do_pad=False).save_pretrained(out)
-    return str(out)
-
-
-def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_depth):
-    stage = build_stage("saliency", "depth", preset="tiny", model_overrides={"depth-saliency": tiny_depth},
-                        device="cpu", dtype="float32", batch_size=2)
-    assert stage.model_id == tiny_depth
+def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_models):
+    """The tiny `depth-saliency` preset (random Depth Anything) loads through the registry and batches exactly."""
+    stage = build_stage("saliency", "depth", preset="tiny", device="cpu", dtype="float32", batch_size=2)
+    assert stage.model_id == str(tiny_models / "depth-saliency")
     stage.setup()
     items = [Item(f"k{i}", scene((20 + 5 * i, 20, 60, 60), size=s, seed=i))
              for i, s in enumerate([(96, 128), (64, 64), (96, 128), (96, 128)])]
@@ -106,5 +87,5 @@ def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_depth):
 def test_depth_stage_missing_model_is_clear(tmp_path):
     stage = build_stage("saliency", "depth", model_overrides={"depth-saliency": str(tmp_path / "nope")},
                         device="cpu")
-    with pytest.raises((OSError, ValueError)):
+    with pytest.raises(FileNotFoundError, match="make tiny-models"):
         stage.setup()
