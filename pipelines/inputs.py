@@ -87,6 +87,19 @@ class ReadStats:
     truncated: bool = False
 
 
+class _TailRecorder:
+    """Stream wrapper remembering the last bytes read: a complete plain tar ends in zero blocks."""
+
+    def __init__(self, raw, keep: int = 1024) -> None:
+        self.raw, self.keep, self.tail = raw, keep, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if data:
+            self.tail = (self.tail + data)[-self.keep :]
+        return data
+
+
 def _safe_key(key: str) -> str:
     """MLCID keys hold no '.' or '/': 'dir/000012' → 'dir_000012'."""
     return key.replace("/", "_").replace(".", "_")
@@ -98,7 +111,8 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
 
     Raises `SampleError(UNREADABLE_SHARD)` if the tar cannot be opened or read at all (the caller decides
     whether to retry the shard). A tar that breaks later ends the stream: complete keys are still yielded,
-    the key whose member was cut becomes a `Drop(truncated_shard)` and `stats.truncated` is set.
+    the key whose member was cut becomes a `Drop(truncated_shard)` and `stats.truncated` is set. A plain
+    `.tar` cut exactly between members (no end-of-archive block) keeps every key and sets `stats.truncated`.
     """
     stats = stats if stats is not None else ReadStats()
     pending: OrderedDict[str, dict[str, bytes]] = OrderedDict()  # key → members, oldest first
@@ -110,8 +124,10 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
     except (OSError, ValueError) as e:
         raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}") from e
     members_read, reading = 0, None
+    plain = url.endswith(".tar")
+    tail = _TailRecorder(stream)
     try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with stream, tarfile.open(fileobj=tail, mode="r|" if plain else "r|*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -140,6 +156,10 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
                     emitted.add(old)
                     stats.keys += 1
                     yield RawRecord(old, pending.pop(old))
+        if plain and members_read and tail.tail[-512:] != bytes(512):
+            # Cut exactly between members: no member is broken, so every key is kept; the shard is flagged.
+            stats.truncated = True
+            log.warning("%s: no end-of-archive block (cut between members); keeping every key read", url)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         if members_read == 0 and reading is None:
             raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {type(e).__name__}: {e}") from e

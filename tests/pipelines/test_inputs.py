@@ -213,3 +213,15 @@ def test_bad_inputs_never_stop_the_shard(tmp_path):
     assert stats["dropped"]["missing_image"] == 1
     assert stats["written"] >= 2 and stats["read"] == stats["written"] + sum(stats["dropped"].values())
     assert validate_shard(str(tmp_path / "out" / shard_name(9))) == (stats["written"], {})
+
+
+def test_tar_cut_between_members_is_flagged(tmp_path):
+    img = encode(Image.fromarray(rgb_array()), "JPEG")
+    path = tmp_path / "00006.tar"
+    write_tar(path, [("a.jpg", img), ("b.jpg", img)])
+    data = path.read_bytes()
+    complete = ReadStats()
+    assert [r.key for r in iter_raw_records(str(path), stats=complete)] == ["a", "b"] and not complete.truncated
+    path.write_bytes(data[: data.index(b"b.jpg")])  # exactly at b's header: a 512-byte boundary
+    cut = ReadStats()
+    assert [r.key for r in iter_raw_records(str(path), stats=cut)] == ["a"] and cut.truncated
