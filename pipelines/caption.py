@@ -68,10 +68,13 @@ class InstructBlipCaptioner:
         if self.model is not None:
             return
         check_model_location(self.model_id, "InstructBLIP")
-        self.processor = InstructBlipProcessor.from_pretrained(self.model_id)
-        self.model = InstructBlipForConditionalGeneration.from_pretrained(self.model_id, dtype=self.dtype)
-        self.model.to(self.device).eval()
-        self.encoder_decoder = bool(self.model.language_model.config.is_encoder_decoder)
+        processor = InstructBlipProcessor.from_pretrained(self.model_id)
+        self.use(InstructBlipForConditionalGeneration.from_pretrained(self.model_id, dtype=self.dtype), processor)
+
+    def use(self, model, processor) -> None:
+        """Take an already built model + processor (what `setup` loads; benchmarks pass random-weight ones)."""
+        self.model, self.processor = model.to(self.device, self.dtype).eval(), processor
+        self.encoder_decoder = bool(model.language_model.config.is_encoder_decoder)
         if not self.encoder_decoder:  # decoder-only LMs (Vicuna) continue the prompt: pad on the left
             self.processor.tokenizer.padding_side = "left"
 

@@ -161,13 +161,21 @@ class Owlv2Detector(_Detector):
         if self.model is not None:
             return
         check_model_location(self.model_id, "OWLv2")
-        self.processor = Owlv2Processor.from_pretrained(self.model_id)
-        self.model = Owlv2ForObjectDetection.from_pretrained(self.model_id, dtype=self.dtype).to(self.device).eval()
+        processor = Owlv2Processor.from_pretrained(self.model_id)
+        self.use(Owlv2ForObjectDetection.from_pretrained(self.model_id, dtype=self.dtype), processor)
+
+    def use(self, model, processor) -> None:
+        """Take an already built model + processor (benchmarks pass random-weight ones); caches the queries."""
+        self.model, self.processor = model.to(self.device, self.dtype).eval(), processor
+        self.cache_queries()
+
+    def cache_queries(self) -> None:
+        """Embed the vocabulary's query texts once: (C, D), unit norm as in `Owlv2Model.forward`."""
         texts = [self.query_template.format(query_text(n)) for n in self.names]
         tokens = self.processor.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt",
                                           max_length=self.model.config.text_config.max_position_embeddings)
         owl = self.model.owlv2
-        with torch.inference_mode():
+        with torch.inference_mode():  # (C, T) tokens → (C, D) embeddings
             pooled = owl.text_model(input_ids=tokens["input_ids"].to(self.device),
                                     attention_mask=tokens["attention_mask"].to(self.device)).pooler_output
             embeds = owl.text_projection(pooled)  # (C, D)

@@ -130,9 +130,13 @@ class StableDiffusionInpainter(_Inpainter):
         if self.pipe is not None:
             return
         check_model_location(self.model_id, "SD inpainting")
-        self.pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        self.use(StableDiffusionInpaintPipeline.from_pretrained(
             self.model_id, dtype=self.dtype, safety_checker=None, requires_safety_checker=False
-        ).to(self.device)
+        ))
+
+    def use(self, pipe) -> None:
+        """Take an already built inpainting pipeline (benchmarks pass a random-weight SD 1.5 one)."""
+        self.pipe = pipe.to(self.device) if pipe.dtype == self.dtype else pipe.to(self.device, self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
 
     def generator(self, key: str) -> torch.Generator:

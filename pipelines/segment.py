@@ -182,10 +182,14 @@ class SamSegmenter:
         self.predictor = None
 
     def setup(self) -> None:
+        if self.predictor is None:
+            self.use(load_sam(self.model_id, self.arch))
+
+    def use(self, sam) -> None:
+        """Take an already built `Sam` (benchmarks pass a random-weight ViT-H)."""
         from segment_anything import SamPredictor
 
-        if self.predictor is None:
-            self.predictor = SamPredictor(load_sam(self.model_id, self.arch).to(self.device))
+        self.predictor = SamPredictor(sam.to(self.device).eval())
 
     def _autocast(self):
         """Half precision on GPU through autocast (SAM's prompt encoder mixes fp32 coordinates with its weights)."""

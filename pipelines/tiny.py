@@ -87,8 +87,14 @@ def bert_tokenizer(words: list[str]):
 # ---------------------------------------------------------------- transformers presets
 
 
-def build_instructblip(out: Path) -> None:
-    """InstructBLIP with a Flan-T5 language model (as the default real `instructblip-flan-t5-xl`), tiny sizes."""
+def _save(out: Path, model, processor) -> None:
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+
+def make_instructblip():
+    """(model, processor): InstructBLIP with a Flan-T5 LM (as the real `instructblip-flan-t5-xl`), tiny sizes."""
     from transformers import (
         BlipImageProcessor,
         InstructBlipConfig,
@@ -130,12 +136,15 @@ def build_instructblip(out: Path) -> None:
     model.generation_config.decoder_start_token_id = 0
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 1
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    return model, processor
 
 
-def build_owlv2(out: Path) -> None:
-    """OWLv2 (CLIP text + ViT image towers, box/class heads) at 64² with the real CLIP tokenizer."""
+def build_instructblip(out: Path) -> None:
+    _save(out, *make_instructblip())
+
+
+def make_owlv2():
+    """(model, processor): OWLv2 (CLIP text + ViT image towers, box/class heads) at 64², real CLIP tokenizer."""
     from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
 
     config = Owlv2Config(
@@ -154,8 +163,11 @@ def build_owlv2(out: Path) -> None:
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=clip_tokenizer()
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    return model, processor
+
+
+def build_owlv2(out: Path) -> None:
+    _save(out, *make_owlv2())
 
 
 def build_grounding_dino(out: Path) -> None:
@@ -189,8 +201,7 @@ def build_grounding_dino(out: Path) -> None:
         image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
         tokenizer=tokenizer,
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    _save(out, model, processor)
 
 
 def build_depth_saliency(out: Path) -> None:
@@ -213,19 +224,25 @@ def build_depth_saliency(out: Path) -> None:
         size={"height": 56, "width": 56}, keep_aspect_ratio=True, ensure_multiple_of=14, do_pad=False,
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
     )
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    _save(out, model, processor)
 
 
-def build_sam(out: Path) -> None:
-    """segment-anything's own classes at 64²: a state dict (`sam.pth`) plus `sam_config.json` for the geometry."""
-    from pipelines.segment import SAM_CONFIG_NAME, SamGeometry, build_sam_model
+def tiny_sam_geometry():
+    """A 64² SAM: ViT encoder of 2 blocks × 32 channels, 32-channel prompt encoder and mask decoder."""
+    from pipelines.segment import SamGeometry
 
-    geometry = SamGeometry(
+    return SamGeometry(
         img_size=64, patch_size=8, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
         encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32, mask_in_chans=8,
         decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32,
     )
+
+
+def build_sam(out: Path) -> None:
+    """segment-anything's own classes at 64²: a state dict (`sam.pth`) plus `sam_config.json` for the geometry."""
+    from pipelines.segment import SAM_CONFIG_NAME, build_sam_model
+
+    geometry = tiny_sam_geometry()
     torch.manual_seed(SEED)
     model = build_sam_model(geometry)
     out.mkdir(parents=True, exist_ok=True)
