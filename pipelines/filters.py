@@ -41,18 +41,37 @@ NO_VALID_FOREGROUND = "no_valid_foreground"
 # -- measures -------------------------------------------------------------------------------------------------
 def saliency_overlap(mask: np.ndarray, saliency: np.ndarray) -> float:
     """|m ∩ s| / |m|; 0.0 for an empty mask."""
-    area = int(mask.sum())
-    return float(np.logical_and(mask, saliency).sum()) / area if area else 0.0
+    area = int(np.count_nonzero(mask))
+    return float(np.count_nonzero(mask & saliency)) / area if area else 0.0
 
 
 def area_fraction(mask: np.ndarray) -> float:
-    return float(mask.sum()) / mask.size
+    return float(np.count_nonzero(mask)) / mask.size
 
 
 def containment(inner: np.ndarray, outer: np.ndarray) -> float:
     """|inner ∩ outer| / |inner|: the fraction of `inner` lying inside `outer` (0.0 if inner is empty)."""
-    area = int(inner.sum())
-    return float(np.logical_and(inner, outer).sum()) / area if area else 0.0
+    area = int(np.count_nonzero(inner))
+    return _intersection(inner, outer) / area if area else 0.0
+
+
+def _intersection(a: np.ndarray, b: np.ndarray) -> int:
+    """|a ∩ b|, counted only inside the overlap of the two masks' bounding boxes."""
+    ba, bb = _bbox(a), _bbox(b)
+    if ba is None or bb is None:
+        return 0
+    y0, y1, x0, x1 = max(ba[0], bb[0]), min(ba[1], bb[1]), max(ba[2], bb[2]), min(ba[3], bb[3])
+    if y0 >= y1 or x0 >= x1:
+        return 0
+    return int(np.count_nonzero(a[y0:y1, x0:x1] & b[y0:y1, x0:x1]))
+
+
+def _bbox(m: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) exclusive bounds of a mask's set pixels, None when empty."""
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
@@ -76,17 +95,19 @@ def keep_area(masks: list[np.ndarray], min_frac: float, max_frac: float) -> list
 
 def drop_contained(masks: list[np.ndarray], scores: list[float], ratio: float) -> list[int]:
     """Indices of masks NOT contained (≥ `ratio`) in a mask ranked before them by (area, score) descending."""
-    rank = sorted(range(len(masks)), key=lambda i: (-int(masks[i].sum()), -scores[i], i))
+    areas = [int(np.count_nonzero(m)) for m in masks]
+    rank = sorted(range(len(masks)), key=lambda i: (-areas[i], -scores[i], i))
     kept: list[int] = []
     for pos, i in enumerate(rank):
-        if not any(containment(masks[i], masks[j]) >= ratio for j in rank[:pos]):
+        inside = any(areas[i] and _intersection(masks[i], masks[j]) >= ratio * areas[i] for j in rank[:pos])
+        if not inside:
             kept.append(i)
     return sorted(kept)
 
 
 def paint_order(masks: list[np.ndarray]) -> list[int]:
     """Indices back→front: larger area behind (ties: earlier index behind)."""
-    return sorted(range(len(masks)), key=lambda i: (-int(masks[i].sum()), i))
+    return sorted(range(len(masks)), key=lambda i: (-int(np.count_nonzero(masks[i])), i))
 
 
 def resolve_overlaps(masks: list[np.ndarray]) -> list[np.ndarray]:

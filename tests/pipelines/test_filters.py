@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipelines.base import Detection, Item, build_stage
 from pipelines.filters import (
@@ -164,3 +166,28 @@ def test_stage_fills_objects_in_paint_order_and_drops_with_reason():
     assert good.objects[1].box == (40, 40, 80, 80)
     assert good.objects[0].box == mask_box(good.objects[0].mask)
     assert not (good.objects[0].mask & good.objects[1].mask).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 90), st.integers(0, 90), st.integers(1, 60), st.integers(1, 60),
+                          st.floats(0, 1)), min_size=1, max_size=8),
+       st.tuples(st.integers(0, 60), st.integers(0, 60), st.integers(10, 100), st.integers(10, 100)))
+def test_apply_rules_invariants(boxes, sal_box):
+    masks = [rect(x, y, min(100, x + w), min(100, y + h)) for x, y, w, h, _ in boxes]
+    scores = [s for *_, s in boxes]
+    sx, sy, sw, sh = sal_box
+    sal = rect(sx, sy, min(100, sx + sw), min(100, sy + sh))
+    res = apply_rules(masks, scores, sal, max_foregrounds=3)
+    if res.reason is not None:
+        assert not res.layers
+        return
+    assert 1 <= len(res.layers) <= 3
+    union = np.zeros((H, W), bool)
+    for i, m in res.layers:
+        assert not (union & m).any()  # disjoint
+        union |= m
+        assert 0.01 <= m.mean() <= 0.80  # area re-checked after resolving
+        assert not (m & ~masks[i]).any()  # a layer only loses pixels
+        assert saliency_overlap(masks[i], sal) > 0.10
+    areas = [masks[i].sum() for i, _ in res.layers]
+    assert areas == sorted(areas, reverse=True)  # larger behind
