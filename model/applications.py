@@ -1,0 +1,387 @@
+"""LayerDiff applications without fine-tuning (paper §5.5, Appendices D and F): layer inpainting, layer style
+transfer, sampling with mask priors (boxes or masks), and iterative layer adding.
+
+Each edit reads a layered image from a previous output folder (`model.export.save_output`), an MLCID sample,
+or a pipeline output, and returns a `LayerDiffPipelineOutput` (export it with `model.export.save_output`).
+
+    src = load_source("out/dog")                                          # layers.json + layerNN/maskNN.png
+    out = layer_inpaint(pipe, src, {1: "a cat"}, generator=torch.Generator().manual_seed(0))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from mlcid.composite import composite as composite_eq4
+from mlcid.schema import BACKGROUND_PROMPT, MLCIDSample
+from model import guidance as G
+from model.config import DataConfig
+from model.pipeline import KeepLayers, LayerDiffPipeline, LayerDiffPipelineOutput
+
+MASK_HOLD_STEPS = 1  # Appendix D: non-target mask latents held for k = 1 step
+STYLE_STRENGTH = 0.8  # Appendix D: SDEdit strength for layer style transfer
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, exclusive end (as mlcid LayerInfo.box)
+
+
+@dataclass
+class LayeredSource:
+    """A layered image to edit: per layer (index 0 = background) an RGB image (H, W, 3) uint8 and a one-hot
+    mask (H, W) 0/255 uint8 (background = complement of the foregrounds), with its prompts."""
+
+    global_prompt: str
+    layer_prompts: list[str]
+    images: list[np.ndarray]
+    masks: list[np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.images)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        return int(self.images[0].shape[0]), int(self.images[0].shape[1])
+
+    @property
+    def composite(self) -> np.ndarray:
+        """Eq. 4 of the layers: (H, W, 3) uint8."""
+        return composite_eq4(self.images[0], self.images[1:], self.masks[1:])
+
+
+def load_source(source: Any, index: int = 0) -> LayeredSource:
+    """A `LayeredSource` from an output folder (path), `model.export.LoadedOutput`, `MLCIDSample`,
+    `LayerDiffPipelineOutput` (batch item `index`) or a `LayeredSource`."""
+    from model import export
+
+    if isinstance(source, LayeredSource):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        source = export.load_output(Path(source))
+    if isinstance(source, export.LoadedOutput):
+        return LayeredSource(source.meta.global_prompt, list(source.meta.layer_prompts), list(source.image.images),
+                             list(source.image.masks), {"source": str(source.folder)})
+    if isinstance(source, MLCIDSample):
+        fill = int(round((DataConfig().fill_value + 1) * 127.5))  # the training input outside the dilated alpha
+        fgs = [np.where(fg[..., 3:4] > 0, fg[..., :3], np.uint8(fill)).astype(np.uint8) for fg in source.foregrounds]
+        image = export.LayeredImage.from_arrays([source.background[..., :3], *fgs], source.masks)
+        return LayeredSource(source.global_prompt, source.layer_prompts, image.images, image.masks,
+                             {"source": f"mlcid:{source.key}"})
+    if isinstance(source, LayerDiffPipelineOutput):
+        image = export.as_layered(source, index)
+        return LayeredSource(source.global_prompt, list(source.layer_prompts), image.images, image.masks)
+    raise TypeError(f"cannot read layers from {type(source).__name__}: give an output folder, an MLCIDSample, "
+                    "a LayerDiffPipelineOutput or a LayeredSource")
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def _to_pixels(arrays: Sequence[np.ndarray], size: tuple[int, int], is_mask: bool) -> torch.Tensor:
+    """uint8 images (H, W, 3) or masks (H, W) → (1, L, 3, h, w) in [-1, 1] at `size` (masks repeated to RGB)."""
+    out = []
+    for arr in arrays:
+        im = Image.fromarray(np.asarray(arr))
+        if (im.height, im.width) != size:
+            im = im.resize((size[1], size[0]), Image.NEAREST if is_mask else Image.BICUBIC)
+        x = torch.from_numpy(np.array(im, dtype=np.float32) / 127.5 - 1.0)
+        out.append(x[None].expand(3, *size) if is_mask else x.permute(2, 0, 1))  # (3, h, w)
+    return torch.stack(out)[None]  # (1, L, 3, h, w)
+
+
+def encode_layers(pipe: LayerDiffPipeline, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                  size: tuple[int, int]) -> torch.Tensor:
+    """Layer images and masks → clean latents (1, L, 8, h, w): image ‖ mask, through the same VAE (§4.1)."""
+    z_img = pipe.encode_pixels(_to_pixels(images, size, is_mask=False))  # (1, L, 4, h, w)
+    z_msk = pipe.encode_pixels(_to_pixels(masks, size, is_mask=True))  # (1, L, 4, h, w)
+    return torch.cat([z_img, z_msk], dim=2).float()
+
+
+def _target_size(pipe: LayerDiffPipeline, src_size: tuple[int, int], height: int | None,
+                 width: int | None) -> tuple[int, int]:
+    f = pipe.vae_scale_factor
+    h = height or max(f, src_size[0] // f * f)
+    w = width or max(f, src_size[1] // f * f)
+    return h, w
+
+
+def _check_layers(indices: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
+    idx = tuple(int(i) for i in indices)
+    if not idx:
+        raise ValueError(f"no {what} given: name at least one layer index (0 = background)")
+    bad = [i for i in idx if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"{what} {bad} outside the source's layers 0..{num_layers - 1}")
+    return tuple(sorted(set(idx)))
+
+
+def _noise(pipe: LayerDiffPipeline, shape: tuple[int, ...], generator) -> torch.Tensor:
+    return randn_tensor(shape, generator=generator, device=pipe._execution_device, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------ 1. inpainting
+
+
+def layer_inpaint(
+    pipe: LayerDiffPipeline,
+    source: Any,
+    new_prompts: Mapping[int, str],
+    global_prompt: str | None = None,
+    mask_hold_steps: int = MASK_HOLD_STEPS,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    mask_priors: Mapping[int, np.ndarray] | None = None,
+    **sampler: Any,
+) -> LayerDiffPipelineOutput:
+    """Appendix D: regenerate the layers in `new_prompts` (index → prompt) from noise; the others are encoded,
+    noised to T, and their predicted x0 is replaced by the original latents at every step (image latents) or
+    during the first `mask_hold_steps` steps (mask latents, so masks adapt to the new layers).
+
+    `mask_priors` (index → (H, W) 0/255 mask) start chosen layers' mask latents from a noised prior instead of
+    the source mask (targets) — used by iterative generation. `sampler`: more `LayerDiffPipeline` arguments.
+    """
+    # 1. Check inputs.
+    src = load_source(source)
+    targets = _check_layers(list(new_prompts), src.num_layers, "target layers")
+    if mask_hold_steps < 0:
+        raise ValueError(f"mask_hold_steps must be >= 0, got {mask_hold_steps}")
+    prompts = [new_prompts.get(i, p) for i, p in enumerate(src.layer_prompts)]
+    keep_idx = tuple(i for i in range(src.num_layers) if i not in targets)
+    size = _target_size(pipe, src.size, height, width)
+    masks = list(src.masks)
+    for i, prior in (mask_priors or {}).items():
+        _check_layers([i], src.num_layers, "mask prior layer")
+        masks[i] = np.asarray(prior)
+
+    # 2. Clean latents of every layer, the first timestep, and noise.
+    z0 = encode_layers(pipe, src.images, masks, size)  # (1, L, 8, h, w)
+    t_first = pipe.prepare_timesteps(num_inference_steps)[0]
+    noise = _noise(pipe, tuple(z0.shape), generator)  # (1, L, 8, h, w)
+    # 3. Non-target layers (and any prior masks) noised to T; target layers from Gaussian noise.
+    latents = G.add_noise(z0.to(noise.device), noise, pipe.alpha_bar(t_first))
+    fresh = torch.zeros(1, src.num_layers, z0.shape[2], 1, 1, dtype=torch.bool, device=noise.device)
+    fresh[:, list(targets)] = True
+    c = pipe.latent_channels
+    for i in mask_priors or {}:
+        fresh[:, i, c:] = False
+    latents = torch.where(fresh, noise * pipe.scheduler.init_noise_sigma, latents)
+    keep = KeepLayers(latents=z0, image_layers=keep_idx, mask_layers=keep_idx, mask_steps=mask_hold_steps)
+    return pipe(global_prompt if global_prompt is not None else src.global_prompt, prompts,
+                num_inference_steps=num_inference_steps, height=size[0], width=size[1], generator=generator,
+                latents=latents, keep=keep, **sampler)
+
+
+# ------------------------------------------------------------------------------------------------ 2. style transfer
+
+
+def layer_style_transfer(
+    pipe: LayerDiffPipeline,
+    source: Any,
+    targets: Sequence[int],
+    style: str | None = None,
+    new_prompts: Mapping[int, str] | None = None,
+    global_prompt: str | None = None,
+    strength: float = STYLE_STRENGTH,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    **sampler: Any,
+) -> LayerDiffPipelineOutput:
+    """Appendix D: SDEdit on all layers (noise to `strength`, denoise the last `strength` of the steps) with the
+    style text appended to the target layer prompts and the global prompt ("…, in Van Gogh style"); non-target
+    layers get their original x0 back on image AND mask latents at every step."""
+    # 1. Check inputs.
+    src = load_source(source)
+    targets = _check_layers(targets, src.num_layers, "target layers")
+    if not style and not new_prompts:
+        raise ValueError("give a `style` to append to the target prompts, or `new_prompts`")
+    if not 0.0 < float(strength) <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    suffix = f", {style}" if style else ""
+    prompts = [(new_prompts or {}).get(i, p + suffix if i in targets else p) for i, p in enumerate(src.layer_prompts)]
+    g_prompt = global_prompt if global_prompt is not None else src.global_prompt + suffix
+    keep_idx = tuple(i for i in range(src.num_layers) if i not in targets)
+    size = _target_size(pipe, src.size, height, width)
+
+    # 2. Encode every layer, noise all to the first kept timestep (SDEdit).
+    z0 = encode_layers(pipe, src.images, src.masks, size)  # (1, L, 8, h, w)
+    timesteps = pipe.prepare_timesteps(num_inference_steps, strength)
+    if len(timesteps) == 0:
+        raise ValueError(f"strength {strength} leaves no denoising step out of {num_inference_steps}")
+    noise = _noise(pipe, tuple(z0.shape), generator)
+    latents = G.add_noise(z0.to(noise.device), noise, pipe.alpha_bar(timesteps[0]))
+    keep = KeepLayers(latents=z0, image_layers=keep_idx, mask_layers=keep_idx, mask_steps=None)
+    return pipe(g_prompt, prompts, num_inference_steps=num_inference_steps, height=size[0], width=size[1],
+                generator=generator, latents=latents, strength=strength, keep=keep, **sampler)
+
+
+# ------------------------------------------------------------------------------------------------ 3. mask priors
+
+
+def prior_masks(num_foregrounds: int, height: int, width: int, boxes: Sequence[Box] | None = None,
+                masks: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Appendix F.1 mask priors, one per layer (H, W) 0/255: each foreground its box (or mask), the background
+    the complement of their union."""
+    if (boxes is None) == (masks is None):
+        raise ValueError("give either boxes or masks as mask priors (exactly one of them)")
+    given = boxes if boxes is not None else masks
+    if len(given) != num_foregrounds:
+        raise ValueError(f"{len(given)} {'boxes' if boxes is not None else 'masks'} for {num_foregrounds} "
+                         "foreground layers: give one per foreground (background excluded)")
+    fgs = []
+    if boxes is not None:
+        for i, box in enumerate(boxes, start=1):
+            x0, y0, x1, y1 = (int(v) for v in box)
+            if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+                raise ValueError(f"box {i} {tuple(box)} is empty or outside the {width}x{height} image "
+                                 "(want 0 <= x0 < x1 <= width, 0 <= y0 < y1 <= height)")
+            m = np.zeros((height, width), dtype=bool)
+            m[y0:y1, x0:x1] = True
+            fgs.append(m)
+    else:
+        for i, m in enumerate(masks, start=1):
+            m = np.asarray(m)
+            if m.shape != (height, width):
+                raise ValueError(f"mask prior {i} is {m.shape}, the image is {(height, width)}")
+            fgs.append(m > (127 if m.dtype == np.uint8 else 0.5))
+    background = ~np.logical_or.reduce(fgs)
+    return [np.where(m, 255, 0).astype(np.uint8) for m in (background, *fgs)]
+
+
+def mask_prior_latents(pipe: LayerDiffPipeline, priors: Sequence[np.ndarray], num_inference_steps: int,
+                       generator: torch.Generator | None = None, num_images: int = 1) -> torch.Tensor:
+    """Initial latents (B, L, 8, h, w) for prior masks (one per layer, background first): one Gaussian draw
+    (B, L, 8, h, w) from `generator`; image channels = that noise; mask channels = the VAE-encoded priors noised
+    to the first timestep with that noise's mask channels (Eq. 1)."""
+    height, width = priors[0].shape
+    c = pipe.latent_channels
+    z_mask = pipe.encode_pixels(_to_pixels(priors, (height, width), is_mask=True)).float()  # (1, L, 4, h, w)
+    noise = _noise(pipe, (num_images, len(priors), 2 * c, *z_mask.shape[-2:]), generator)  # (B, L, 8, h, w)
+    t_first = pipe.prepare_timesteps(num_inference_steps)[0]
+    mask_t = G.add_noise(z_mask.to(noise.device), noise[:, :, c:], pipe.alpha_bar(t_first))
+    return torch.cat([noise[:, :, :c] * pipe.scheduler.init_noise_sigma, mask_t], dim=2)
+
+
+def sample_with_mask_priors(
+    pipe: LayerDiffPipeline,
+    global_prompt: str,
+    layer_prompts: Sequence[str],
+    boxes: Sequence[Box] | None = None,
+    masks: Sequence[np.ndarray] | None = None,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    num_images: int = 1,
+    **sampler: Any,
+) -> LayerDiffPipelineOutput:
+    """Appendix F.1: start the mask latents from noised box/mask priors, image latents from Gaussian noise,
+    then sample as usual."""
+    if not layer_prompts:
+        raise ValueError("no layer prompts: give the background prompt first, e.g. ['the background', 'a dog']")
+    height, width = height or pipe.default_size, width or pipe.default_size
+    priors = prior_masks(len(layer_prompts) - 1, height, width, boxes, masks)
+    latents = mask_prior_latents(pipe, priors, num_inference_steps, generator, num_images)
+    return pipe(global_prompt, list(layer_prompts), num_inference_steps=num_inference_steps, height=height,
+                width=width, generator=generator, latents=latents, num_images=num_images, **sampler)
+
+
+# ------------------------------------------------------------------------------------------------ 4. iterative
+
+
+@dataclass
+class IterativeResult:
+    """The layered image built so far (`layers`) and the 2-layer output of every step."""
+
+    layers: LayeredSource
+    steps: list[LayerDiffPipelineOutput]
+
+
+def add_foreground(layers: LayeredSource, new_image: np.ndarray, new_mask: np.ndarray, prompt: str) -> LayeredSource:
+    """Put a new front-most foreground on a layered image: earlier masks lose the new mask's pixels (front
+    wins), the background mask stays the complement of the foregrounds."""
+    new = np.asarray(new_mask) > 127
+    fg_masks = [np.where(new, 0, m).astype(np.uint8) for m in layers.masks[1:]]
+    fg_masks.append(np.where(new, 255, 0).astype(np.uint8))
+    background = np.where(np.logical_or.reduce([m > 127 for m in fg_masks]), 0, 255).astype(np.uint8)
+    return LayeredSource(layers.global_prompt, [*layers.layer_prompts, prompt], [*layers.images, new_image],
+                         [background, *fg_masks], dict(layers.meta))
+
+
+def iterative_generation(
+    pipe: LayerDiffPipeline,
+    global_prompt: str,
+    foreground_prompts: Sequence[str],
+    boxes: Sequence[Box | None] | None = None,
+    start: Any = None,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    generator: torch.Generator | None = None,
+    **sampler: Any,
+) -> IterativeResult:
+    """Appendix F.2: keep a two-layer structure and add foregrounds one by one. Each step merges the layers so
+    far into one background (Eq. 4 composite) and inpaints layer 1 with the next prompt (optionally starting
+    its mask from a box prior, the background's from the complement). Without `start`, the first foreground
+    is sampled together with a new background (with its box prior when given)."""
+    # 1. Check inputs.
+    if not foreground_prompts:
+        raise ValueError("no foreground prompts to add")
+    boxes = list(boxes) if boxes is not None else [None] * len(foreground_prompts)
+    if len(boxes) != len(foreground_prompts):
+        raise ValueError(f"{len(boxes)} boxes for {len(foreground_prompts)} foreground prompts (use None for "
+                         "a foreground without a box)")
+    steps: list[LayerDiffPipelineOutput] = []
+    prompts = list(foreground_prompts)
+
+    # 2. The starting layered image: given, or sampled with the first foreground.
+    if start is None:
+        first, box = prompts.pop(0), boxes.pop(0)
+        two = [BACKGROUND_PROMPT, first]
+        if box is not None:
+            out = sample_with_mask_priors(pipe, global_prompt, two, boxes=[box], num_inference_steps=num_inference_steps,
+                                          height=height, width=width, generator=generator, **sampler)
+        else:
+            out = pipe(global_prompt, two, num_inference_steps=num_inference_steps, height=height, width=width,
+                       generator=generator, **sampler)
+        steps.append(out)
+        layers = load_source(out)
+    else:
+        layers = load_source(start)
+    h, w = layers.size
+
+    # 3. Each next foreground: merge → 2-layer inpainting of layer 1 → append.
+    for prompt, box in zip(prompts, boxes):
+        merged = layers.composite  # (H, W, 3): everything so far as one background
+        if box is not None:
+            priors = prior_masks(1, h, w, boxes=[box])  # [background = complement, foreground = box]
+        else:
+            priors = [np.full((h, w), 255, np.uint8), np.zeros((h, w), np.uint8)]
+        two = LayeredSource(global_prompt, [BACKGROUND_PROMPT, prompt], [merged, merged], priors)
+        out = layer_inpaint(pipe, two, {1: prompt}, num_inference_steps=num_inference_steps, height=height,
+                            width=width, generator=generator, mask_priors={1: priors[1]} if box else None,
+                            output_type="np", **{k: v for k, v in sampler.items() if k != "output_type"})
+        steps.append(out)
+        new_image = _resize_like(out.layer_images[0, 1], (h, w), Image.BICUBIC)
+        new_mask = _resize_like(out.masks[0, 1], (h, w), Image.NEAREST)
+        layers = add_foreground(layers, new_image, new_mask, prompt)
+    layers.global_prompt = global_prompt
+    return IterativeResult(layers=layers, steps=steps)
+
+
+def _resize_like(arr: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    if arr.shape[:2] == size:
+        return np.asarray(arr)
+    return np.asarray(Image.fromarray(np.asarray(arr)).resize((size[1], size[0]), resample))
