@@ -293,7 +293,10 @@ class ShardProcessor:
             with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as pool, \
                     ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
                 chunks = _chunks(iter_raw_records(input_url, stats=read), cfg.chunk_size)
-                submit = lambda chunk: None if chunk is None else [pool.submit(decode, r) for r in chunk]  # noqa: E731
+
+                def submit(chunk: list[RawRecord | Drop] | None) -> list[Future] | None:
+                    return None if chunk is None else [pool.submit(decode, r) for r in chunk]
+
                 upcoming = submit(next(chunks, None))
                 last_write: Future | None = None
                 while upcoming is not None:
