@@ -54,8 +54,10 @@ class InstructBlipCaptioner:
         dtype: str = "auto",
         max_new_tokens: int = 60,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
     ) -> None:
         self.model_id = model_id
+        self.repetition_penalty = float(repetition_penalty)
         self.device, self.dtype = device_and_dtype(device, dtype)
         self.max_new_tokens, self.num_beams = int(max_new_tokens), int(num_beams)
         if self.max_new_tokens < 1 or self.num_beams < 1:
@@ -88,16 +90,17 @@ class InstructBlipCaptioner:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)  # (B, 3, S, S)
         with torch.inference_mode():
             out = self.model.generate(
-                **inputs, do_sample=False, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens
+                **inputs, do_sample=False, num_beams=self.num_beams, max_new_tokens=self.max_new_tokens,
+                repetition_penalty=self.repetition_penalty,
             )  # (B, T) new tokens; decoder-only models return the prompt first
         if not self.encoder_decoder:
             out = out[:, inputs["input_ids"].shape[1] :]
         return [clean_caption(t) for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
-def _captioner(preset, model, model_overrides, device, dtype, max_new_tokens, num_beams) -> InstructBlipCaptioner:
+def _captioner(preset, model, model_overrides, device, dtype, **generation) -> InstructBlipCaptioner:
     location = resolve(MODEL_NAME, preset, model or (model_overrides or {}).get(MODEL_NAME))
-    return InstructBlipCaptioner(location, device, dtype, max_new_tokens, num_beams)
+    return InstructBlipCaptioner(location, device, dtype, **generation)
 
 
 @register_stage("caption", "instructblip")
@@ -114,9 +117,11 @@ class GlobalCaption:
         batch_size: int = 16,
         max_new_tokens: int = 60,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
         instruction: str = GLOBAL_INSTRUCTION,
     ) -> None:
-        self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens, num_beams)
+        self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens=max_new_tokens,
+                                    num_beams=num_beams, repetition_penalty=repetition_penalty)
         self.model_id = self.captioner.model_id
         self.batch_size, self.instruction = max(1, int(batch_size)), instruction
 
@@ -152,10 +157,12 @@ class ObjectCaption:
         batch_size: int = 32,
         max_new_tokens: int = 20,
         num_beams: int = 1,
+        repetition_penalty: float = 1.0,
         instruction: str = OBJECT_INSTRUCTION,
         fill: tuple[int, int, int] = (255, 255, 255),
     ) -> None:
-        self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens, num_beams)
+        self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens=max_new_tokens,
+                                    num_beams=num_beams, repetition_penalty=repetition_penalty)
         self.model_id = self.captioner.model_id
         self.batch_size, self.instruction, self.fill = max(1, int(batch_size)), instruction, tuple(fill)
 

@@ -233,7 +233,7 @@ class GroundingDinoDetector(_Detector):
                 raise ValueError(f"category {self.names[start]!r} alone exceeds {max_tokens} tokens")
             phrases = [query_text(n) for n in self.names[start:end]]
             text = ". ".join(phrases) + "."
-            enc = tok(text, return_offsets_mapping=True, return_tensors="pt")
+            enc = tok(text, return_offsets_mapping=True, return_token_type_ids=True, return_tensors="pt")
             offsets = enc.pop("offset_mapping")[0]  # (T, 2) char spans; (0, 0) for special tokens
             positive = torch.zeros(len(phrases), offsets.shape[0])  # (C_k, T)
             pos = 0
@@ -243,7 +243,7 @@ class GroundingDinoDetector(_Detector):
                 positive[c, hit] = 1.0
                 pos = span_end + 2  # ". "
             positive = positive / positive.sum(dim=1, keepdim=True).clamp(min=1)  # mean over a name's tokens
-            chunks.append({"ids": list(range(start, end)), "text": text, "positive": positive})
+            chunks.append({"ids": list(range(start, end)), "text": text, "positive": positive, "tokens": dict(enc)})
             start = end
         return chunks
 
@@ -267,19 +267,20 @@ class GroundingDinoDetector(_Detector):
 
     def _raw_same_size(self, images, allowed):
         allowed_t = torch.as_tensor(np.stack(allowed))  # (B, C) bool
-        h, w = images[0].shape[:2]
+        b, (h, w) = len(images), images[0].shape[:2]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")  # once for all chunks
+        pixels = {k: v.to(self.device) for k, v in pixels.items()}
+        pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)  # (B, 3, H', W')
         parts: list[tuple] = []
         for chunk in self.chunks:
             ids = torch.as_tensor(chunk["ids"])  # (C_k,)
             use = allowed_t[:, ids]  # (B, C_k)
             if not use.any():
                 continue
-            inputs = self.processor(images=images, text=[chunk["text"]] * len(images), return_tensors="pt")
-            inputs = {k: v.to(self.device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)  # (B, 3, H', W')
+            text = {k: v.to(self.device).expand(b, -1) for k, v in chunk["tokens"].items()}  # (B, T) each
             with torch.inference_mode():
-                outputs = self.model(**inputs)
+                outputs = self.model(**pixels, **text)
             probs = torch.sigmoid(outputs.logits.float()).cpu()  # (B, Q, max_text_len)
             t = chunk["positive"].shape[1]
             cat = probs[:, :, :t] @ chunk["positive"].T  # (B, Q, C_k): mean probability over each name's tokens
@@ -289,7 +290,6 @@ class GroundingDinoDetector(_Detector):
             xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1) * scale  # (B, Q, 4)
             parts.append((xyxy, best.values, ids[best.indices]))
         if not parts:
-            b = len(images)
             return [(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long))] * b
         boxes, scores, labels = (torch.cat(x, dim=1) for x in zip(*parts))  # (B, N, 4), (B, N), (B, N)
         return [(boxes[k], scores[k], labels[k]) for k in range(len(images))]

@@ -69,8 +69,13 @@ class _Inpainter:
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
             holes = [hole_mask(it, self.dilate_kernel) for it in chunk]
-            for item, hole, filled in zip(chunk, holes, self.fill(chunk, holes)):
-                item.background = paste_back(item.image, filled, hole)
+            for item, hole in zip(chunk, holes):
+                if not hole.any():  # nothing to fill
+                    item.background = item.image.copy()
+            todo = [k for k, hole in enumerate(holes) if hole.any()]
+            filled = self.fill([chunk[k] for k in todo], [holes[k] for k in todo]) if todo else []
+            for k, image in zip(todo, filled):
+                chunk[k].background = paste_back(chunk[k].image, image, holes[k])
         return batch
 
 

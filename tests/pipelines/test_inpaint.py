@@ -95,3 +95,11 @@ def test_dropped_items_untouched_and_missing_model(tmp_path):
     assert items[0].background is None and items[1].background is not None
     with pytest.raises(FileNotFoundError, match="does not exist"):
         StableDiffusionInpainter(model=str(tmp_path / "nope")).setup()
+
+
+def test_item_without_objects_keeps_its_image():
+    it = _items(1)[0]
+    it.objects = []
+    OpenCVInpainter()([it])
+    np.testing.assert_array_equal(it.background, it.image)
+    assert it.background is not it.image

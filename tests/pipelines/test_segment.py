@@ -86,3 +86,15 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="sam_config.json"):
         load_sam(tmp_path / "folder")
+
+
+def test_vit_h_geometry_matches_segment_anything_registry():
+    """Our builder at the ViT-H geometry makes exactly `sam_model_registry["vit_h"]`'s parameters (on meta)."""
+    from segment_anything import sam_model_registry
+
+    from pipelines.segment import build_sam_model
+
+    with torch.device("meta"):
+        ours, theirs = build_sam_model(SAM_ARCHS["vit_h"]).state_dict(), sam_model_registry["vit_h"]().state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
