@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -48,6 +48,10 @@ SEED ?= 0
 SIZE ?= 128
 synthetic: env ## make synthetic OUT=dir [N=1000 NSHARDS=4 SEED=0 SIZE=128]: raw img2dataset shards + ground-truth MLCID
 	$(PY) -m mlcid.synthetic --out $(OUT) --samples $(N) --shards $(NSHARDS) --seed $(SEED) --size $(SIZE)
+
+PRESET ?= real
+build-mlcid-local: env ## make build-mlcid-local SHARDS='raw/{00000..00009}.tar' OUT=dir [PRESET=tiny] (sequential, no Ray)
+	$(PY) -m pipelines.build --shards $(SHARDS) --out $(OUT) --preset $(PRESET)
 
 DEMO := $(WORK)/demo
 demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
