@@ -1,0 +1,194 @@
+"""CLI: sample layered images with a trained LayerDiff run and export them (`make sample`).
+
+    python -m model.sample --model runs/layerdiff --prompt 'a dog playing with a red ball on the grass' \\
+        --layers 'the background|a red ball|a dog' --out out/dog [--steps 50 --cfg 3 --smg 3 --seed 0]
+
+Writes one output folder per image (layers.json, layerNN.png, maskNN.png, composite.png, layers.psd,
+layers.ora — see model/export.py); with --num-images N > 1 the folders are OUT/000, OUT/001, …
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.pipeline import SELF_GUIDANCE, LayerDiffPipeline
+
+log = logging.getLogger("model.sample")
+
+
+@dataclass
+class SampleConfig:
+    """One `make sample` invocation."""
+
+    model: str
+    global_prompt: str
+    layer_prompts: list[str]
+    out: Path
+    steps: int = 50
+    cfg: float = 3.0
+    smg: float = 3.0
+    guidance: str = "cfg+smg"
+    blur_side: str = "inside"
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    max_batch: int | None = None
+    from_sd: bool = False
+    previews: int = 0  # save x0 previews every N steps (Fig. 13); 0 = off
+    device: str = "auto"
+    dtype: str = "float32"
+    overwrite: bool = False
+
+
+def parse_layers(text: str) -> list[str]:
+    """'the background|a red ball|a dog' → ['the background', 'a red ball', 'a dog'] (empty parts refused)."""
+    parts = [p.strip() for p in text.split("|")]
+    if not text.strip() or any(not p for p in parts):
+        raise ValueError(f"--layers must be '|'-separated non-empty prompts, background first; got {text!r}")
+    return parts
+
+
+def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
+    """'x0,y0,x1,y1;x0,y0,x1,y1' (pixels, one per foreground) → list of boxes."""
+    boxes = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        values = part.split(",")
+        if len(values) != 4:
+            raise ValueError(f"a box is 'x0,y0,x1,y1', got {part!r}")
+        boxes.append(tuple(int(v) for v in values))
+    return boxes
+
+
+def load_pipeline(config: SampleConfig) -> LayerDiffPipeline:
+    """The run folder (or, with --from-sd, an untrained LayerDiff made from an SD-1.x folder) on the device."""
+    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.dtype]
+    if config.from_sd:
+        log.warning("--from-sd: LayerDiff initialised from %s WITHOUT training (smoke tests and demos only)",
+                    config.model)
+        pipe = LayerDiffPipeline.from_sd(config.model)
+    else:
+        pipe = LayerDiffPipeline.from_pretrained(config.model)
+    return pipe.to(device, dtype)
+
+
+def save_previews(path: Path, intermediates) -> None:
+    """A grid: one row per preview step, the layer images then the layer masks (first image of the batch)."""
+    rows = []
+    for item in intermediates:
+        images = list(item.images[0])  # L × (H, W, 3)
+        masks = [np.repeat(m[..., None], 3, axis=-1) for m in item.masks[0]]
+        rows.append(np.concatenate(images + masks, axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+
+
+def run(config: SampleConfig) -> list[Path]:
+    """Sample and export; returns the written output folders."""
+    from model.applications import sample_with_mask_priors
+    from model.export import OutputMeta, save_output
+
+    pipe = load_pipeline(config)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
+                  guidance=config.guidance, smg_blur_side=config.blur_side, height=config.height,
+                  width=config.width, num_images=config.num_images, generator=generator, max_batch=config.max_batch,
+                  return_intermediates=config.previews > 0, intermediate_every=max(config.previews, 1),
+                  output_type="np")
+    start = time.perf_counter()
+    if config.boxes:
+        out = sample_with_mask_priors(pipe, config.global_prompt, config.layer_prompts, boxes=config.boxes, **kwargs)
+    else:
+        out = pipe(config.global_prompt, config.layer_prompts, **kwargs)
+    log.info("sampled %d × %d layers in %.1f s", config.num_images, len(config.layer_prompts),
+             time.perf_counter() - start)
+    folders = []
+    for i in range(config.num_images):
+        folder = config.out if config.num_images == 1 else config.out / f"{i:03d}"
+        meta = OutputMeta(global_prompt=config.global_prompt, layer_prompts=config.layer_prompts, seed=config.seed,
+                          num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
+                          guidance=config.guidance, model=config.model,
+                          extra={"batch_index": i, "smg_blur_side": config.blur_side,
+                                 "boxes": [list(b) for b in config.boxes], "untrained": config.from_sd})
+        save_output(folder, out, meta, index=i, overwrite=config.overwrite)
+        if out.intermediates:
+            save_previews(folder / "previews.png", [_one(item, i) for item in out.intermediates])
+        folders.append(folder)
+        log.info("wrote %s", folder)
+    return folders
+
+
+def _one(item, index: int):
+    """The intermediate of batch item `index` only (keeps a batch axis of 1)."""
+    return type(item)(step=item.step, timestep=item.timestep, images=item.images[index:index + 1],
+                      masks=item.masks[index:index + 1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m model.sample",
+        description="Sample layered images (background + foreground layers with masks) with LayerDiff: DDIM, CFG "
+                    "with the paper's negative prompts, self-mask guidance. Writes PNG layers, masks, the "
+                    "composite, layers.json, a layered PSD and an OpenRaster file per image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="LayerDiff run folder (written by `make train`)")
+    p.add_argument("--prompt", required=True, help="global prompt describing the whole image")
+    p.add_argument("--layers", required=True,
+                   help="layer prompts separated by '|', background first: 'the background|a red ball|a dog'")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--smg", type=float, default=3.0, help="self-mask (or SAG) guidance scale; 0 = off")
+    p.add_argument("--guidance", choices=sorted(SELF_GUIDANCE), default="cfg+smg", help="guidance combination")
+    p.add_argument("--blur-side", choices=["inside", "outside"], default="inside",
+                   help="SMG: blur inside each layer's mask (paper text) or outside (Eq. 9 as printed)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--boxes", default="", help="mask priors: 'x0,y0,x1,y1;…' in pixels, one per foreground")
+    p.add_argument("--max-batch", type=int, default=None, help="samples per UNet call (memory cap)")
+    p.add_argument("--previews", type=int, default=0, metavar="K",
+                   help="also write previews.png with x0 previews every K steps (Fig. 13)")
+    p.add_argument("--from-sd", action="store_true",
+                   help="treat --model as an SD-1.x folder and sample an UNTRAINED LayerDiff (smoke test)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SampleConfig:
+    return SampleConfig(model=args.model, global_prompt=args.prompt, layer_prompts=parse_layers(args.layers),
+                        out=args.out, steps=args.steps, cfg=args.cfg, smg=args.smg, guidance=args.guidance,
+                        blur_side=args.blur_side, seed=args.seed, num_images=args.num_images, height=args.height,
+                        width=args.width, boxes=parse_boxes(args.boxes), max_batch=args.max_batch,
+                        from_sd=args.from_sd, previews=args.previews, device=args.device, dtype=args.dtype,
+                        overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+        run(config)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
