@@ -1,8 +1,8 @@
 """Pure metric math, apart from feature extraction: feature statistics, Fréchet distance, CLIP score.
 
 Follows EDM's `fid.py` / pytorch-fid: FID = ‖μ₁−μ₂‖² + Tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½), with `scipy.linalg.sqrtm` and
-an `eps·I` offset on both covariances when their product's square root is not finite (singular covariances,
-e.g. fewer images than feature dimensions). CLIP score as in Hessel et al. / torchmetrics: 100·max(cos, 0).
+an `eps·I` offset on both covariances when their product is singular (scipy warns, or the root is not finite),
+e.g. with fewer images than feature dimensions. CLIP score as in Hessel et al. / torchmetrics: 100·max(cos, 0).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,21 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        log.warning("FID: product of covariances is singular; adding %g to the diagonals", eps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)  # "singular, may be inaccurate" -> offset below
+        try:
+            covmean = linalg.sqrtm(sigma1 @ sigma2)
+            singular = not np.isfinite(covmean).all()
+        except linalg.LinAlgWarning:
+            singular = True
+    if singular:  # e.g. fewer images than feature dimensions
+        log.debug("FID: product of covariances is singular; adding %g to the diagonals", eps)
         offset = np.eye(d) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        if not np.isfinite(covmean).all():
+            raise ValueError("FID: sqrtm of the covariance product is not finite even with the eps offset")
     if np.iscomplexobj(covmean):
         largest = np.max(np.abs(covmean.imag))
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_TOLERANCE):
