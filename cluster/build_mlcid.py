@@ -27,7 +27,7 @@ from pipelines.config import PRESETS, STAGE_ORDER, PipelineConfig
 from pipelines.inputs import input_shard_id
 from pipelines.runner import ShardProcessor
 
-from cluster.pool import PoolConfig, PoolError, ShardPool, ShardTask
+from cluster.pool import PoolConfig, PoolError, PoolReport, ShardPool, ShardTask
 from cluster.progress import RunProgress, RunSummary, format_summary, summarize
 from cluster.ray_env import RayEnvConfig, ray_session
 
@@ -105,6 +105,8 @@ def build(config: BuildConfig) -> RunSummary:
     urls = expand_urls(config.shards)
     tasks, complete = plan_tasks(urls, out, config.pipeline.prefix)
     log.info("%d input shard(s): %d to build, %d already complete in %s", len(urls), len(tasks), len(complete), out)
+    if not tasks:  # nothing to build: no need to start Ray
+        return summarize(PoolReport(outcomes=[]), len(complete), 0, time.perf_counter() - t0)
     # 2. Ray (started here or joined) → actor sizes; 3. the pool with its progress line.
     with ray_session(config.ray) as resources:
         pool_cfg = resolve_pool(config.workers, config.pool, resources, strict=config.ray.resolved_address() is None)

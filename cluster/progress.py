@@ -13,7 +13,7 @@ from tqdm import tqdm
 from cluster.pool import PoolReport, ShardOutcome, ShardTask
 
 # Per-shard timing keys that are I/O or waiting rather than stage compute.
-IO_TIMINGS = ("decode_wait", "write")
+IO_TIMINGS = ("decode", "decode_wait", "write")
 
 
 def _top(counter: Counter[str], n: int = 3) -> str:
