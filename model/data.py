@@ -106,9 +106,9 @@ def sample_to_tensors(sample: MLCIDSample, config: DataConfig, rng: np.random.Ge
     masks = np.zeros((L, size, size), dtype=bool)  # (L, H, W)
     images[0] = _resize(sample.background[..., :3], box, size, bicubic, flip) / 127.5 - 1.0
     for i, (fg, m) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
-        rgb = _resize(np.ascontiguousarray(fg[..., :3]), box, size, bicubic, flip) / 127.5 - 1.0
-        alpha = _binary(np.ascontiguousarray(fg[..., 3]), box, size, flip)
-        images[i] = np.where(alpha[..., None], rgb, config.fill_value)
+        rgba = _resize(fg, box, size, bicubic, flip)  # PIL resamples RGBA premultiplied: no fill bleeds in
+        alpha = rgba[..., 3] > 127  # (H, W)
+        images[i] = np.where(alpha[..., None], rgba[..., :3] / 127.5 - 1.0, config.fill_value)
         masks[i] = _binary(m, box, size, flip)
     n = 1 + len(sample.foregrounds)
     masks[0] = ~masks[1:n].any(axis=0)  # m_b = 1 - Σ m_i

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
-from test_data import write_shards  # noqa: E402
-
-from model import checkpoint as ckpt  # noqa: E402
-from model.train import main  # noqa: E402
+from model import checkpoint as ckpt
+from model.train import main
+from tests.model.test_data import write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
 

@@ -67,7 +67,7 @@ def write_shards(out: Path, shards: int = 2, per_shard: int = 4, size: int = 48,
 
 
 def write_raw_shard(path: Path, samples: list[MLCIDSample], truncate_at: float | None = None) -> None:
-    """Write samples without validation (for bad input); optionally cut the tar at a fraction of its bytes."""
+    """Write samples without validation (for bad input); optionally truncate the tar inside a member's data."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
@@ -76,7 +76,13 @@ def write_raw_shard(path: Path, samples: list[MLCIDSample], truncate_at: float |
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
-    path.write_bytes(data[: int(len(data) * truncate_at)] if truncate_at else data)
+    if truncate_at:  # cut inside the data of the member at that fraction of the members (a real truncation)
+        buf.seek(0)
+        with tarfile.open(fileobj=buf) as tar:
+            members = tar.getmembers()
+        cut = members[min(len(members) - 1, int(len(members) * truncate_at))]
+        data = data[: cut.offset_data + cut.size // 2]
+    path.write_bytes(data)
 
 
 def take(dataset, n: int) -> list[dict]:

@@ -16,7 +16,7 @@ from model.ema import EMA
 from model.losses import drop_prompts, layered_noise_loss, sample_timesteps
 from model.train import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
 
-from tests.model.test_data import write_shards
+from tests.model.test_data import make_sample, write_raw_shard, write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
 
@@ -189,6 +189,20 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tiny_models, shards, tmp_pa
         assert "incomplete" in caplog.text
     weights.write_bytes(good)
     assert run(shards, out, 4, "--resume") == 0 and len(losses(out)) == 4
+
+
+def test_bad_samples_and_a_corrupt_shard_mid_stream_are_counted_and_training_goes_on(tiny_models, tmp_path):
+    data = tmp_path / "mlcid"
+    data.mkdir()
+    write_raw_shard(data / "mlcid-000000.tar", [make_sample("a0", 40, 1), make_sample("big", 40, 4), make_sample("a1", 40, 2)])
+    write_raw_shard(data / "mlcid-000001.tar", [make_sample(f"b{i}", 40, 1, seed=i) for i in range(3)], 0.7)
+    write_raw_shard(data / "mlcid-000002.tar", [make_sample(f"c{i}", 40, 2, seed=i) for i in range(3)])
+    out = tmp_path / "run"
+    rc = run(str(data), out, 3, "--set", "data.resample=false", "--set", "data.shuffle_shards=false",
+             "--set", "data.shuffle_buffer=0")
+    assert rc == 0
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["dropped"] == {"too_many_layers": 1, "truncated_shard": 1}
 
 
 def test_pretrained_folder_that_is_not_sd_is_refused(tiny_models, shards, tmp_path, caplog):
