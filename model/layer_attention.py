@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from einops import rearrange, repeat
 from torch import nn
@@ -164,6 +165,8 @@ class LayerCollabTransformerBlock(nn.Module):
         super().__init__()
         self.block = block
         self.collab = collab
+        # recompute only the collab block in backward (saves its activations; see LayerDiffUNet)
+        self.checkpoint_collab = False
 
     def forward(
         self,
@@ -193,4 +196,6 @@ class LayerCollabTransformerBlock(nn.Module):
             class_labels=class_labels,
             added_cond_kwargs=added_cond_kwargs,
         )  # (B·L, N, C)
+        if self.checkpoint_collab and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.collab, hidden_states, ctx, use_reentrant=False)
         return self.collab(hidden_states, ctx)

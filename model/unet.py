@@ -159,6 +159,13 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         """Every wrapped (SD block + layer-collaborative block) pair, in module order."""
         return [m for m in self.unet.modules() if isinstance(m, LayerCollabTransformerBlock)]
 
+    def enable_layer_block_checkpointing(self, enable: bool = True) -> None:
+        """Recompute only the layer-collaborative blocks in backward: their activations (about as many as the SD
+        transformer blocks') are not kept, for ~1 extra forward of those blocks. An alternative to
+        `enable_gradient_checkpointing()` (which already recomputes them together with the SD blocks)."""
+        for wrapper in self.collab_blocks():
+            wrapper.checkpoint_collab = enable
+
     def new_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters LayerDiff adds to SD (collab blocks, enhancer, mask branch), by name."""
         return {n: p for n, p in self.named_parameters() if not n.startswith("unet.") or ".collab." in n}

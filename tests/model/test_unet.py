@@ -152,7 +152,8 @@ def test_save_and_load_round_trip(sd_unet, tmp_path):
                                    model(**inputs, layer_valid=valid).sample, atol=0, rtol=0)
 
 
-def test_gradient_checkpointing_matches(sd_unet):
+@pytest.mark.parametrize("mode", ["full", "layer_blocks"])
+def test_gradient_checkpointing_matches(sd_unet, mode):
     model = LayerDiffUNet.from_unet(sd_unet, max_layers=2).train()
     randomize_new_modules(model)
     inputs = make_inputs(B=2, L=2)
@@ -165,10 +166,15 @@ def test_gradient_checkpointing_matches(sd_unet):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     loss_a, grads_a = loss_and_grads()
-    model.enable_gradient_checkpointing()
-    assert model.is_gradient_checkpointing
+    if mode == "full":
+        model.enable_gradient_checkpointing()
+        assert model.is_gradient_checkpointing
+    else:
+        model.enable_layer_block_checkpointing()
+        assert all(w.checkpoint_collab for w in model.collab_blocks())
     loss_b, grads_b = loss_and_grads()
     model.disable_gradient_checkpointing()
+    model.enable_layer_block_checkpointing(False)
     assert not model.is_gradient_checkpointing
     torch.testing.assert_close(loss_b, loss_a)
     assert grads_a.keys() == grads_b.keys()
@@ -222,3 +228,15 @@ def test_from_unet_copies_sd_weights(sd_unet):
     assert torch.all(wrapper.collab.intra_attn.to_out.weight == 0)
     assert torch.all(wrapper.collab.inter_attn.to_out.weight == 0)
     assert torch.all(wrapper.collab.ff.net[-1].weight == 0)
+
+
+@pytest.mark.slow
+def test_benchmarks_run_tiny(capsys):
+    from model import bench_train, bench_train_gpu
+
+    rows = bench_train.main(["--tiny", "--layers", "2", "--repeats", "1", "--warmup", "0"])
+    assert [r["model"] for r in rows] == ["plain UNet", "LayerDiff", "LayerDiff, collab ckpt"]
+    assert all(r["s"] > 0 and r["mem"] > r["step_mem"] > 0 for r in rows)
+    results = bench_train_gpu.main(["--tiny", "--batch-sizes", "1", "--layers", "2", "--steps", "1", "--warmup", "0"])
+    assert {r.status for r in results} == {"ok"} and len(results) == 5
+    assert "| layerdiff | collab |" in capsys.readouterr().out
