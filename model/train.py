@@ -108,8 +108,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         resume_from = self._resume_path()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         # 2. Frozen SD parts and the LayerDiff UNet built from SD's UNet.
         amp = autocast_dtype(cfg.mixed_precision, self.device)

@@ -134,6 +134,10 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, 
         assert (out / sub).is_dir() and sub in index
     final = LayerDiffUNet.from_pretrained(out / "unet")  # EMA weights differ from the last step's
     assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), unet.state_dict().values()))
+    from model.pipeline import LayerDiffPipeline  # the sampler loads the run folder as a pipeline
+
+    pipe = LayerDiffPipeline.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), final.state_dict().values()))
     keys = (out / "keys-rank0.txt").read_text().split()
     assert len(keys) == 2 * 3 * 2  # (step, key) × batch 2 × 3 steps
     assert list(out.glob("tb/events.out.tfevents.*"))
