@@ -15,13 +15,12 @@ records; a rerun with the same settings resumes there).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +71,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         self.rows, self.layer_counts = tuple(self.rows), tuple(int(n) for n in self.layer_counts)
-        self.data = [self.data] if isinstance(self.data, str) else list(self.data)
+        self.data = [url for spec in ([self.data] if isinstance(self.data, str) else self.data) for url in spec.split()]
         self.layer_fill = tuple(self.layer_fill)
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
@@ -221,10 +220,6 @@ def collect_prompts(config: EvalConfig) -> list[Prompt]:
                          f"{config.per_group} per layer count {list(config.layer_counts)}; lower --per-group or "
                          f"add shards (dropped: {dict(reader.dropped) or 'none'})")
     return prompts
-
-
-def _settings_digest(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def generate_row(name: str, method: Any, prompts: Sequence[Prompt], config: EvalConfig,
@@ -423,30 +418,37 @@ def build_parser() -> argparse.ArgumentParser:
                     "Real weights load from local files offline: CLIP RN50 via $LAYERDIFF_CLIP_RN50, Inception "
                     "via $LAYERDIFF_FID_WEIGHTS (or --clip-model / --fid-weights); --preset tiny uses the tiny "
                     "random models from `make tiny-models`.",
-        epilog="example: python -m model.evaluate --model runs/tiny --data '.work/synthetic/mlcid/mlcid-{000000..000001}"
-               ".tar' --out .work/eval --preset tiny --per-group 2 --steps 2",
+        epilog="example (tiny, offline): python -m model.evaluate --model runs/tiny --preset tiny "
+               "--data '.work/synthetic/mlcid/mlcid-{000000..000001}.tar' --out .work/eval --per-group 2 --steps 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, help="LayerDiff run folder (from `make train`)")
-    parser.add_argument("--data", required=True, nargs="+", help="MLCID test shards (paths, brace patterns, URLs)")
-    parser.add_argument("--out", required=True, help="output folder (metrics.json, metrics.md, rows/, cache/)")
-    parser.add_argument("--preset", default=d.preset, choices=("real", "tiny"))
+    parser.add_argument("--model", required=True, metavar="RUN", help="LayerDiff run folder (from `make train`)")
+    parser.add_argument("--data", required=True, nargs="+", metavar="SHARDS",
+                        help="MLCID test shards: paths, brace patterns (quote them), folders, fsspec URLs")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: metrics.json, metrics.md, rows/ (resumable), cache/ (reference stats)")
+    parser.add_argument("--preset", default=d.preset, choices=("real", "tiny"),
+                        help="where SD 1.5, CLIP RN50 and the FID extractor load from")
     parser.add_argument("--rows", nargs="+", default=list(d.rows), choices=list(ROWS), help="methods to run")
-    parser.add_argument("--layer-counts", nargs="+", type=int, default=list(d.layer_counts))
+    parser.add_argument("--layer-counts", nargs="+", type=int, default=list(d.layer_counts), metavar="L",
+                        help="layer counts to evaluate (Table 1 columns)")
     parser.add_argument("--per-group", type=int, default=d.per_group, help="prompts per layer count")
     parser.add_argument("--steps", type=int, default=d.num_inference_steps, help="DDIM steps (all methods)")
     parser.add_argument("--cfg", type=float, default=d.guidance_scale, help="LayerDiff CFG scale")
     parser.add_argument("--smg", type=float, default=d.smg_scale, help="LayerDiff self-mask guidance scale")
     parser.add_argument("--sd-cfg", type=float, default=d.sd_guidance_scale, help="SD 1.5 CFG scale")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--size", type=int, default=None, help="LayerDiff size (default: the run's)")
-    parser.add_argument("--sd-size", type=int, default=None, help="SD size (default: native, 512 for SD 1.5)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="prompt i is sampled with seed + i (all methods)")
+    parser.add_argument("--size", type=int, help="LayerDiff sampling size; unset: the run's default")
+    parser.add_argument("--sd-size", type=int, help="SD sampling size; unset: native (512 for SD 1.5)")
     parser.add_argument("--eval-size", type=int, default=d.eval_size, help="size images are compared at")
-    parser.add_argument("--max-reference", type=int, default=None, help="cap real composites per group")
-    parser.add_argument("--sd-model", default=None, help="SD 1.5 folder or hub id (default: registry/preset)")
-    parser.add_argument("--clip-model", default=None, help="open_clip RN50 folder or weights file")
-    parser.add_argument("--fid-weights", default=None, help="Inception weights file for torch-fidelity")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--max-reference", type=int, help="cap on real composites per group; unset: all")
+    parser.add_argument("--sd-model", help="SD 1.5 folder or hub id; unset: the registry's, per preset")
+    parser.add_argument("--clip-model", help="open_clip RN50 folder or weights file; unset: $LAYERDIFF_CLIP_RN50, "
+                                             "else the preset's")
+    parser.add_argument("--fid-weights", help="torch-fidelity Inception weights file; unset: "
+                                              "$LAYERDIFF_FID_WEIGHTS, torch hub's cache, else the preset's")
+    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, …")
+    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"),
+                        help="model dtype for sampling and scoring")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="feature/embedding batch size")
     parser.add_argument("--save-layers", action="store_true", help="also export every LayerDiff sample (PSD/ORA)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
