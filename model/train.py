@@ -70,6 +70,14 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def _open_truncated(path: Path, step: int, step_of: Callable[[str], int]):
+    """Open a per-step log for appending after dropping its lines past `step` (all of them on a fresh run)."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and step and step_of(ln) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+    return open(path, "a")
+
+
 class Trainer:
     """Train a LayerDiffUNet on MLCID shards; rank 0 writes logs and checkpoints. `setup()` then `train()`."""
 
@@ -153,7 +161,8 @@ class Trainer:
         if self.is_main:
             self._open_logs()
         if cfg.record_keys:
-            self._keys_file = open(self.out_dir / f"keys-rank{self.rank}.txt", "a")
+            self._keys_file = _open_truncated(self.out_dir / f"keys-rank{self.rank}.txt", self.step,
+                                              lambda ln: int(ln.split("\t", 1)[0]))
         log.info("rank %d/%d on %s: %.1fM trainable parameters, micro-batch %d × accum %d, start step %d",
                  self.rank, self.world_size, self.device, sum(p.numel() for p in params) / 1e6, self.local_batch,
                  cfg.grad_accum, self.step)
@@ -193,11 +202,7 @@ class Trainer:
     def _open_logs(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        metrics = self.out_dir / "metrics.jsonl"
-        if metrics.exists():  # drop lines past the checkpoint we resumed from (or everything on a fresh run)
-            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in keep) if self.step else "")
-        self._metrics = open(metrics, "a")
+        self._metrics = _open_truncated(self.out_dir / "metrics.jsonl", self.step, lambda ln: json.loads(ln)["step"])
         self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
 
     # -- training ----------------------------------------------------------------------------------------------
@@ -215,6 +220,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
                 if self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+            if result.losses and self.step % cfg.checkpoint_every:
+                self.save_checkpoint()  # the last step too, so the run can be extended with --resume
             if self.is_main:
                 self.save_pipeline()
         finally:

@@ -144,7 +144,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, 
 
 
 def test_resume_continues_exactly(tiny_models, shards, tmp_path):
-    loader = ["--set", "data.num_workers=2", "--set", "checkpoint_every=3"]
+    loader = ["--set", "data.num_workers=2", "--set", "checkpoint_every=3", "--set", "record_keys=true"]
     assert run(shards, tmp_path / "full", 6, *loader) == 0
     assert run(shards, tmp_path / "part", 3, *loader) == 0
     assert (tmp_path / "part" / "checkpoint-000003").is_dir()
@@ -152,6 +152,8 @@ def test_resume_continues_exactly(tiny_models, shards, tmp_path):
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(full) == len(part) == 6
     assert max(abs(a - b) for a, b in zip(full, part)) <= 1e-6, (full, part)
+    keys = [(tmp_path / run_dir / "keys-rank0.txt").read_text() for run_dir in ("full", "part")]
+    assert keys[0] == keys[1] and len(keys[0].splitlines()) == 12  # same samples, same order
     # a run folder with checkpoints is never silently restarted
     assert run(shards, tmp_path / "part", 6, *loader) == EXIT_BAD_INPUT
 
