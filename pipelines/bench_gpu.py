@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 from pipelines.base import Detection, Item, ObjectLayer
-from pipelines.tiny import bert_tokenizer, clip_tokenizer, make_instructblip, make_owlv2, t5_tokenizer, tiny_sam_geometry
+from pipelines.tiny import (
+    bert_tokenizer,
+    clip_tokenizer,
+    make_instructblip,
+    make_owlv2,
+    t5_tokenizer,
+    tiny_sam_geometry,
+)
 
 log = logging.getLogger("bench_gpu")
 STAGES = ("caption", "detect", "segment", "object_caption", "inpaint")
@@ -284,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Seconds per sample of each model-backed MLCID stage at full size with random weights "
                     "(no download), and GPU-hours per 2M samples. --tiny: a quick CPU correctness run.",
     )
-    parser.add_argument("--tiny", action="store_true", help="tiny models on CPU (checks the code; numbers mean nothing)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny models on CPU (checks the code; the numbers mean nothing)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES), help="stages to time")
     parser.add_argument("--samples", type=int, help="timed items per stage (default 64; tiny 4)")
     parser.add_argument("--device", default=None, help="auto | cuda | cpu (default auto; tiny cpu)")

@@ -44,6 +44,10 @@ def crop_object(image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int] 
     return crop
 
 
+# (model_id, device, dtype) → (model, processor): `caption` and `object_caption` hold one InstructBLIP together.
+_SHARED: dict[tuple[str, str, str], tuple[object, object]] = {}
+
+
 class InstructBlipCaptioner:
     """InstructBLIP loaded once; `generate(images, instruction)` → one cleaned caption per image."""
 
@@ -55,8 +59,9 @@ class InstructBlipCaptioner:
         max_new_tokens: int = 60,
         num_beams: int = 1,
         repetition_penalty: float = 1.0,
+        share_model: bool = True,
     ) -> None:
-        self.model_id = model_id
+        self.model_id, self.share_model = model_id, share_model
         self.repetition_penalty = float(repetition_penalty)
         self.device, self.dtype = device_and_dtype(device, dtype)
         self.max_new_tokens, self.num_beams = int(max_new_tokens), int(num_beams)
@@ -65,13 +70,20 @@ class InstructBlipCaptioner:
         self.model = self.processor = None
 
     def setup(self) -> None:
+        """Load once. With `share_model`, stages in one process with the same model/device/dtype share it."""
         from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
 
         if self.model is not None:
             return
+        key = (self.model_id, str(self.device), str(self.dtype))
+        if self.share_model and key in _SHARED:
+            self.use(*_SHARED[key])
+            return
         check_model_location(self.model_id, "InstructBLIP")
         processor = InstructBlipProcessor.from_pretrained(self.model_id)
         self.use(InstructBlipForConditionalGeneration.from_pretrained(self.model_id, dtype=self.dtype), processor)
+        if self.share_model:
+            _SHARED[key] = (self.model, self.processor)
 
     def use(self, model, processor) -> None:
         """Take an already built model + processor (what `setup` loads; benchmarks pass random-weight ones)."""
@@ -118,10 +130,12 @@ class GlobalCaption:
         max_new_tokens: int = 60,
         num_beams: int = 1,
         repetition_penalty: float = 1.0,
+        share_model: bool = True,
         instruction: str = GLOBAL_INSTRUCTION,
     ) -> None:
         self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, repetition_penalty=repetition_penalty)
+                                    num_beams=num_beams, repetition_penalty=repetition_penalty,
+                                    share_model=share_model)
         self.model_id = self.captioner.model_id
         self.batch_size, self.instruction = max(1, int(batch_size)), instruction
 
@@ -158,11 +172,13 @@ class ObjectCaption:
         max_new_tokens: int = 20,
         num_beams: int = 1,
         repetition_penalty: float = 1.0,
+        share_model: bool = True,
         instruction: str = OBJECT_INSTRUCTION,
         fill: tuple[int, int, int] = (255, 255, 255),
     ) -> None:
         self.captioner = _captioner(preset, model, model_overrides, device, dtype, max_new_tokens=max_new_tokens,
-                                    num_beams=num_beams, repetition_penalty=repetition_penalty)
+                                    num_beams=num_beams, repetition_penalty=repetition_penalty,
+                                    share_model=share_model)
         self.model_id = self.captioner.model_id
         self.batch_size, self.instruction, self.fill = max(1, int(batch_size)), instruction, tuple(fill)
 

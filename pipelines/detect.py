@@ -86,7 +86,7 @@ def select(
 
 
 class _Detector:
-    """Shared config and the stage loop; backends implement `setup()` and `scores(images, allowed)`."""
+    """Shared config and the stage loop; backends implement `setup()` and `raw(images, allowed)`."""
 
     model_name: str
 

@@ -157,8 +157,9 @@ class SamSegmenter:
     """Box-prompted SAM masks: one (H, W) bool mask per detection, same order, `multimask_output=False`.
 
     The image encoder runs on micro-batches of `batch_size` images; the decoder takes all boxes of an image at
-    once (`predict_torch` after `apply_boxes_torch`). `mask_threshold` thresholds SAM's mask logits (SAM's own value is 0.0); `clip_to_box` zeroes each mask
-    outside its (padded) box. An item whose every mask is empty is dropped with reason `no_mask`.
+    once (`predict_torch` after `apply_boxes_torch`). `mask_threshold` thresholds SAM's mask logits (SAM's own
+    value is 0.0); `clip_to_box` zeroes each mask outside its box grown by `box_pad` pixels. An item whose every
+    mask is empty is dropped with reason `no_mask`.
     """
 
     def __init__(

@@ -57,7 +57,7 @@ def test_global_caption_batched_equals_one_by_one(caption_stage):
 
 
 def test_empty_caption_keeps_source_or_drops(blip_dir):
-    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=4)
+    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=4, share_model=False)  # weights edited
     stage.setup()
     stage.captioner.model.language_model.lm_head.weight.data.zero_()  # every step: argmax = <pad> → ""
     with_source = stage(_items(2, source="  a red   square on grass "))
@@ -69,7 +69,7 @@ def test_empty_caption_keeps_source_or_drops(blip_dir):
 
 
 def test_object_captions_batched_across_items(blip_dir):
-    stage = ObjectCaption(model=blip_dir, device="cpu", max_new_tokens=4, batch_size=4)
+    stage = ObjectCaption(model=blip_dir, device="cpu", max_new_tokens=4, batch_size=4, share_model=False)
     items = _items(3)
     for it in items:
         h, w = it.image.shape[:2]
@@ -90,6 +90,15 @@ def test_object_captions_batched_across_items(blip_dir):
     stage.captioner.model.language_model.lm_head.weight.data.zero_()
     stage([solo])
     assert [o.prompt for o in solo.objects] == ["cat", "dog"]
+
+
+def test_caption_and_object_caption_share_one_model(caption_stage, blip_dir):
+    other = ObjectCaption(model=blip_dir, device="cpu")
+    other.setup()
+    assert other.captioner.model is caption_stage.captioner.model
+    alone = ObjectCaption(model=blip_dir, device="cpu", share_model=False)
+    alone.setup()
+    assert alone.captioner.model is not caption_stage.captioner.model
 
 
 def test_crop_object_box_and_fill():
