@@ -347,7 +347,9 @@ def metrics_markdown(result: dict[str, Any]) -> str:
         f"composites per group: " + ", ".join(f"{g}: {n}" for g, n in result["reference_counts"].items()) + ".",
         f"DDIM {c['num_inference_steps']} steps, CFG {c['guidance_scale']}, SMG {c['smg_scale']}, SD CFG "
         f"{c['sd_guidance_scale']}; images compared at {c['eval_size']}²; FID extractor "
-        f"`{result['fid_extractor']}`, CLIP `{result['clip_model']}`. CS = 100·max(cos, 0).",
+        f"`{result['fid_extractor']}`, CLIP `{result['clip_model']}`. CS = 100·max(cos, 0); Layer CS: each "
+        f"foreground over a neutral fill outside its mask vs its layer prompt. All: every prompt above against all "
+        f"real composites.",
     ]
     if c["preset"] == "tiny":
         notes.append("**Preset tiny: random-weight models; these numbers test the plumbing, not the method.**")

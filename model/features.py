@@ -30,10 +30,14 @@ CACHE_VERSION = 1
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3) uint8 (bicubic; a no-op at that size). Eval images are square."""
-    if image.shape[:2] == (size, size):
-        return np.ascontiguousarray(image[..., :3])
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image[..., :3])).resize((size, size), Image.BICUBIC))
+    """(H, W, 3) uint8 -> (size, size, 3) uint8: centre square crop, then bicubic resize (no-op at that size)."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = np.ascontiguousarray(image[top:top + side, left:left + side, :3])  # (side, side, 3)
+    if side == size:
+        return square
+    return np.asarray(Image.fromarray(square).resize((size, size), Image.BICUBIC))
 
 
 def _batches(items: Sequence[Any], batch_size: int) -> Iterable[Sequence[Any]]:

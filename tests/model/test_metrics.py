@@ -146,3 +146,14 @@ def test_fid_agrees_with_torch_fidelity(fid_features, tmp_path):
         save_cpu_ram=True, **fid_features.spec.metric_kwargs())["frechet_inception_distance"]
     ours = frechet_distance_stats(*(FeatureStats.from_features(fid_features(sets[k])) for k in "ab"))
     assert ours > 0 and ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_resize_rgb_centre_crops_then_resizes():
+    from model.features import resize_rgb
+
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, 10:30] = 200  # the centre square
+    out = resize_rgb(wide, 10)
+    assert out.shape == (10, 10, 3) and (out == 200).all()
+    same = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(resize_rgb(same, 16), same)
