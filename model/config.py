@@ -86,6 +86,7 @@ class TrainConfig:
             (-1 <= self.data.fill_value <= 1, "data.fill_value must be in [-1, 1]"),
             (0 < self.data.random_scale[0] <= self.data.random_scale[1], "data.random_scale must be 0 < lo ≤ hi"),
             (self.data.block_size >= 1, "data.block_size must be ≥ 1"),
+            ("max_layers" not in self.unet_options, "set data.max_layers, not unet_options.max_layers"),
         ]
         for ok, message in checks:
             if not ok:

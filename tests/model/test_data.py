@@ -126,6 +126,16 @@ def test_fill_value_is_configurable():
     assert torch.all(out["images"][1][:, torch.from_numpy(alpha_off)] == -1.0)
 
 
+def test_hflip_mirrors_every_layer_together():
+    sample = make_sample("a", size=32, n_fg=2)
+    plain = sample_to_tensors(sample, DataConfig(resolution=32), np.random.default_rng(0))
+    outs = [sample_to_tensors(sample, DataConfig(resolution=32, hflip=True), np.random.default_rng(s)) for s in range(8)]
+    flipped = [o for o in outs if not torch.equal(o["images"], plain["images"])]
+    assert 0 < len(flipped) < 8
+    for o in flipped:
+        assert torch.equal(o["images"], plain["images"].flip(-1)) and torch.equal(o["masks"], plain["masks"].flip(-1))
+
+
 def test_too_many_layers_skip_is_counted_and_truncate_keeps_backmost(tmp_path):
     write_raw_shard(tmp_path / "mlcid-000000.tar", [make_sample("big", 32, n_fg=4), make_sample("ok", 32, n_fg=1)])
     cfg = DataConfig(resolution=32, max_layers=4, resample=False, shuffle_shards=False)
