@@ -19,6 +19,7 @@ def test_tiny_run_reports_every_stage(tmp_path, capsys):
     total = sum(r["s_per_sample"] for r in report["stages"])
     assert report["gpu_hours_per_total_samples"] == pytest.approx(total * 2_000_000 / 3600)
     assert "GPU-hours for 2,000,000 samples" in capsys.readouterr().out
+    assert report["device"] == "cpu" and report["tiny"] is True
 
 
 def test_tiny_caption_generates_a_fixed_number_of_tokens():
@@ -34,8 +35,15 @@ def _params(module: torch.nn.Module) -> int:
 def test_full_size_architectures_have_the_real_sizes():
     """Built on the meta device (no memory, no weights): parameter counts of the published checkpoints."""
     cfg, meta = BenchConfig(), torch.device("meta")
-    blip, _ = instructblip(cfg, meta)
+    blip, processor = instructblip(cfg, meta)
     assert 3.9e9 < _params(blip) < 4.1e9  # InstructBLIP Flan-T5-XL ≈ 4.0B
+    # the offline processor fits the model: its ids are in range and `<image>` is the model's image token
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == blip.config.image_token_index
+    assert len(processor.tokenizer) <= blip.config.text_config.vocab_size
+    assert len(processor.qformer_tokenizer) <= blip.config.qformer_config.vocab_size
+    assert processor.num_query_tokens == blip.config.num_query_tokens == 32
+    assert processor.image_processor.size == {"height": 224, "width": 224} == {
+        "height": blip.config.vision_config.image_size, "width": blip.config.vision_config.image_size}
     owl, processor = owlv2(cfg, meta)
     assert 150e6 < _params(owl) < 160e6 and owl.config.vision_config.image_size == 960  # OWLv2-B/16 ≈ 155M
     assert processor.image_processor.size == {"height": 960, "width": 960}
