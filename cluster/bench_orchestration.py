@@ -8,7 +8,9 @@ Actors are started and loaded first (`ShardPool.warm_up`), so the timed part is 
   - stage s/sample: time inside the pipeline stages (the stats files' per-stage timings);
   - process s/sample: time inside `processor.process` on the actors (stages + decode + encode + files);
   - overhead ms/sample = (steady wall × workers − stage time) / samples: everything that is not a stage;
-  - Ray ms/sample = (steady wall × workers − process time) / samples: what the pool itself adds.
+  - Ray ms/sample = (steady wall × workers − process time) / samples: what the pool itself adds;
+  - CPU s/sample and CPU share = actor CPU time / (steady wall × workers): a share well below 1 means the actors
+    waited for a core (other load on the machine), so the speed-up there says nothing about the framework.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -52,6 +55,8 @@ class BenchRow:
     process_s_per_sample: float
     overhead_ms_per_sample: float
     ray_ms_per_sample: float
+    cpu_s_per_sample: float  # CPU time of the actors (all threads) per sample
+    cpu_share: float  # actor CPU time / (steady wall × workers): < 1 means the actors waited for a core
 
 
 def ensure_tiny_models() -> Path:
@@ -65,7 +70,7 @@ def ensure_tiny_models() -> Path:
     return root
 
 
-def run_one(workers: int, tasks: list[ShardTask], out: Path, config: PipelineConfig, base: float | None) -> BenchRow:
+def run_one(workers: int, tasks: list[ShardTask], out: Path, config: PipelineConfig) -> BenchRow:
     """Warm up `workers` actors (1 CPU each), then time the pool over every task."""
     shutil.rmtree(out, ignore_errors=True)
     pool = ShardPool(functools.partial(ShardProcessor, config), out,
@@ -79,24 +84,26 @@ def run_one(workers: int, tasks: list[ShardTask], out: Path, config: PipelineCon
     samples = sum(s["read"] for s in stats)
     stage = sum(v for s in stats for k, v in s["timings"].items() if k in STAGE_ORDER)
     process = sum(o.process_seconds for o in report.outcomes)
+    cpu = sum(o.cpu_seconds for o in report.outcomes)
     rate = samples / steady
     return BenchRow(
         workers=workers, shards=len(tasks), samples=samples, startup_s=round(startup, 2), steady_s=round(steady, 2),
-        samples_per_s=round(rate, 2), speedup=round(rate / base, 2) if base else 1.0,
+        samples_per_s=round(rate, 2), speedup=1.0,
         stage_s_per_sample=round(stage / samples, 4), process_s_per_sample=round(process / samples, 4),
         overhead_ms_per_sample=round(1000 * (steady * workers - stage) / samples, 1),
         ray_ms_per_sample=round(1000 * (steady * workers - process) / samples, 1),
+        cpu_s_per_sample=round(cpu / samples, 4), cpu_share=round(cpu / (steady * workers), 2),
     )
 
 
 def markdown(rows: list[BenchRow]) -> str:
     head = ("| workers | shards | samples | start-up s | steady s | samples/s | speed-up | stage s/sample | "
-            "process s/sample | overhead ms/sample | Ray ms/sample |")
-    lines = [head, "|" + "---:|" * 11]
+            "process s/sample | overhead ms/sample | Ray ms/sample | CPU s/sample | CPU share |")
+    lines = [head, "|" + "---:|" * 13]
     for r in rows:
         lines.append(f"| {r.workers} | {r.shards} | {r.samples} | {r.startup_s} | {r.steady_s} | {r.samples_per_s} | "
                      f"{r.speedup}× | {r.stage_s_per_sample} | {r.process_s_per_sample} | "
-                     f"{r.overhead_ms_per_sample} | {r.ray_ms_per_sample} |")
+                     f"{r.overhead_ms_per_sample} | {r.ray_ms_per_sample} | {r.cpu_s_per_sample} | {r.cpu_share} |")
     return "\n".join(lines)
 
 
@@ -107,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples-per-shard", type=int, default=16)
     p.add_argument("--size", type=int, default=64, help="synthetic image side (px)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="actor counts to compare")
+    p.add_argument("--repeats", type=int, default=2, help="runs per worker count (the best one is reported)")
     p.add_argument("--work-dir", default=".work/bench-orchestration", help="where shards and outputs go")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--log-level", default="WARNING")
@@ -126,15 +134,25 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [ShardTask(f"mlcid-{i:06d}", str(raw / f"{i:05d}.tar")) for i in range(args.shards)]
     config = PipelineConfig.from_preset("tiny", max_side=max(8, args.size // 8 * 8))
     # 2. One in-process Ray sized for the largest run; each run gets 1 CPU per actor.
-    rows: list[BenchRow] = []
+    #    Repeats alternate the worker counts and keep each count's best run (other load on the machine only
+    #    ever slows a run down).
+    best: dict[int, BenchRow] = {}
     with ray_session(RayEnvConfig(num_cpus=max(args.workers))):
-        for n in args.workers:
-            rows.append(run_one(n, tasks, work / f"out-{n}", config, rows[0].samples_per_s if rows else None))
-            print(f"workers={n}: {rows[-1].samples_per_s} samples/s", file=sys.stderr, flush=True)
+        for rep in range(args.repeats):
+            for n in args.workers:
+                row = run_one(n, tasks, work / f"out-{n}", config)
+                print(f"repeat {rep + 1}/{args.repeats}, workers={n}: {row.samples_per_s} samples/s",
+                      file=sys.stderr, flush=True)
+                if n not in best or row.samples_per_s > best[n].samples_per_s:
+                    best[n] = row
+    rows = [best[n] for n in args.workers]
+    for r in rows:
+        r.speedup = round(r.samples_per_s / rows[0].samples_per_s, 2)
     # 3. Report.
     cmd = "python -m cluster.bench_orchestration " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"\n`{cmd.strip()}` ({time.strftime('%Y-%m-%d')}, tiny presets, {args.shards} shards × "
-          f"{args.samples_per_shard} samples at {args.size}px, 1 CPU per actor)\n")
+          f"{args.samples_per_shard} samples at {args.size}px, 1 CPU per actor, best of {args.repeats}, "
+          f"{os.cpu_count()} cores)\n")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))

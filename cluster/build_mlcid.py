@@ -113,7 +113,7 @@ def build(config: BuildConfig) -> RunSummary:
         log.info("pool: %d actor(s) × (%g CPU, %g GPU), ≤%d shard(s) in flight each, %d retries, recycle every %s",
                  pool_cfg.workers, pool_cfg.num_cpus, pool_cfg.num_gpus, pool_cfg.max_in_flight,
                  pool_cfg.max_retries, pool_cfg.recycle_every or "never")
-        progress = RunProgress(len(tasks), skipped=len(complete), disable=not config.progress or None)
+        progress = RunProgress(len(tasks), skipped=len(complete), enabled=config.progress)
         try:
             pool = ShardPool(functools.partial(ShardProcessor, config.pipeline), out, pool_cfg, progress)
             report = pool.run(tasks)

@@ -107,6 +107,7 @@ class ShardOutcome:
     pid: int | None = None
     node: str | None = None
     process_seconds: float = 0.0  # time inside processor.process (excludes the lock wait)
+    cpu_seconds: float = 0.0  # CPU time of the actor process (all threads) during processor.process
     lock_seconds: float = 0.0
 
 
@@ -187,14 +188,14 @@ class ShardActor:
     def process(self, task: ShardTask, out_dir: str) -> dict[str, Any]:
         """Run one shard under its lock; the stats plus where and how long it ran."""
         with shard_lock(Path(out_dir) / LOCK_DIR / f"{task.key}.lock", self.lock_timeout_s) as waited:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if self.reports_progress:
                 stats = self.processor.process(task.url, out_dir, on_progress=self._count)
             else:
                 stats = self.processor.process(task.url, out_dir)
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"stats": stats, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "process_seconds": seconds, "lock_seconds": waited}
+                "process_seconds": seconds, "cpu_seconds": cpu, "lock_seconds": waited}
 
     @ray.method(concurrency_group="monitor")
     def progress(self) -> int:
@@ -284,7 +285,7 @@ class ShardPool:
     def _succeed(self, slot: _Slot, task: ShardTask, result: dict[str, Any], st: dict) -> ShardOutcome:
         out = ShardOutcome(task, True, result["stats"], st["attempts"].get(task, 0) + 1,
                            st["errors"].get(task, []), slot.serial, result["pid"], result["node"],
-                           result["process_seconds"], result["lock_seconds"])
+                           result["process_seconds"], result["cpu_seconds"], result["lock_seconds"])
         if self.listener is not None:
             self.listener.on_shard(out)
         return out
@@ -361,6 +362,21 @@ class ShardPool:
                 if slot.ready and slot.inflight and slot.poll_ref is None:
                     slot.poll_ref = slot.handle.progress.remote()
 
+    def _final_counts(self) -> None:
+        """Last live-count update from every live actor, so the listener ends with the full sample count."""
+        if self.listener is None:
+            return
+        slots = [s for s in self.slots if s.ready]
+        refs = [s.handle.progress.remote() for s in slots]
+        for slot, ref in zip(slots, refs):
+            try:
+                count = ray.get(ref, timeout=10)
+            except RayError:
+                continue
+            if count > slot.samples_seen:
+                self.listener.on_samples(count - slot.samples_seen)
+                slot.samples_seen = count
+
     # -- the loop -------------------------------------------------------------------------------------------
     def run(self, tasks: list[ShardTask]) -> PoolReport:
         """Process every task; returns one outcome per task (in input order). Raises `PoolError` if stuck."""
@@ -432,6 +448,7 @@ class ShardPool:
                 if first_ready is None and time.perf_counter() - t_start > cfg.startup_timeout_s:
                     raise PoolError(f"no actor became ready within {cfg.startup_timeout_s:.0f}s; does the cluster "
                                     f"have {cfg.num_cpus} CPU / {cfg.num_gpus} GPU free per actor?")
+            self._final_counts()
         finally:
             for slot in list(self.slots):
                 self._remove(slot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
@@ -12,8 +13,15 @@ from tqdm import tqdm
 
 from cluster.pool import PoolReport, ShardOutcome, ShardTask
 
+log = logging.getLogger("cluster.progress")
+
 # Per-shard timing keys that are I/O or waiting rather than stage compute.
 IO_TIMINGS = ("decode", "decode_wait", "write")
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _top(counter: Counter[str], n: int = 3) -> str:
@@ -21,13 +29,21 @@ def _top(counter: Counter[str], n: int = 3) -> str:
 
 
 class RunProgress:
-    """A `PoolListener`: one tqdm line — shards done/total, ETA, samples/s, written, drops by reason, failures."""
+    """A `PoolListener`: one tqdm line — shards done/total, ETA, samples/s, written, drops by reason, failures.
 
-    def __init__(self, total: int, skipped: int = 0, file: TextIO | None = None, disable: bool | None = None) -> None:
-        self.bar = tqdm(total=total, unit="shard", desc="shards", file=file or sys.stderr, dynamic_ncols=True,
-                        disable=disable, smoothing=0.1)
+    When the output is not a terminal (cluster job logs) it logs one line per finished shard instead.
+    """
+
+    def __init__(self, total: int, skipped: int = 0, file: TextIO | None = None, enabled: bool = True) -> None:
+        file = file or sys.stderr
+        self.tty = enabled and file.isatty()
+        self.log_lines = enabled and not self.tty
+        self.total = total
+        self.bar = tqdm(total=total, unit="shard", desc="shards", file=file, dynamic_ncols=True,
+                        disable=not self.tty, smoothing=0.1)
         self.t0 = time.perf_counter()
         self.live_samples = 0
+        self.done = 0
         self.written = 0
         self.read = 0
         self.dropped: Counter[str] = Counter()
@@ -41,7 +57,8 @@ class RunProgress:
 
     def on_retry(self, task: ShardTask, error: str) -> None:
         self.retries += 1
-        self.bar.write(f"retrying {task.url}: {error}")
+        if self.tty:
+            self.bar.write(f"retrying {task.url}: {error}")
         self._refresh()
 
     def on_shard(self, outcome: ShardOutcome) -> None:
@@ -52,19 +69,30 @@ class RunProgress:
             self.live_samples = max(self.live_samples, self.read)
         else:
             self.failed += 1
-            self.bar.write(f"FAILED {outcome.task.url} after {outcome.attempts} attempts: "
-                           f"{outcome.errors[-1] if outcome.errors else '?'}")
+            if self.tty:
+                self.bar.write(f"FAILED {outcome.task.url} after {outcome.attempts} attempts: "
+                               f"{outcome.errors[-1] if outcome.errors else '?'}")
+        self.done += 1
         self.bar.update(1)
         self._refresh()
+        if self.log_lines:
+            done, elapsed = self.done, time.perf_counter() - self.t0
+            eta = elapsed / done * (self.total - done) if done else 0.0
+            log.info("shards %d/%d (%s), ETA %s: %s", done, self.total, outcome.task.key, _hms(eta),
+                     ", ".join(f"{k} {v}" for k, v in self._postfix().items()))
 
-    def _refresh(self) -> None:
+    def _postfix(self) -> dict[str, Any]:
         rate = self.live_samples / max(1e-9, time.perf_counter() - self.t0)
-        post = {"samples/s": f"{rate:.2f}", "written": self.written}
+        post: dict[str, Any] = {"samples/s": f"{rate:.2f}", "written": self.written}
         if self.dropped:
             post["dropped"] = _top(self.dropped)
         if self.failed or self.retries:
             post["failed"], post["retries"] = self.failed, self.retries
-        self.bar.set_postfix(post, refresh=True)
+        return post
+
+    def _refresh(self) -> None:
+        if self.tty:
+            self.bar.set_postfix(self._postfix(), refresh=True)
 
     def close(self) -> None:
         self.bar.close()

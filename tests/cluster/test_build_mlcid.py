@@ -116,6 +116,24 @@ def test_summary_counts_and_table():
     assert "detect 2.0s" in table and "write" not in table.split("stage time")[1].split("\n")[0]
 
 
+def test_progress_logs_one_line_per_shard_when_not_a_terminal(caplog):
+    import io
+    import logging
+
+    from cluster.progress import RunProgress
+
+    prog = RunProgress(2, file=io.StringIO())
+    with caplog.at_level(logging.INFO, logger="cluster.progress"):
+        prog.on_samples(3)
+        prog.on_shard(ShardOutcome(ShardTask("mlcid-000004", "in/00004.tar"), True,
+                                   {"read": 4, "written": 3, "dropped": {"too_small": 1}}, attempts=1))
+        prog.on_shard(ShardOutcome(ShardTask("mlcid-000005", "in/00005.tar"), False, None, 3, ["boom"]))
+    prog.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("shards 1/2 (mlcid-000004)") and "written 3" in lines[0] and "too_small:1" in lines[0]
+    assert lines[1].startswith("shards 2/2 (mlcid-000005)") and "failed 1" in lines[1]
+
+
 # -- cluster configs ------------------------------------------------------------------------------------------
 def _build_command(text: str) -> list[str]:
     """The arguments after `python -m cluster.build_mlcid` in a command line."""
