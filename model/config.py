@@ -105,8 +105,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if len(args) != len(value):
             raise ValueError(f"{where}: expected {len(args)} values, got {value!r:.80}")
         return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float:  # YAML reads "1e-5" (no dot) as a string
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: expected a number, got {value!r:.80}") from None
     if tp is int and not (isinstance(value, int) and not isinstance(value, bool)):
         raise ValueError(f"{where}: expected an integer, got {value!r:.80}")
     return value

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections import Counter
@@ -347,27 +348,21 @@ class Trainer:
         """Write the final diffusers-style pipeline folder into the run folder (model_index.json last)."""
         import diffusers
 
+        (self.out_dir / "model_index.json").unlink(missing_ok=True)  # never vouch for a half-updated folder
         if self.ema is not None:
             self.ema.copy_to(self.unet)  # the sampler gets the averaged weights
         c = self.components
         parts = {"unet": self.unet, "vae": c.vae.to(torch.float32), "text_encoder": c.text_encoder.to(torch.float32),
                  "tokenizer": c.tokenizer, "scheduler": c.scheduler}
         index: dict[str, Any] = {"_class_name": "LayerDiffPipeline", "_diffusers_version": diffusers.__version__}
-        for name, obj in parts.items():
-            tmp = self.out_dir / f".{name}.tmp"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
+        for name, obj in parts.items():  # each part: write to .NAME.tmp, then swap in
+            tmp, final = self.out_dir / f".{name}.tmp", self.out_dir / name
+            shutil.rmtree(tmp, ignore_errors=True)
             if name in ("unet", "vae"):
                 obj.save_pretrained(tmp, safe_serialization=True)
             else:
                 obj.save_pretrained(tmp)
-            final = self.out_dir / name
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
+            shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             module = type(obj).__module__.split(".")[0]
             index[name] = [type(obj).__module__ if module == "model" else module, type(obj).__name__]

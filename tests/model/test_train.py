@@ -108,6 +108,9 @@ def test_config_recipe_and_errors(tmp_path):
     with pytest.raises(ValueError, match="too_many_layers"):
         load_config(TINY, ["data.too_many_layers=drop"])
     assert load_config(TINY, ["data.random_scale=[1, 2]"]).data.random_scale == (1.0, 2.0)
+    assert load_config(TINY, ["lr=1e-3"]).lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(ValueError, match="expected a number"):
+        load_config(TINY, ["lr=fast"])
 
 
 # -- end to end ----------------------------------------------------------------------------------------------------
