@@ -100,6 +100,15 @@ def test_clip_score():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run far faster on one thread when the 2 shared cores are oversubscribed (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fid_features(tmp_path_factory):
     from model.features import FidFeatures
