@@ -167,10 +167,10 @@ def layer_inpaint(
     # 2. Clean latents of every layer, the first timestep, and noise.
     z0 = encode_layers(pipe, src.images, masks, size)  # (1, L, 8, h, w)
     t_first = pipe.prepare_timesteps(num_inference_steps)[0]
-    noise = _noise(pipe, tuple(z0.shape), generator)  # (1, L, 8, h, w)
+    noise = _noise(pipe, (sampler.get("num_images", 1), *z0.shape[1:]), generator)  # (B, L, 8, h, w)
     # 3. Non-target layers (and any prior masks) noised to T; target layers from Gaussian noise.
     latents = G.add_noise(z0.to(noise.device), noise, pipe.alpha_bar(t_first))
-    fresh = torch.zeros(1, src.num_layers, z0.shape[2], 1, 1, dtype=torch.bool, device=noise.device)
+    fresh = torch.zeros(1, src.num_layers, z0.shape[2], 1, 1, dtype=torch.bool, device=noise.device)  # (1, L, 8, 1, 1)
     fresh[:, list(targets)] = True
     c = pipe.latent_channels
     for i in mask_priors or {}:
@@ -220,7 +220,7 @@ def layer_style_transfer(
     timesteps = pipe.prepare_timesteps(num_inference_steps, strength)
     if len(timesteps) == 0:
         raise ValueError(f"strength {strength} leaves no denoising step out of {num_inference_steps}")
-    noise = _noise(pipe, tuple(z0.shape), generator)
+    noise = _noise(pipe, (sampler.get("num_images", 1), *z0.shape[1:]), generator)  # (B, L, 8, h, w)
     latents = G.add_noise(z0.to(noise.device), noise, pipe.alpha_bar(timesteps[0]))
     keep = KeepLayers(latents=z0, image_layers=keep_idx, mask_layers=keep_idx, mask_steps=None)
     return pipe(g_prompt, prompts, num_inference_steps=num_inference_steps, height=size[0], width=size[1],
@@ -339,6 +339,8 @@ def iterative_generation(
     # 1. Check inputs.
     if not foreground_prompts:
         raise ValueError("no foreground prompts to add")
+    if sampler.get("num_images", 1) != 1:
+        raise ValueError("iterative generation builds one image at a time (num_images must be 1)")
     boxes = list(boxes) if boxes is not None else [None] * len(foreground_prompts)
     if len(boxes) != len(foreground_prompts):
         raise ValueError(f"{len(boxes)} boxes for {len(foreground_prompts)} foreground prompts (use None for "

@@ -241,7 +241,7 @@ class LayerDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                      smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
-                     latents, smg_mask_interval, max_batch) -> None:
+                     latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1) -> None:
         """Raise ValueError naming the first bad argument (before any model runs)."""
         if not isinstance(global_prompt, str):
             raise ValueError(f"global_prompt must be a string, got {type(global_prompt).__name__}")
@@ -256,13 +256,14 @@ class LayerDiffPipeline(DiffusionPipeline):
             raise ValueError(f"{L} layer prompts exceed this model's max_layers={max_layers}")
         G.check_scale("guidance_scale", guidance_scale)
         G.check_scale("smg_scale", smg_scale)
+        G.check_scale("eta", eta)
         if guidance not in SELF_GUIDANCE:
             raise ValueError(f"guidance must be one of {sorted(SELF_GUIDANCE)}, got {guidance!r}")
         if smg_blur_side not in G.BLUR_SIDES:
             raise ValueError(f"smg_blur_side must be one of {G.BLUR_SIDES}, got {smg_blur_side!r}")
         G.gaussian_kernel1d(smg_kernel, smg_sigma)  # raises on a bad kernel/sigma
         for name, value in (("num_inference_steps", num_inference_steps), ("num_images", num_images),
-                            ("smg_mask_interval", smg_mask_interval),
+                            ("smg_mask_interval", smg_mask_interval), ("intermediate_every", intermediate_every),
                             ("max_batch", 1 if max_batch is None else max_batch)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -384,7 +385,7 @@ class LayerDiffPipeline(DiffusionPipeline):
         width = width or self.default_size
         self.check_inputs(global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                           smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
-                          latents, smg_mask_interval, max_batch)
+                          latents, smg_mask_interval, max_batch, eta, intermediate_every)
         neg_global, neg_layers = paper_negatives(list(layer_prompts))
         neg_global = neg_global if negative_prompt is None else negative_prompt
         neg_layers = neg_layers if negative_layer_prompts is None else list(negative_layer_prompts)

@@ -83,6 +83,10 @@ def test_layer_inpaint_keeps_untouched_layers_exactly(pipe, source):
     assert not torch.allclose(out.latents[:, 1, :4], z0[:, 1, :4], atol=1e-3)  # target regenerated
     assert not torch.allclose(out.latents[:, [0, 2], 4:], z0[:, [0, 2], 4:], atol=1e-3)  # masks free after k = 1
     assert out.layer_prompts == ["the background", "a blue cube", "a dog"]
+    two = A.layer_inpaint(pipe, source, {1: "a blue cube"}, num_inference_steps=2, generator=gen(), num_images=2,
+                          guidance="cfg", output_type="latent")
+    assert torch.equal(two.latents[:, [0, 2], :4], z0[:, [0, 2], :4].expand(2, -1, -1, -1, -1))
+    assert not torch.allclose(two.latents[0, 1], two.latents[1, 1])  # two different regenerations
     assert [c[0] for c in spy.calls] == [2, 1] * 3  # CFG pair + SMG pass per step, as in plain sampling
 
 

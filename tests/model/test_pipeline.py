@@ -234,6 +234,8 @@ BAD_INPUTS = [
     (dict(max_batch=0), "max_batch"),
     (dict(latents=torch.zeros(1, 2, 8, 4, 4)), "latents must have shape"),
     (dict(output_type="jpg"), "output_type"),
+    (dict(eta=-0.5), "eta"),
+    (dict(intermediate_every=0), "intermediate_every"),
     (dict(negative_layer_prompts=["x"]), "negative layer prompts"),
 ]
 
@@ -305,3 +307,30 @@ def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
     base.update(dict(zip(args[::2], args[1::2])))
     assert main([x for kv in base.items() for x in kv]) == 2
     assert message in caplog.text and not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ benchmark (python -m model.bench_sample)
+
+
+def test_storage_peak_sees_cpu_allocations():
+    from model.bench_sample import StoragePeak
+
+    with StoragePeak() as tracker:
+        a = torch.zeros(1024, 256)  # 1 MiB
+        b = torch.zeros(1024, 256)
+        del a, b
+        c = torch.zeros(1024, 128)  # 0.5 MiB, after the two above were freed
+    assert tracker.peak == 2 * 2**20 and tracker.current == c.nbytes
+
+
+def test_bench_sample_runs_on_a_tiny_geometry():
+    from model.bench_sample import BenchConfig, markdown, run
+
+    config = BenchConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_size=8, text_hidden=32,
+                         vae_block_out_channels=(8, 8, 8, 8), layers=(2,), steps=1, mask_interval=2)
+    rows, parts = run(config, torch.device("cpu"))
+    assert [r.name for r in rows] == ["SD 1.5 pipeline, CFG", "LayerDiff CFG", "LayerDiff CFG+SMG",
+                                      "LayerDiff CFG+SMG, masks every 2"]
+    assert [r.unet_calls for r in rows] == [1, 1, 2, 2] and all(r.seconds > 0 and r.peak_mib > 0 for r in rows)
+    table = markdown(rows, parts, config, torch.device("cpu"), "python -m model.bench_sample --steps 1")
+    assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table

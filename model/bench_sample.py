@@ -1,0 +1,301 @@
+"""Benchmark (`make bench-sample`): one LayerDiff sample of L layers vs StableDiffusionPipeline making L images.
+
+    python -m model.bench_sample [--layers 2 3 4] [--steps 50] [--repeats 1] [--json out.json]
+
+Method
+- One seeded SD-shaped pipeline (model.tiny's builder at the geometry below: 4 UNet levels, SD 1.5's channels
+  and VAE widths divided by ~10, 128² images by default) is the baseline; LayerDiff is `LayerDiffUNet.from_unet` of the
+  same UNet with the same VAE, text encoder and DDIM scheduler. Weights are random: cost does not depend on them.
+- Rows per L: SD (L images, CFG), LayerDiff CFG, LayerDiff CFG+SMG (the paper's sampler: masks decoded every
+  step), and CFG+SMG with masks re-decoded every 5 steps. "×SD" = time / SD's time for the same L images.
+- Time: wall clock of one full call (text encoding, all steps, final decode) after a 1-step warm-up of each
+  variant; variants alternate within a repeat; the median over repeats is reported.
+- Peak memory: on CUDA `max_memory_allocated`; on CPU a TorchDispatchMode that sees every tensor storage created
+  and freed (`StoragePeak`), over a separate 2-step call: the peak beyond the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import weakref
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from model.pipeline import LayerDiffPipeline
+from model.tiny import TinySDConfig, build_sd_pipeline
+from model.unet import LayerDiffUNet
+
+log = logging.getLogger("model.bench_sample")
+GLOBAL_PROMPT = "a dog playing with a red ball on the grass in a sunny park"
+FOREGROUNDS = ["a red ball", "a dog", "a wooden bench"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Geometry and sampler settings of the benchmark."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)  # SD 1.5: (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8  # heads, as SD 1.x
+    latent_size: int = 16  # 128² px (the paper samples 256²: `--size 256`; cost ratios barely depend on it)
+    text_hidden: int = 64  # SD: 768
+    text_layers: int = 2
+    vae_block_out_channels: tuple[int, ...] = (16, 32, 64, 64)  # SD: (128, 256, 512, 512)
+    layers: tuple[int, ...] = (2, 3, 4)
+    steps: int = 50
+    cfg: float = 3.0
+    smg: float = 3.0
+    repeats: int = 1
+    mask_interval: int = 5  # the extra "SMG, masks every k steps" row
+    seed: int = 0
+    threads: int | None = None
+
+    def sd_config(self) -> TinySDConfig:
+        n = len(self.block_out_channels)
+        return TinySDConfig(
+            block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+            attention_head_dim=self.attention_head_dim, sample_size=self.latent_size, text_hidden=self.text_hidden,
+            text_layers=self.text_layers, text_heads=4, text_intermediate=4 * self.text_hidden,
+            vae_block_out_channels=self.vae_block_out_channels, vae_norm_groups=8, seed=self.seed)
+
+
+@dataclass
+class Row:
+    """One measured variant."""
+
+    layers: int
+    name: str
+    seconds: float
+    peak_mib: float
+    unet_calls: int
+    times: list[float] = field(default_factory=list)
+
+
+def build(config: BenchConfig, device: torch.device) -> tuple:
+    """(SD pipeline, LayerDiff pipeline) sharing VAE, text encoder, tokenizer and the SD UNet weights."""
+    sd = build_sd_pipeline(config.sd_config())
+    unet = LayerDiffUNet.from_unet(sd.unet, max_layers=max(config.layers))
+    ld = LayerDiffPipeline(unet=unet, vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                           scheduler=sd.scheduler)
+    for pipe in (sd, ld):
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+    return sd, ld
+
+
+def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], object]]:
+    """name → run(steps) for one layer count."""
+    prompts = ["the background", *FOREGROUNDS[: L - 1]]
+    size = config.latent_size * 8
+
+    def gen():
+        return torch.Generator("cpu").manual_seed(config.seed)
+
+    def layerdiff(guidance: str, interval: int = 1):
+        return lambda steps: ld(GLOBAL_PROMPT, prompts, num_inference_steps=steps, guidance_scale=config.cfg,
+                                smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval, height=size,
+                                width=size, generator=gen(), output_type="np")
+
+    return {
+        "SD 1.5 pipeline, CFG": lambda steps: sd(GLOBAL_PROMPT, num_inference_steps=steps, guidance_scale=config.cfg,
+                                                 num_images_per_prompt=L, height=size, width=size, generator=gen(),
+                                                 output_type="np"),
+        "LayerDiff CFG": layerdiff("cfg"),
+        "LayerDiff CFG+SMG": layerdiff("cfg+smg"),
+        f"LayerDiff CFG+SMG, masks every {config.mask_interval}": layerdiff("cfg+smg", config.mask_interval),
+    }
+
+
+def count_unet_calls(pipe, fn: Callable[[int], object], steps: int) -> int:
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        fn(steps)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+class StoragePeak(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the mode and alive at once (CPU or any device): every op's
+    outputs are recorded by storage, and a weakref finalizer subtracts them when freed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
+                storage = t.untyped_storage()
+                key = id(storage)
+                if key not in self.live and storage.nbytes() > 0:
+                    self.live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, key)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_memory_mib(fn: Callable[[int], object], device: torch.device) -> float:
+    """Peak bytes allocated beyond the weights during a 2-step call, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(2)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with StoragePeak() as tracker:
+        fn(2)
+    return tracker.peak / 2**20
+
+
+@torch.no_grad()
+def part_costs(sd, ld, L: int, config: BenchConfig, device: torch.device, repeats: int = 3) -> dict[str, float]:
+    """Seconds per call (median) of the pieces of one denoising step, to explain the totals."""
+    h = config.latent_size
+    g = torch.Generator("cpu").manual_seed(0)
+    text = torch.randn(2, 77, config.text_hidden, generator=g).to(device)
+    layer_text = torch.randn(2, L, 77, config.text_hidden, generator=g).to(device)
+    x = torch.randn(2, L, 8, h, h, generator=g).to(device)  # (B=2: cond + negative, L, 8, h, w)
+    pieces = {
+        "SD UNet, 2L images": lambda: sd.unet(x[:, :, :4].reshape(2 * L, 4, h, h), 500,
+                                              text.repeat_interleave(L, dim=0)),
+        "LayerDiff UNet, 2×L (CFG call)": lambda: ld.unet(x, 500, text, layer_text),
+        "LayerDiff UNet, 1×L (SMG call)": lambda: ld.unet(x[:1], 500, text[:1], layer_text[:1]),
+        "VAE decode, L masks": lambda: ld.vae.decode(x[0, :, :4]),
+    }
+    out = {}
+    for name, fn in pieces.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def run(config: BenchConfig, device: torch.device) -> tuple[list[Row], dict[int, dict[str, float]]]:
+    """Measure every variant for every layer count, and the per-call costs of a step's pieces."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    sd, ld = build(config, device)
+    rows: list[Row] = []
+    parts: dict[int, dict[str, float]] = {}
+    for L in config.layers:
+        parts[L] = part_costs(sd, ld, L, config, device)
+        fns = variants(sd, ld, L, config)
+        owners = {name: (sd if name.startswith("SD") else ld) for name in fns}
+        for fn in fns.values():  # warm-up
+            fn(1)
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for r in range(config.repeats):
+            order = list(fns) if r % 2 == 0 else list(reversed(fns))
+            for name in order:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fns[name](config.steps)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+                log.info("L=%d %-40s %.2f s", L, name, times[name][-1])
+        for name, fn in fns.items():
+            owner = owners[name]
+            mem = peak_memory_mib(fn, device)
+            calls = count_unet_calls(owner, fn, 2) // 2
+            rows.append(Row(L, name, statistics.median(times[name]), mem, calls, times[name]))
+    return rows, parts
+
+
+def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchConfig, device: torch.device,
+             command: str) -> str:
+    """The results table with the command and settings."""
+    sd_time = {r.layers: r.seconds for r in rows if r.name.startswith("SD")}
+    lines = [
+        f"`{command}`",
+        "",
+        f"device {device} ({torch.get_num_threads()} threads), {config.steps} DDIM steps, CFG {config.cfg}, "
+        f"SMG {config.smg}, {config.latent_size * 8}² px, UNet {config.block_out_channels} × "
+        f"{config.layers_per_block}/level, VAE {config.vae_block_out_channels}, random weights",
+        "",
+        "| L | images | sampler | UNet calls/step | time s | s/image | ×SD | peak MiB (beyond weights) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls} | {r.seconds:.2f} | "
+                     f"{r.seconds / r.layers:.2f} | {r.seconds / sd_time[r.layers]:.2f} | {r.peak_mib:.0f} |")
+    names = list(next(iter(parts.values())))
+    lines += ["", "Per-call cost of a step's pieces (s, median of 3); SMG step ×SD = (CFG call + SMG call + mask "
+              "decode) / SD UNet:", "",
+              "| L | " + " | ".join(names) + " | SMG step ×SD |", "|---" * (len(names) + 2) + "|"]
+    for L, p in parts.items():
+        smg = (p[names[1]] + p[names[2]] + p[names[3]]) / p[names[0]]
+        lines.append(f"| {L} | " + " | ".join(f"{p[n]:.3f}" for n in names) + f" | {smg:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.bench_sample",
+        description="Time and peak memory of one LayerDiff sample (L layers; CFG, CFG+SMG) vs the SD pipeline "
+                    "making L images with CFG, same UNet geometry, side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = BenchConfig()
+    parser.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers), help="layer counts L")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="DDIM steps per sample")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per variant (median)")
+    parser.add_argument("--mask-interval", type=int, default=defaults.mask_interval,
+                        help="k of the extra 'SMG, masks every k steps' row")
+    parser.add_argument("--size", type=int, default=defaults.latent_size * 8, help="image side in pixels")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if min(args.layers) < 2 or args.steps < 1 or args.repeats < 1:
+        parser.error("--layers must be >= 2, --steps and --repeats >= 1")
+    if args.size % 64:
+        parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
+    config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
+                         mask_interval=args.mask_interval, threads=args.threads,
+                         latent_size=args.size // 8)
+    device = torch.device(args.device)
+    rows, parts = run(config, device)
+    command = "python -m model.bench_sample " + shlex.join(argv if argv is not None else sys.argv[1:])
+    print(markdown(rows, parts, config, device, command.strip()))
+    if args.json:
+        args.json.write_text(json.dumps({"config": asdict(config), "device": str(device),
+                                         "rows": [asdict(r) for r in rows], "parts": parts}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
