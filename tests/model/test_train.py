@@ -226,3 +226,15 @@ def test_trainer_rejects_batch_not_divisible_by_workers(monkeypatch):
     monkeypatch.setattr("model.train._dist", lambda: (0, 2))  # as if running in 2 DDP workers
     with pytest.raises(ValueError, match="not divisible by 2 workers"):
         Trainer(TrainConfig(batch_size=3), "unused", "unused")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_autocast_run_and_resume(tiny_models, shards, tmp_path):
+    """bf16/fp16 autocast on CUDA: finite losses, checkpoints and a resume (GPU kernels need not be bit-exact)."""
+    assert run(shards, tmp_path / "full", 4, "--set", "checkpoint_every=2") == 0
+    assert run(shards, tmp_path / "part", 2, "--set", "checkpoint_every=2") == 0
+    assert run(shards, tmp_path / "part", 4, "--resume", "--set", "checkpoint_every=2") == 0
+    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert len(full) == len(part) == 4 and all(torch.isfinite(torch.tensor(full + part)))
+    assert max(abs(a - b) for a, b in zip(full, part)) < 0.05 * max(full)
