@@ -363,7 +363,7 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     out = Path(config.out)
-    # 1. Check every input and load the scorers first: missing weights fail before any generation.
+    # 1. Check every input and load every model first: missing weights fail before any work is done.
     urls = expand_urls(config.data)
     if any(r.startswith("layerdiff") for r in config.rows):
         LayerDiffPipeline.check_run_folder(config.model)
@@ -371,27 +371,27 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     clip = ClipEmbedder(load_clip_scorer(config.preset, config.clip_model, device=config.device),
                         config.device, config.batch_size)
     features = FidFeatures(fid_spec, config.device, config.batch_size)
+    methods: dict[str, Any] = {}
+    shared = None  # the LayerDiff rows share one pipeline
+    for name in config.rows:
+        methods[name] = ROWS[name][1](config, shared)
+        shared = getattr(methods[name], "pipe", None) if isinstance(methods[name], LayerDiffMethod) else shared
     # 2. Prompts, and the reference statistics of the real composites (cached under OUT/cache).
     prompts = collect_prompts(config)
     log.info("%d prompts: %s", len(prompts),
              ", ".join(f"{n} layers: {sum(p.num_layers == n for p in prompts)}" for n in config.layer_counts))
     reference = reference_stats(urls, features, out / "cache", config.eval_size, config.groups,
                                 config.max_reference, config.progress)
-    # 3. Generate and CLIP-score each method on the same prompts and seeds (the LayerDiff rows share one pipe).
+    # 3. Generate and CLIP-score each method on the same prompts and seeds.
     rows: dict[str, Any] = {}
-    shared = None
-    for name in config.rows:
-        label, build = ROWS[name]
-        method = build(config, shared)
-        if isinstance(method, LayerDiffMethod):
-            shared = method.pipe
+    for name, method in methods.items():
         t0 = time.perf_counter()
         records = generate_row(name, method, prompts, config, clip)
         records = {p.name: records[p.name] for p in prompts}
-        rows[name] = {"label": label, "settings": method.settings(),
+        rows[name] = {"label": ROWS[name][0], "settings": method.settings(),
                       "seconds_per_prompt": float(np.mean([r["seconds"] for r in records.values()])),
                       "groups": summarize(records, out / "rows" / name / "composites", features, reference, config)}
-        log.info("%s done in %.1f s", label, time.perf_counter() - t0)
+        log.info("%s done in %.1f s", ROWS[name][0], time.perf_counter() - t0)
     rows["real"] = {"label": "MLCID (real composites)", "settings": {},
                     "groups": summarize(score_real(prompts, config, clip), None, None, None, config)}
     # 4. Write metrics.json and metrics.md.
@@ -471,7 +471,9 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("__main__", "model", "mlcid"):  # our progress at INFO; libraries (open_clip logs to root) quieter
+        logging.getLogger(name).setLevel(logging.INFO)
     try:
         config = config_from_args(args)
         result = evaluate(config)

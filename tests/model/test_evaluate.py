@@ -147,7 +147,12 @@ def test_refuses_missing_real_weights_offline(tiny, tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit):
         main(args)
     assert "LAYERDIFF_CLIP_RN50" in capsys.readouterr().err
-    assert not (out / "rows").exists()  # refused before generating anything
+    # both scorers found, SD 1.5 is a hub id that cannot load offline
+    monkeypatch.setenv("LAYERDIFF_CLIP_RN50", str(tiny["tiny"] / "clip"))
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "cannot load SD pipeline 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in capsys.readouterr().err
+    assert not (out / "rows").exists() and not (out / "cache").exists()  # refused before any work
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--data", str(tiny["data"]), "--out", str(out), "--preset", "tiny"])
     assert "not a LayerDiff run" in capsys.readouterr().err
