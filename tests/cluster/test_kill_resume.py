@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,24 +90,38 @@ def driver_env() -> dict[str, str]:
 
 @contextmanager
 def driver(cmd: list[str]) -> Iterator[subprocess.Popen]:
-    """Start the driver; on exit SIGKILL it if alive and reap every process it started (Ray's included)."""
+    """Start the driver; on exit SIGKILL it if alive and reap every process it ever started (Ray's included).
+
+    Descendants are recorded while the driver lives (a thread polls them), because once it is SIGKILLed its
+    children are re-parented and can no longer be found from its pid.
+    """
     proc = subprocess.Popen(cmd, cwd=REPO, env=driver_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     seen: dict[int, psutil.Process] = {}
+    stop = threading.Event()
+
+    def record() -> None:
+        while not stop.is_set() and proc.poll() is None:
+            try:
+                for p in psutil.Process(proc.pid).children(recursive=True):
+                    seen.setdefault(p.pid, p)
+            except psutil.Error:
+                pass
+            stop.wait(0.1)
+
+    watcher = threading.Thread(target=record, daemon=True)
+    watcher.start()
     try:
         yield proc
     finally:
-        try:
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                seen[p.pid] = p
-        except psutil.Error:
-            pass
+        stop.set()
+        watcher.join()
         if proc.poll() is None:
             proc.kill()
         if proc.stdout is not None and not proc.stdout.closed:
             proc.communicate(timeout=30)
         _, alive = psutil.wait_procs(list(seen.values()), timeout=10)
-        for p in alive:  # Ray's agents can outlive a SIGKILLed driver for a while
+        for p in alive:  # Ray's agents outlive a SIGKILLed driver for a while
             try:
                 p.kill()
             except psutil.Error:
