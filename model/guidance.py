@@ -1,4 +1,5 @@
-"""Guidance as pure functions of noise predictions: CFG, self-mask guidance (paper Eqs. 6–9) and a SAG variant.
+"""Guidance as pure functions of noise predictions: CFG (with the paper's negative prompts), self-mask guidance
+(paper Eqs. 6–9), a SAG variant, and the DDIM x0 replacement that keeps known layers (Appendix D).
 
 Nothing here calls a model or a scheduler: the pipeline (model/pipeline.py) runs the UNet and the VAE and hands
 the predictions to these functions. Conventions:
@@ -15,11 +16,14 @@ Self-mask guidance combines with CFG in the SAG manner (DESIGN.md): the degraded
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from mlcid.schema import BACKGROUND_PROMPT
 
 BlurSide = Literal["inside", "outside"]
 BLUR_SIDES: tuple[str, ...] = ("inside", "outside")
@@ -204,3 +208,33 @@ def replace_x0(prev_sample: torch.Tensor, x0_pred: torch.Tensor, x0_new: torch.T
     """
     a = _broadcast(alpha_bar_prev, prev_sample)
     return torch.where(where, prev_sample + a.sqrt() * (x0_new - x0_pred), prev_sample)
+
+
+# ------------------------------------------------------------------------------------------------ CFG negatives, kept layers
+
+
+def paper_negatives(layer_prompts: list[str]) -> tuple[str, list[str]]:
+    """§5.2 negatives: global and background = the foreground prompts joined; each foreground = "the background"."""
+    joined = ", ".join(layer_prompts[1:])
+    return joined, [joined] + [BACKGROUND_PROMPT] * (len(layer_prompts) - 1)
+
+
+@dataclass
+class KeepLayers:
+    """Known clean latents whose predicted x0 replaces the model's (Appendix D): image latents of
+    `image_layers` at every step, mask latents of `mask_layers` during the first `mask_steps` steps
+    (None: every step)."""
+
+    latents: torch.Tensor  # (B, L, 8, h, w) clean latents (image ‖ mask)
+    image_layers: tuple[int, ...] = ()
+    mask_layers: tuple[int, ...] = ()
+    mask_steps: int | None = None
+
+    def where(self, step: int, latent_channels: int) -> torch.Tensor:
+        """(1, L, 8, 1, 1) bool: the channels whose x0 is replaced at loop step `step` (0-based)."""
+        L = self.latents.shape[1]
+        sel = torch.zeros(1, L, 2 * latent_channels, 1, 1, dtype=torch.bool, device=self.latents.device)
+        sel[:, list(self.image_layers), :latent_channels] = True
+        if self.mask_steps is None or step < self.mask_steps:
+            sel[:, list(self.mask_layers), latent_channels:] = True
+        return sel

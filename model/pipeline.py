@@ -27,8 +27,9 @@ from einops import rearrange
 from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
-from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
+from mlcid.schema import LayerInfo, MLCIDSample
 from model import guidance as G
+from model.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
 from model.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.unet", "LayerDiffUNet"]
 
@@ -37,33 +38,6 @@ ALLOWED_LIBRARIES = {"unet": ("model.unet",), "vae": ("diffusers",), "text_encod
                      "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
 OUTPUT_TYPES = ("pil", "np", "latent")
 SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latents"}  # mode → degrader method
-
-
-def paper_negatives(layer_prompts: list[str]) -> tuple[str, list[str]]:
-    """§5.2 negatives: global and background = the foreground prompts joined; each foreground = "the background"."""
-    joined = ", ".join(layer_prompts[1:])
-    return joined, [joined] + [BACKGROUND_PROMPT] * (len(layer_prompts) - 1)
-
-
-@dataclass
-class KeepLayers:
-    """Known clean latents whose predicted x0 replaces the model's (Appendix D): image latents of
-    `image_layers` at every step, mask latents of `mask_layers` during the first `mask_steps` steps
-    (None: every step)."""
-
-    latents: torch.Tensor  # (B, L, 8, h, w) clean latents (image ‖ mask)
-    image_layers: tuple[int, ...] = ()
-    mask_layers: tuple[int, ...] = ()
-    mask_steps: int | None = None
-
-    def where(self, step: int, latent_channels: int) -> torch.Tensor:
-        """(1, L, 8, 1, 1) bool: the channels whose x0 is replaced at loop step `step` (0-based)."""
-        L = self.latents.shape[1]
-        sel = torch.zeros(1, L, 2 * latent_channels, 1, 1, dtype=torch.bool, device=self.latents.device)
-        sel[:, list(self.image_layers), :latent_channels] = True
-        if self.mask_steps is None or step < self.mask_steps:
-            sel[:, list(self.mask_layers), latent_channels:] = True
-        return sel
 
 
 @dataclass
