@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -52,6 +52,12 @@ synthetic: env ## make synthetic OUT=dir [N=1000 NSHARDS=4 SEED=0 SIZE=128]: raw
 PRESET ?= real
 build-mlcid-local: env ## make build-mlcid-local SHARDS='raw/{00000..00009}.tar' OUT=dir [PRESET=tiny] (sequential, no Ray)
 	$(PY) -m pipelines.build --shards $(SHARDS) --out $(OUT) --preset $(PRESET)
+
+MODEL ?=
+DATA ?=
+EVAL_ARGS ?=
+eval-fid: env ## make eval-fid MODEL=run DATA='mlcid-{000000..000009}.tar' OUT=dir [PRESET=tiny EVAL_ARGS='--per-group 2 --steps 2']
+	$(PY) -m model.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
 
 DEMO := $(WORK)/demo
 demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
