@@ -10,16 +10,23 @@ import torch
 from pipelines.bench_gpu import BenchConfig, instructblip, main, owlv2, run, sam, sd_inpaint
 
 
-def test_tiny_run_reports_every_stage(tmp_path, capsys):
+def test_tiny_run_report(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--tiny", "--stages", "detect", "segment", "inpaint", "--samples", "2", "--out", str(out)])
+    main(["--tiny", "--stages", "segment", "detect", "--samples", "2", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert [r["stage"] for r in report["stages"]] == ["detect", "segment", "inpaint"]
+    assert [r["stage"] for r in report["stages"]] == ["segment", "detect"]
     assert all(r["s_per_sample"] > 0 and r["samples"] == 2 for r in report["stages"])
     total = sum(r["s_per_sample"] for r in report["stages"])
     assert report["gpu_hours_per_total_samples"] == pytest.approx(total * 2_000_000 / 3600)
     assert "GPU-hours for 2,000,000 samples" in capsys.readouterr().out
     assert report["device"] == "cpu" and report["tiny"] is True
+
+
+@pytest.mark.slow
+def test_tiny_run_every_stage():
+    report = run(BenchConfig.tiny_profile(samples=2))
+    assert [r["stage"] for r in report["stages"]] == ["caption", "detect", "segment", "object_caption", "inpaint"]
+    assert all(r["s_per_sample"] > 0 for r in report["stages"])
 
 
 def test_tiny_caption_generates_a_fixed_number_of_tokens():
