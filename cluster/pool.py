@@ -18,7 +18,7 @@ import inspect
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -230,6 +230,18 @@ def _error_text(err: BaseException) -> str:
     return f"{type(shown).__name__}: {lines[0] if lines else ''}"[:500]
 
 
+@dataclass
+class _RunState:
+    """Book-keeping of one `ShardPool.run`."""
+
+    queue: deque[ShardTask]
+    report: PoolReport
+    outcomes: dict[ShardTask, ShardOutcome] = field(default_factory=dict)
+    attempts: Counter[ShardTask] = field(default_factory=Counter)  # failed runs charged to each shard
+    errors: dict[ShardTask, list[str]] = field(default_factory=dict)
+    first_ready: float | None = None
+
+
 class ShardPool:
     """Run `make_processor()`-built processors on Ray actors over a list of shards; see the module docstring."""
 
@@ -243,16 +255,15 @@ class ShardPool:
         self._serial = 0
         self._startup_failures = 0
         self._last_poll = 0.0
-        self._warm = PoolReport(outcomes=[])  # actors started by `warm_up` before `run`
+        self._warm_started = 0  # actors started by `warm_up` before `run`
 
     # -- actors ---------------------------------------------------------------------------------------------
-    def _start_actor(self, report: PoolReport) -> None:
+    def _start_actor(self) -> None:
         cfg = self.config
-        handle = ShardActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0,
-                                    name=None).remote(self.make_processor, cfg.threads, cfg.lock_timeout_s)
+        handle = ShardActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0).remote(
+            self.make_processor, cfg.threads, cfg.lock_timeout_s)
         self._serial += 1
         self.slots.append(_Slot(self._serial, handle, handle.ready.remote()))
-        report.actors_started += 1
         log.debug("started actor #%d", self._serial)
 
     def _remove(self, slot: _Slot) -> None:
@@ -269,7 +280,8 @@ class ShardPool:
         """
         t0 = time.perf_counter()
         while len(self.slots) < self.config.workers:
-            self._start_actor(self._warm)
+            self._start_actor()
+            self._warm_started += 1
         timeout = timeout_s if timeout_s is not None else self.config.startup_timeout_s
         for slot in self.slots:
             try:
@@ -281,33 +293,32 @@ class ShardPool:
             slot.ready = True
         return time.perf_counter() - t0
 
-    # -- results --------------------------------------------------------------------------------------------
-    def _succeed(self, slot: _Slot, task: ShardTask, result: dict[str, Any], st: dict) -> ShardOutcome:
-        out = ShardOutcome(task, True, result["stats"], st["attempts"].get(task, 0) + 1,
-                           st["errors"].get(task, []), slot.serial, result["pid"], result["node"],
-                           result["process_seconds"], result["cpu_seconds"], result["lock_seconds"])
+    # -- outcomes -------------------------------------------------------------------------------------------
+    def _succeed(self, run: _RunState, slot: _Slot, task: ShardTask, result: dict[str, Any]) -> None:
+        out = ShardOutcome(task, True, result["stats"], run.attempts[task] + 1, run.errors.get(task, []),
+                           slot.serial, result["pid"], result["node"], result["process_seconds"],
+                           result["cpu_seconds"], result["lock_seconds"])
+        run.outcomes[task] = out
         if self.listener is not None:
             self.listener.on_shard(out)
-        return out
 
-    def _charge(self, task: ShardTask, error: str, st: dict, queue: deque, outcomes: dict) -> None:
+    def _charge(self, run: _RunState, task: ShardTask, error: str) -> None:
         """Count one failed run of `task`; requeue it or, out of retries, record it as failed."""
-        st["attempts"][task] = st["attempts"].get(task, 0) + 1
-        st["errors"].setdefault(task, []).append(error)
-        if st["attempts"][task] > self.config.max_retries:
-            out = ShardOutcome(task, False, None, st["attempts"][task], st["errors"][task])
-            outcomes[task] = out
+        run.attempts[task] += 1
+        run.errors.setdefault(task, []).append(error)
+        if run.attempts[task] > self.config.max_retries:
+            out = ShardOutcome(task, False, None, run.attempts[task], run.errors[task])
+            run.outcomes[task] = out
             log.error("shard %s failed after %d attempts: %s", task.url, out.attempts, error)
             if self.listener is not None:
                 self.listener.on_shard(out)
         else:
-            log.warning("shard %s: attempt %d failed (%s); retrying", task.url, st["attempts"][task], error)
-            queue.append(task)
+            log.warning("shard %s: attempt %d failed (%s); retrying", task.url, run.attempts[task], error)
+            run.queue.append(task)
             if self.listener is not None:
                 self.listener.on_retry(task, error)
 
-    def _actor_died(self, slot: _Slot, err: BaseException, st: dict, queue: deque, outcomes: dict,
-                    report: PoolReport) -> None:
+    def _actor_died(self, run: _RunState, slot: _Slot, err: BaseException) -> None:
         """Collect what the dead actor finished; charge the shard it was running; requeue the rest for free."""
         text = _error_text(err)
         charged = False
@@ -315,46 +326,46 @@ class ShardPool:
             ray.wait([r for r, _ in slot.inflight], num_returns=len(slot.inflight), timeout=2.0)
         for ref, task in slot.inflight:
             try:
-                outcomes[task] = self._succeed(slot, task, ray.get(ref, timeout=0), st)
+                self._succeed(run, slot, task, ray.get(ref, timeout=0))
                 continue
-            except (RayError, GetTimeoutError) as e:
+            except RayError as e:  # (GetTimeoutError included)
                 if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
-                    self._charge(task, _error_text(e), st, queue, outcomes)
+                    self._charge(run, task, _error_text(e))
                     continue
             if slot.ready and not charged:  # the oldest unfinished shard was the one running
-                self._charge(task, f"actor died while running it: {text}", st, queue, outcomes)
+                self._charge(run, task, f"actor died while running it: {text}")
                 charged = True
             else:
-                queue.appendleft(task)
+                run.queue.appendleft(task)
         slot.inflight.clear()
-        if not slot.ready:
-            self._startup_failures += 1
-            log.error("actor #%d died during setup (%d in a row): %s", slot.serial, self._startup_failures, text)
-            if self._startup_failures >= self.config.max_startup_failures:
-                self._remove(slot)
-                raise PoolError(f"{self._startup_failures} actors in a row died while loading their models; "
-                                f"last error: {text}")
-        else:
-            report.actors_died += 1
-            log.warning("actor #%d died (%s); starting a replacement", slot.serial, text)
         self._remove(slot)
+        if slot.ready:
+            run.report.actors_died += 1
+            log.warning("actor #%d died (%s); starting a replacement", slot.serial, text)
+            return
+        self._startup_failures += 1
+        log.error("actor #%d died during setup (%d in a row): %s", slot.serial, self._startup_failures, text)
+        if self._startup_failures >= self.config.max_startup_failures:
+            raise PoolError(f"{self._startup_failures} actors in a row died while loading their models; "
+                            f"last error: {text}")
 
     # -- live sample counts ---------------------------------------------------------------------------------
+    def _count(self, slot: _Slot, count: int) -> None:
+        if count > slot.samples_seen and self.listener is not None:
+            self.listener.on_samples(count - slot.samples_seen)
+            slot.samples_seen = count
+
     def _poll_progress(self) -> None:
+        """Harvest finished `progress()` polls and send new ones every `poll_seconds` (never blocks)."""
         if self.listener is None:
             return
         for slot in self.slots:
-            if slot.poll_ref is not None:
-                done, _ = ray.wait([slot.poll_ref], timeout=0)
-                if done:
-                    try:
-                        count = ray.get(slot.poll_ref)
-                        if count > slot.samples_seen:
-                            self.listener.on_samples(count - slot.samples_seen)
-                            slot.samples_seen = count
-                    except RayError:
-                        pass
-                    slot.poll_ref = None
+            if slot.poll_ref is not None and ray.wait([slot.poll_ref], timeout=0)[0]:
+                try:
+                    self._count(slot, ray.get(slot.poll_ref))
+                except RayError:
+                    pass
+                slot.poll_ref = None
         now = time.perf_counter()
         if now - self._last_poll >= self.config.poll_seconds:
             self._last_poll = now
@@ -367,17 +378,64 @@ class ShardPool:
         if self.listener is None:
             return
         slots = [s for s in self.slots if s.ready]
-        refs = [s.handle.progress.remote() for s in slots]
-        for slot, ref in zip(slots, refs):
+        for slot, ref in zip(slots, [s.handle.progress.remote() for s in slots]):
             try:
-                count = ray.get(ref, timeout=10)
+                self._count(slot, ray.get(ref, timeout=10))
             except RayError:
                 continue
-            if count > slot.samples_seen:
-                self.listener.on_samples(count - slot.samples_seen)
-                slot.samples_seen = count
 
     # -- the loop -------------------------------------------------------------------------------------------
+    def _recycle_and_refill(self, run: _RunState) -> None:
+        """Kill drained actors that are due for recycling; keep `workers` actors while work remains."""
+        for slot in [s for s in self.slots if s.retiring and not s.inflight]:
+            log.info("recycling actor #%d after %d shards", slot.serial, slot.assigned)
+            self._remove(slot)
+            run.report.actors_recycled += 1
+        pending = len(run.queue) + sum(len(s.inflight) for s in self.slots)
+        while len(self.slots) < min(self.config.workers, pending):
+            self._start_actor()
+            run.report.actors_started += 1
+
+    def _hand_out(self, run: _RunState) -> None:
+        """Queue shards on actors, least-loaded first, at most `max_in_flight` each; mark actors due to retire."""
+        cfg = self.config
+        for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
+            while run.queue and not slot.retiring and len(slot.inflight) < cfg.max_in_flight:
+                task = run.queue.popleft()
+                slot.inflight.append((slot.handle.process.remote(task, self.out_dir), task))
+                slot.assigned += 1
+                run.report.max_in_flight_seen = max(run.report.max_in_flight_seen, len(slot.inflight))
+                if cfg.recycle_every and slot.assigned >= cfg.recycle_every:
+                    slot.retiring = True
+
+    def _route(self, run: _RunState, slot: _Slot, ref: Any) -> None:
+        """Handle one finished ref: an actor became ready (or died starting), or a shard finished or failed."""
+        if ref is slot.ready_ref:
+            try:
+                ray.get(ref)
+            except RayError as e:
+                self._actor_died(run, slot, e)
+                return
+            slot.ready = True
+            self._startup_failures = 0
+            run.first_ready = run.first_ready or time.perf_counter()
+            return
+        task = next(t for r, t in slot.inflight if r is ref)
+        try:
+            result = ray.get(ref)
+        except RayActorError as e:
+            self._actor_died(run, slot, e)
+            return
+        except RayTaskError as e:  # the processor raised; the actor is fine
+            slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
+            self._charge(run, task, _error_text(e))
+            return
+        except RayError as e:  # worker crashed, OOM kill, lost object: treat the actor as gone
+            self._actor_died(run, slot, e)
+            return
+        slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
+        self._succeed(run, slot, task, result)
+
     def run(self, tasks: list[ShardTask]) -> PoolReport:
         """Process every task; returns one outcome per task (in input order). Raises `PoolError` if stuck."""
         keys = [t.key for t in tasks]
@@ -386,73 +444,33 @@ class ShardPool:
             raise ValueError(f"shard keys must be unique within a run; repeated: {dup[:5]}")
         cfg = self.config
         t_start = time.perf_counter()
-        report = PoolReport(outcomes=[], actors_started=self._warm.actors_started)
-        self._warm = PoolReport(outcomes=[])
-        queue: deque[ShardTask] = deque(tasks)
-        outcomes: dict[ShardTask, ShardOutcome] = {}
-        st: dict[str, dict] = {"attempts": {}, "errors": {}}
-        first_ready: float | None = t_start if any(s.ready for s in self.slots) else None
+        run = _RunState(deque(tasks), PoolReport(outcomes=[], actors_started=self._warm_started))
+        self._warm_started = 0
+        run.first_ready = t_start if any(s.ready for s in self.slots) else None
         try:
-            while queue or any(s.inflight for s in self.slots):
-                # 1. Keep `workers` actors alive while work remains; retire drained ones due for recycling.
-                for slot in [s for s in self.slots if s.retiring and not s.inflight]:
-                    log.info("recycling actor #%d after %d shards", slot.serial, slot.assigned)
-                    self._remove(slot)
-                    report.actors_recycled += 1
-                pending = len(queue) + sum(len(s.inflight) for s in self.slots)
-                while len(self.slots) < min(cfg.workers, pending):
-                    self._start_actor(report)
-                # 2. Hand out shards: at most `max_in_flight` per actor, least-loaded actor first.
-                for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
-                    while queue and not slot.retiring and len(slot.inflight) < cfg.max_in_flight:
-                        task = queue.popleft()
-                        slot.inflight.append((slot.handle.process.remote(task, self.out_dir), task))
-                        slot.assigned += 1
-                        report.max_in_flight_seen = max(report.max_in_flight_seen, len(slot.inflight))
-                        if cfg.recycle_every and slot.assigned >= cfg.recycle_every:
-                            slot.retiring = True
-                # 3. Wait for the next result (or readiness), then route it.
+            while run.queue or any(s.inflight for s in self.slots):
+                # 1. Actors: recycle drained ones that are due, start replacements while work remains.
+                self._recycle_and_refill(run)
+                # 2. Shards: hand out up to `max_in_flight` per actor.
+                self._hand_out(run)
+                # 3. Wait for the next result or readiness, then route it.
                 watch = {s.ready_ref: s for s in self.slots if not s.ready}
                 watch.update({ref: s for s in self.slots for ref, _ in s.inflight})
                 done, _ = ray.wait(list(watch), num_returns=1, timeout=cfg.poll_seconds)
                 for ref in done:
-                    slot = watch[ref]
-                    if slot not in self.slots:
-                        continue  # removed while handling an earlier ref of this round
-                    if ref is slot.ready_ref:
-                        try:
-                            ray.get(ref)
-                            slot.ready = True
-                            self._startup_failures = 0
-                            first_ready = first_ready or time.perf_counter()
-                        except RayError as e:
-                            self._actor_died(slot, e, st, queue, outcomes, report)
-                        continue
-                    task = next(t for r, t in slot.inflight if r is ref)
-                    try:
-                        result = ray.get(ref)
-                    except RayActorError as e:
-                        self._actor_died(slot, e, st, queue, outcomes, report)
-                        continue
-                    except RayTaskError as e:
-                        slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
-                        self._charge(task, _error_text(e), st, queue, outcomes)
-                        continue
-                    except RayError as e:  # worker crash, OOM kill, lost object: treat the actor as gone
-                        self._actor_died(slot, e, st, queue, outcomes, report)
-                        continue
-                    slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
-                    outcomes[task] = self._succeed(slot, task, result, st)
-                # 4. Live sample counts for the progress line; fail if no actor ever gets scheduled.
+                    if watch[ref] in self.slots:  # (not removed while routing an earlier ref)
+                        self._route(run, watch[ref], ref)
+                # 4. Live sample counts; give up if no actor ever gets scheduled.
                 self._poll_progress()
-                if first_ready is None and time.perf_counter() - t_start > cfg.startup_timeout_s:
+                if run.first_ready is None and time.perf_counter() - t_start > cfg.startup_timeout_s:
                     raise PoolError(f"no actor became ready within {cfg.startup_timeout_s:.0f}s; does the cluster "
                                     f"have {cfg.num_cpus} CPU / {cfg.num_gpus} GPU free per actor?")
             self._final_counts()
         finally:
             for slot in list(self.slots):
                 self._remove(slot)
-        report.outcomes = [outcomes[t] for t in tasks]
+        report = run.report
+        report.outcomes = [run.outcomes[t] for t in tasks]
         report.wall_seconds = time.perf_counter() - t_start
-        report.startup_seconds = (first_ready or time.perf_counter()) - t_start
+        report.startup_seconds = (run.first_ready or time.perf_counter()) - t_start
         return report

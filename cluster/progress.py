@@ -111,7 +111,8 @@ class RunSummary:
     dropped: dict[str, int]
     wall_seconds: float
     startup_seconds: float
-    samples_per_second: float
+    samples_per_second: float  # read / wall time (start-up included)
+    steady_samples_per_second: float  # read / (pool time after the first actor was ready)
     stage_seconds: dict[str, float]  # summed over this run's shards, from the stats files' timings
     process_seconds: float  # summed time inside processor.process on the actors
     workers: int
@@ -134,6 +135,7 @@ def summarize(report: PoolReport, skipped_up_front: int, workers: int, wall_seco
         dropped.update(o.stats.get("dropped", {}))
         stage.update(o.stats.get("timings", {}))
     read = sum(o.stats.get("read", 0) for o in fresh)
+    steady = report.wall_seconds - report.startup_seconds
     return RunSummary(
         shards_total=len(report.outcomes) + skipped_up_front,
         shards_processed=len(fresh),
@@ -145,6 +147,7 @@ def summarize(report: PoolReport, skipped_up_front: int, workers: int, wall_seco
         wall_seconds=round(wall_seconds, 3),
         startup_seconds=round(report.startup_seconds, 3),
         samples_per_second=round(read / wall_seconds, 3) if wall_seconds > 0 else 0.0,
+        steady_samples_per_second=round(read / steady, 3) if steady > 0 else 0.0,
         stage_seconds={k: round(v, 3) for k, v in sorted(stage.items())},
         process_seconds=round(sum(o.process_seconds for o in fresh), 3),
         workers=workers,
@@ -162,7 +165,8 @@ def format_summary(s: RunSummary) -> str:
                    f"(complete), {s.shards_failed} failed"),
         ("samples", f"{s.read} read, {s.written} written, {sum(s.dropped.values())} dropped"),
         ("wall time", f"{s.wall_seconds:.1f} s (actor start-up {s.startup_seconds:.1f} s)"),
-        ("throughput", f"{s.samples_per_second:.2f} samples/s read with {s.workers} worker(s)"),
+        ("throughput", f"{s.samples_per_second:.2f} samples/s read with {s.workers} worker(s) "
+                       f"({s.steady_samples_per_second:.2f} after start-up)"),
         ("actors", f"{s.actors_started} started, {s.actors_recycled} recycled, {s.actors_died} died"),
     ]
     stage = {k: v for k, v in s.stage_seconds.items() if k not in IO_TIMINGS}

@@ -106,11 +106,11 @@ def test_summary_counts_and_table():
                                                                           "skipped": True}, attempts=1)
     bad = ShardOutcome(ShardTask("mlcid-000002", "in/00002.tar"), False, None, attempts=3,
                        errors=["SampleError: unreadable_shard: x"] * 3)
-    s = summarize(PoolReport([ok, again, bad], actors_started=2, actors_died=1), skipped_up_front=4, workers=2,
-                  wall_seconds=5.0)
+    s = summarize(PoolReport([ok, again, bad], actors_started=2, actors_died=1, startup_seconds=1.5, wall_seconds=4.0),
+                  skipped_up_front=4, workers=2, wall_seconds=5.0)
     assert (s.shards_total, s.shards_processed, s.shards_skipped, s.shards_failed) == (7, 1, 5, 1)
     assert (s.read, s.written, s.dropped) == (10, 7, {"no_salient_mask": 2, "too_small": 1})
-    assert s.samples_per_second == 2.0 and s.stage_seconds["detect"] == 2.0
+    assert s.samples_per_second == 2.0 and s.steady_samples_per_second == 4.0 and s.stage_seconds["detect"] == 2.0
     table = format_summary(s)
     assert "| no_salient_mask | 2 |" in table and "| in/00002.tar | 3 |" in table
     assert "detect 2.0s" in table and "write" not in table.split("stage time")[1].split("\n")[0]
