@@ -93,8 +93,9 @@ def _save(out: Path, model, processor) -> None:
 
 
 
-def make_instructblip():
-    """(model, processor): InstructBLIP with a Flan-T5 LM (as the real `instructblip-flan-t5-xl`), tiny sizes."""
+def make_instructblip(language_model: str = "t5"):
+    """(model, processor): InstructBLIP, tiny sizes, with a Flan-T5 LM (as the real `instructblip-flan-t5-xl`)
+    or, with `language_model="llama"`, a decoder-only LM (as `instructblip-vicuna-7b`)."""
     from transformers import (
         BlipImageProcessor,
         InstructBlipConfig,
@@ -102,6 +103,7 @@ def make_instructblip():
         InstructBlipProcessor,
         InstructBlipQFormerConfig,
         InstructBlipVisionConfig,
+        LlamaConfig,
         T5Config,
     )
 
@@ -114,6 +116,19 @@ def make_instructblip():
         num_query_tokens=num_query_tokens,
     )
     image_token_index = tokenizer.convert_tokens_to_ids("<image>")
+    if language_model == "t5":
+        text_config = T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        )
+    elif language_model == "llama":
+        text_config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        )
+    else:
+        raise ValueError(f"language_model must be 't5' or 'llama', got {language_model!r}")
     config = InstructBlipConfig(
         vision_config=InstructBlipVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
@@ -123,17 +138,14 @@ def make_instructblip():
             vocab_size=len(processor.qformer_tokenizer), hidden_size=32, num_hidden_layers=2,
             num_attention_heads=2, intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64,
         ).to_dict(),
-        text_config=T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
-            num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
-        ).to_dict(),
+        text_config=text_config.to_dict(),
         num_query_tokens=num_query_tokens,
         image_token_index=image_token_index,
     )
     torch.manual_seed(SEED)
     model = InstructBlipForConditionalGeneration(config).eval()
-    model.generation_config.decoder_start_token_id = 0
+    if language_model == "t5":
+        model.generation_config.decoder_start_token_id = 0
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 1
     return model, processor

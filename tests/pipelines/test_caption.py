@@ -101,6 +101,22 @@ def test_caption_and_object_caption_share_one_model(caption_stage, blip_dir):
     assert alone.captioner.model is not caption_stage.captioner.model
 
 
+def test_decoder_only_language_model_returns_only_new_tokens():
+    """InstructBLIP-Vicuna style: the prompt is padded on the left and cut off the generated ids."""
+    from pipelines.tiny import make_instructblip
+
+    model, processor = make_instructblip(language_model="llama")
+    stage = GlobalCaption(model="<in memory>", device="cpu", max_new_tokens=3, share_model=False)
+    stage.captioner.use(model, processor)
+    model.generation_config.min_new_tokens = 3
+    assert processor.tokenizer.padding_side == "left" and not stage.captioner.encoder_decoder
+    items = stage(_items(2))
+    for it in items:
+        ids = processor.tokenizer(it.global_prompt, add_special_tokens=False)["input_ids"]
+        assert 1 <= len(ids) <= 3 + 2  # three new tokens (decoded pieces may re-split), no prompt echo
+        assert "comprehensive" not in it.global_prompt
+
+
 def test_crop_object_box_and_fill():
     image = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
     mask = np.zeros((10, 12), bool)
