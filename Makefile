@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -86,6 +86,9 @@ validate: env ## make validate SHARDS='...'
 
 bench-io: env ## reader/writer throughput (numbers go to BENCHMARKS.md)
 	$(PY) -m mlcid.bench_io
+
+bench-pipeline-gpu: env ## full-size MLCID stages, random weights, one GPU (~8 min): s/sample per stage + H100-hours per 2M
+	$(PY) -m pipelines.bench_gpu --out $(WORK)/bench/pipeline_gpu.json
 
 clean: ## remove the work dir (caches, demo output, tiny models)
 	rm -rf $(WORK)
