@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -58,6 +58,18 @@ DATA ?=
 EVAL_ARGS ?=
 eval-fid: env ## make eval-fid MODEL=run DATA='mlcid-{000000..000009}.tar' OUT=dir [PRESET=tiny EVAL_ARGS='--per-group 2 --steps 2']
 	$(PY) -m model.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
+
+CONFIG ?= model/configs/layerdiff_sd15.yaml
+WORKERS ?= 1
+PRETRAINED ?=
+MAX_STEPS ?=
+train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n] [RESUME=1] [GPU=1]
+	$(PY) -m model.train --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(WORKERS) \
+	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),--preset $(PRESET)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
+	  $(if $(RESUME),--resume) $(if $(GPU),--gpu)
+
+bench-loader: env ## loader samples/s vs tiny-trainer consumption
+	$(PY) -m model.bench_loader
 
 DEMO := $(WORK)/demo
 demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
