@@ -7,8 +7,10 @@ Method
 - Both networks come from one seeded SD-shaped UNet (LayerDiffUNet.from_unet), so the SD weights are identical.
 - Variants: the plain UNet (B·L images), LayerDiff, and LayerDiff recomputing only its collab blocks in
   backward (`enable_layer_block_checkpointing`). "×" columns are ratios to the plain UNet.
-- Time: wall clock of zero_grad → forward → MSE loss → backward. Warm-up steps first, then the variants
-  alternate (order flipped every repeat) so drifting machine load hits all alike; the median is reported.
+- Time: zero_grad → forward → MSE loss → backward, as wall clock and as process CPU time (`time.process_time`;
+  with `--threads 1` it is the compute itself and barely moves when other jobs share the cores, so it is the
+  figure to compare on a busy machine). Warm-up steps first, then the variants alternate (order flipped every
+  repeat) so drifting machine load hits all alike; medians are reported.
 - `--profile`: per-op self CPU time of one step of each (torch.profiler), sorted by LayerDiff's extra time.
 - Peak memory: `torch.distributed._tools.mem_tracker.MemTracker` (a TorchDispatchMode that sees every tensor
   storage created and freed, CPU included) over one step in a separate pass, so its overhead never touches the
@@ -107,10 +109,11 @@ def train_step(model: torch.nn.Module, loss_fn: Callable, batch: dict[str, torch
     return float(loss.detach())
 
 
-def timed_step(model, loss_fn, batch) -> float:
-    t0 = time.perf_counter()
+def timed_step(model, loss_fn, batch) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one training step."""
+    t0, c0 = time.perf_counter(), time.process_time()
     train_step(model, loss_fn, batch)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def peak_memory(model: torch.nn.Module, loss_fn: Callable, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -149,7 +152,7 @@ def bench_layers(geometry: BenchGeometry, batch: int, layers: int, repeats: int,
         setup()
         for _ in range(warmup):
             train_step(model, fn, data)
-    times: dict[str, list[float]] = {k: [] for k in runs}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
     for r in range(repeats):
         order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in order:
@@ -160,11 +163,12 @@ def bench_layers(geometry: BenchGeometry, batch: int, layers: int, repeats: int,
     for name, (model, fn, setup) in runs.items():
         setup()
         total, step = peak_memory(model, fn, data)
-        rows.append({"L": layers, "B": batch, "model": name, "s": statistics.median(times[name]),
+        wall, cpu = (statistics.median(t[i] for t in times[name]) for i in (0, 1))
+        rows.append({"L": layers, "B": batch, "model": name, "s": wall, "cpu_s": cpu,
                      "mem": total, "step_mem": step, "params": sum(p.numel() for p in model.parameters())})
     base = rows[0]
     for row in rows:
-        row.update(time_x=row["s"] / base["s"], mem_x=row["mem"] / base["mem"],
+        row.update(time_x=row["s"] / base["s"], cpu_x=row["cpu_s"] / base["cpu_s"], mem_x=row["mem"] / base["mem"],
                    step_mem_x=row["step_mem"] / base["step_mem"])
     return rows
 
@@ -197,12 +201,14 @@ def profile_breakdown(geometry: BenchGeometry, batch: int, layers: int, top: int
 def markdown_table(rows: list[dict]) -> str:
     mb = 2**20
     lines = [
-        "| L | B | images B·L | model | step s | time × | peak MiB | step MiB | memory × | step memory × | params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| L | B | images B·L | model | wall s | wall × | CPU s | CPU × | peak MiB | step MiB | memory × "
+        "| step memory × | params |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['L']} | {r['B']} | {r['B'] * r['L']} | {r['model']} | {r['s']:.3f} | {r['time_x']:.2f} "
+            f"| {r['cpu_s']:.3f} | {r['cpu_x']:.2f} "
             f"| {r['mem'] / mb:.0f} | {r['step_mem'] / mb:.0f} | {r['mem_x']:.2f} | {r['step_mem_x']:.2f} "
             f"| {r['params'] / 1e6:.1f}M |"
         )

@@ -7,10 +7,11 @@ Random weights (no download) in diffusers' SD 1.5 UNet config (block_out_channel
 cross_attention_dim 768, 8 heads) at 256² images (32² latents), 77-token prompts. One training step = zero_grad →
 bf16-autocast forward → MSE loss → backward → fused AdamW step (fp32 master weights). For every batch size
 B (samples × L layers) and checkpointing mode it reports step time, samples/s, images/s and
-`torch.cuda.max_memory_allocated` (weights + grads + AdamW states + activations). Checkpointing modes: off, full
-(diffusers' switch: SD blocks and collab blocks) and, for LayerDiff, collab (only the collab blocks recomputed). The plain SD UNet on the same
-B·L images is the baseline (`--no-baseline` skips it). A batch size that runs out of memory is reported as OOM
-and larger ones for that setting are skipped; a time budget (default 420 s) keeps the whole run under ~8 min.
+`torch.cuda.max_memory_allocated` (weights + grads + AdamW states + activations). Checkpointing modes: off,
+full (diffusers' switch: SD blocks and collab blocks) and, for LayerDiff, collab (only the collab blocks are
+recomputed). The plain SD UNet on the same B·L images is the baseline (`--no-baseline` skips it). A batch
+size that runs out of memory is reported as OOM and larger ones for that setting are skipped; a time budget
+(default 420 s) keeps the whole run under ~8 min.
 """
 
 from __future__ import annotations

@@ -203,7 +203,9 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         elif timesteps.shape == (B,):
             timesteps = timesteps[:, None].expand(B, L)
         elif timesteps.shape != (B, L):
-            raise ValueError(f"timesteps must be a scalar, (B,)=({B},) or (B, L)=({B}, {L}); got {tuple(timesteps.shape)}")
+            raise ValueError(
+                f"timesteps must be a scalar, (B,)=({B},) or (B, L)=({B}, {L}); got {tuple(timesteps.shape)}"
+            )
         if layer_valid is not None:
             if layer_valid.shape != (B, L):
                 raise ValueError(f"layer_valid must be (B, L)=({B}, {L}), got {tuple(layer_valid.shape)}")
