@@ -8,8 +8,10 @@ Method
   same UNet with the same VAE, text encoder and DDIM scheduler. Weights are random: cost does not depend on them.
 - Rows per L: SD (L images, CFG), LayerDiff CFG, LayerDiff CFG+SMG (the paper's sampler: masks decoded every
   step), and CFG+SMG with masks re-decoded every 5 steps. "×SD" = time / SD's time for the same L images.
-- Time: wall clock of one full call (text encoding, all steps, final decode) after a 1-step warm-up of each
-  variant; variants alternate within a repeat; the median over repeats is reported.
+- Time: one full call (text encoding, all steps, final decode) after a 1-step warm-up of each variant; variants
+  alternate (order flipped every repeat); medians. On CPU the ratios use the process's CPU time, which other
+  jobs on shared cores barely disturb (wall time is shown too; pin `--threads` so both mean the same work); on
+  CUDA wall time after synchronize.
 - Peak memory: on CUDA `max_memory_allocated`; on CPU a TorchDispatchMode that sees every tensor storage created
   and freed (`StoragePeak`), over a separate 2-step call: the peak beyond the weights.
 """
@@ -74,13 +76,23 @@ class BenchConfig:
             vae_block_out_channels=self.vae_block_out_channels, vae_norm_groups=8, seed=self.seed)
 
 
+def clock(device: torch.device) -> float:
+    """Seconds for timing: on CPU the process's CPU time (all its threads) — robust when other jobs share the
+    cores; on CUDA wall time after a synchronize."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 @dataclass
 class Row:
     """One measured variant."""
 
     layers: int
     name: str
-    seconds: float
+    seconds: float  # CPU seconds on CPU, wall seconds on CUDA (see `clock`)
+    wall_seconds: float
     peak_mib: float
     unet_calls: int
     times: list[float] = field(default_factory=list)
@@ -191,13 +203,9 @@ def part_costs(sd, ld, L: int, config: BenchConfig, device: torch.device, repeat
         fn()
         times = []
         for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0 = clock(device)
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            times.append(clock(device) - t0)
         out[name] = statistics.median(times)
     return out
 
@@ -216,22 +224,21 @@ def run(config: BenchConfig, device: torch.device) -> tuple[list[Row], dict[int,
         for fn in fns.values():  # warm-up
             fn(1)
         times: dict[str, list[float]] = {name: [] for name in fns}
+        walls: dict[str, list[float]] = {name: [] for name in fns}
         for r in range(config.repeats):
             order = list(fns) if r % 2 == 0 else list(reversed(fns))
             for name in order:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, w0 = clock(device), time.perf_counter()
                 fns[name](config.steps)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
-                log.info("L=%d %-40s %.2f s", L, name, times[name][-1])
+                times[name].append(clock(device) - t0)
+                walls[name].append(time.perf_counter() - w0)
+                log.info("L=%d %-40s %.2f s (wall %.2f s)", L, name, times[name][-1], walls[name][-1])
         for name, fn in fns.items():
             owner = owners[name]
             mem = peak_memory_mib(fn, device)
             calls = count_unet_calls(owner, fn, 2) // 2
-            rows.append(Row(L, name, statistics.median(times[name]), mem, calls, times[name]))
+            rows.append(Row(L, name, statistics.median(times[name]), statistics.median(walls[name]), mem, calls,
+                            times[name]))
     return rows, parts
 
 
@@ -239,6 +246,7 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
              command: str) -> str:
     """The results table with the command and settings."""
     sd_time = {r.layers: r.seconds for r in rows if r.name.startswith("SD")}
+    unit = "CPU s" if device.type == "cpu" else "time s"
     lines = [
         f"`{command}`",
         "",
@@ -246,14 +254,15 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
         f"SMG {config.smg}, {config.latent_size * 8}² px, UNet {config.block_out_channels} × "
         f"{config.layers_per_block}/level, VAE {config.vae_block_out_channels}, random weights",
         "",
-        "| L | images | sampler | UNet calls/step | time s | s/image | ×SD | peak MiB (beyond weights) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| L | images | sampler | UNet calls/step | {unit} | wall s | {unit.split()[0]} s/image | ×SD | "
+        "peak MiB (beyond weights) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls} | {r.seconds:.2f} | "
+        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls} | {r.seconds:.2f} | {r.wall_seconds:.2f} | "
                      f"{r.seconds / r.layers:.2f} | {r.seconds / sd_time[r.layers]:.2f} | {r.peak_mib:.0f} |")
     names = list(next(iter(parts.values())))
-    lines += ["", "Per-call cost of a step's pieces (s, median of 3); SMG step ×SD = (CFG call + SMG call + mask "
+    lines += ["", f"Per-call cost of a step's pieces ({unit}, median of 3); SMG step ×SD = (CFG call + SMG call + mask "
               "decode) / SD UNet:", "",
               "| L | " + " | ".join(names) + " | SMG step ×SD |", "|---" * (len(names) + 2) + "|"]
     for L, p in parts.items():
