@@ -10,7 +10,9 @@ Actors are started and loaded first (`ShardPool.warm_up`), so the timed part is 
   - overhead ms/sample = (steady wall × workers − stage time) / samples: everything that is not a stage;
   - Ray ms/sample = (steady wall × workers − process time) / samples: what the pool itself adds;
   - CPU s/sample and CPU share = actor CPU time / (steady wall × workers): a share well below 1 means the actors
-    waited for a core (other load on the machine), so the speed-up there says nothing about the framework.
+    waited for a core (other load on the machine), so the speed-up there says nothing about the framework;
+  - control: just before each run, as many plain Python busy loops as actors run for 2 s; the cores they got
+    together, and their ratio to the first row's, is the speed-up the machine itself allowed at that moment.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -57,6 +60,20 @@ class BenchRow:
     ray_ms_per_sample: float
     cpu_s_per_sample: float  # CPU time of the actors (all threads) per sample
     cpu_share: float  # actor CPU time / (steady wall × workers): < 1 means the actors waited for a core
+    control_cores: float = 0.0  # cores that `workers` plain busy-loop processes got just before this run
+    control_speedup: float = 1.0  # control_cores / the first row's: the speed-up the machine allowed then
+
+
+_BUSY = ("import time\nt0, c0 = time.perf_counter(), time.process_time()\n"
+         "while time.perf_counter() - t0 < {s}: pass\n"
+         "print((time.process_time() - c0) / (time.perf_counter() - t0))")
+
+
+def control_cores(n: int, seconds: float = 2.0) -> float:
+    """Cores that `n` plain Python busy loops get together right now (other load on the machine shows here)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY.format(s=seconds)], stdout=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    return round(sum(float(p.communicate()[0]) for p in procs), 2)
 
 
 def ensure_tiny_models() -> Path:
@@ -98,12 +115,14 @@ def run_one(workers: int, tasks: list[ShardTask], out: Path, config: PipelineCon
 
 def markdown(rows: list[BenchRow]) -> str:
     head = ("| workers | shards | samples | start-up s | steady s | samples/s | speed-up | stage s/sample | "
-            "process s/sample | overhead ms/sample | Ray ms/sample | CPU s/sample | CPU share |")
-    lines = [head, "|" + "---:|" * 13]
+            "process s/sample | overhead ms/sample | Ray ms/sample | CPU s/sample | CPU share | "
+            "control cores | control speed-up |")
+    lines = [head, "|" + "---:|" * 15]
     for r in rows:
         lines.append(f"| {r.workers} | {r.shards} | {r.samples} | {r.startup_s} | {r.steady_s} | {r.samples_per_s} | "
                      f"{r.speedup}× | {r.stage_s_per_sample} | {r.process_s_per_sample} | "
-                     f"{r.overhead_ms_per_sample} | {r.ray_ms_per_sample} | {r.cpu_s_per_sample} | {r.cpu_share} |")
+                     f"{r.overhead_ms_per_sample} | {r.ray_ms_per_sample} | {r.cpu_s_per_sample} | {r.cpu_share} | "
+                     f"{r.control_cores} | {r.control_speedup}× |")
     return "\n".join(lines)
 
 
@@ -140,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     with ray_session(RayEnvConfig(num_cpus=max(args.workers))):
         for rep in range(args.repeats):
             for n in args.workers:
+                cores = control_cores(n)
                 row = run_one(n, tasks, work / f"out-{n}", config)
+                row.control_cores = cores
                 print(f"repeat {rep + 1}/{args.repeats}, workers={n}: {row.samples_per_s} samples/s",
                       file=sys.stderr, flush=True)
                 if n not in best or row.samples_per_s > best[n].samples_per_s:
@@ -148,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [best[n] for n in args.workers]
     for r in rows:
         r.speedup = round(r.samples_per_s / rows[0].samples_per_s, 2)
+        r.control_speedup = round(r.control_cores / max(1e-9, rows[0].control_cores), 2)
     # 3. Report.
     cmd = "python -m cluster.bench_orchestration " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"\n`{cmd.strip()}` ({time.strftime('%Y-%m-%d')}, tiny presets, {args.shards} shards × "
