@@ -72,11 +72,29 @@ bench-loader: env ## loader samples/s vs tiny-trainer consumption
 	$(PY) -m model.bench_loader
 
 DEMO := $(WORK)/demo
-demo: env ## run everything end to end on synthetic scenes with tiny models (offline)
-	$(PY) -m mlcid.synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128
-	$(PY) -m mlcid.validate "$(DEMO)/gt/mlcid-{000000..000001}.tar"
-	$(PY) -m mlcid.view $(DEMO)/gt --out $(DEMO)/view-gt
-	@echo "demo: open $(DEMO)/view-gt/index.html"
+DEMO_TINY := $(DEMO)/tiny-models
+demo: env ## everything end to end, offline: synthetic + bundled photos → MLCID on in-process Ray → view → train → sample → eval
+	@echo "== 1. raw inputs: synthetic layered scenes (+ exact ground truth) and photos bundled with scikit-image/learn"
+	$(PY) -m mlcid.synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128 --quiet
+	$(PY) -m mlcid.photos --out $(DEMO)/raw --shard-id 90
+	@echo "== 2. tiny model presets (random weights, each library's own format)"
+	$(PY) -m model.tiny --out $(DEMO_TINY)
+	$(PY) -m pipelines.tiny --out $(DEMO_TINY)
+	@echo "== 3. build MLCID from the raw shards with the tiny pipeline on in-process Ray (2 workers)"
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) $(PY) -m cluster.build_mlcid --shards $(DEMO)/raw --out $(DEMO)/mlcid \
+	  --preset tiny --workers 2 --summary-json $(DEMO)/mlcid/summary.json
+	$(PY) -m mlcid.validate $(DEMO)/mlcid $(DEMO)/gt
+	$(PY) -m mlcid.view $(DEMO)/mlcid $(DEMO)/gt --out $(DEMO)/view
+	@echo "== 4. train the tiny LayerDiff for a few dozen steps on the built + ground-truth shards"
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.train --data "$(DEMO)/mlcid $(DEMO)/gt" \
+	  --out $(DEMO)/run --config model/configs/tiny.yaml --preset tiny --max-steps 30 --set checkpoint_every=10
+	@echo "== 5. sample a layered image (CFG + self-mask guidance) and export PNG/PSD/ORA"
+	$(PY) -m model.sample --model $(DEMO)/run --prompt "a red circle in front of a blue square on a striped green background" \
+	  --layers "the background|a blue square|a red circle" --steps 10 --height 64 --width 64 --seed 0 --out $(DEMO)/sample --overwrite
+	@echo "== 6. evaluate (FID, CLIP score, layer CLIP score; tiny extractor and CLIP) on the ground-truth prompts"
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.evaluate --model $(DEMO)/run --data $(DEMO)/gt \
+	  --out $(DEMO)/eval --preset tiny --per-group 2 --steps 2 --size 64 --sd-size 64 --eval-size 64
+	@echo "demo done: gallery $(DEMO)/view/index.html, layered sample $(DEMO)/sample, metrics $(DEMO)/eval/metrics.md"
 
 test: env ## the default test suite (CPU, minutes)
 	$(PY) -m pytest -q -x --timeout=600
