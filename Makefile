@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -70,6 +70,36 @@ train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFI
 
 bench-loader: env ## loader samples/s vs tiny-trainer consumption
 	$(PY) -m model.bench_loader
+
+build-mlcid: env ## make build-mlcid SHARDS='raw/{00000..00099}.tar' OUT=mlcid/ [PRESET=tiny|real] [WORKERS=n] (Ray; joins RAY_ADDRESS if set)
+	$(PY) -m cluster.build_mlcid --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS))
+
+IMG2DATASET_VENV := .venv-img2dataset
+img2dataset-env: ## img2dataset in its own venv (it pins webdataset<0.3, pandas<3, opencv<5)
+	@test -x $(IMG2DATASET_VENV)/bin/img2dataset || { $(PYTHON_SYS) -m venv $(IMG2DATASET_VENV) && \
+	  $(IMG2DATASET_VENV)/bin/pip install -q --upgrade pip && $(IMG2DATASET_VENV)/bin/pip install -q img2dataset; }
+
+PARQUET ?=
+laion-shards: env img2dataset-env ## make laion-shards PARQUET=laion-part.parquet OUT=raw/ : img2dataset → input shards NNNNN.tar
+	$(PY) -m cluster.laion --url-list $(PARQUET) --out $(OUT) --venv $(IMG2DATASET_VENV)
+
+PROMPT ?=
+LAYERS ?=
+SAMPLE_ARGS ?=
+sample: env ## make sample MODEL=run PROMPT='global prompt' LAYERS='the background|a red ball|a dog' OUT=dir [SAMPLE_ARGS='--steps 50 --seed 0']
+	$(PY) -m model.sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
+
+bench-train: env ## LayerDiffUNet vs plain UNet forward+backward time and memory, L = 2, 3, 4 (CPU)
+	$(PY) -m model.bench_train
+
+bench-train-gpu: env ## full SD 1.5 geometry, random weights, 256², bf16, ± gradient checkpointing (one GPU, ~8 min)
+	$(PY) -m model.bench_train_gpu
+
+bench-sample: env ## one LayerDiff sample (CFG+SMG, CFG) vs StableDiffusionPipeline on L images, side by side
+	$(PY) -m model.bench_sample
+
+bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, framework overhead per sample
+	$(PY) -m cluster.bench_orchestration
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
