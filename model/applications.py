@@ -387,3 +387,86 @@ def _resize_like(arr: np.ndarray, size: tuple[int, int], resample: int) -> np.nd
     if arr.shape[:2] == size:
         return np.asarray(arr)
     return np.asarray(Image.fromarray(np.asarray(arr)).resize((size[1], size[0]), resample))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _parse_layer_prompts(items: Sequence[str]) -> dict[int, str]:
+    """['1=a cat', '0=the background, snowy'] → {1: 'a cat', 0: 'the background, snowy'}."""
+    out = {}
+    for item in items:
+        index, sep, prompt = item.partition("=")
+        if not sep or not index.strip().isdigit() or not prompt.strip():
+            raise ValueError(f"--layer wants INDEX=PROMPT (e.g. 1='a cat'), got {item!r}")
+        out[int(index)] = prompt.strip()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.applications {inpaint,style,iterative} …`: edit an output folder, write a new one."""
+    import argparse
+    import logging
+
+    from model.export import OutputMeta, save_output
+    from model.sample import load_pipeline, parse_boxes
+
+    parser = argparse.ArgumentParser(prog="python -m model.applications", description=(
+        "LayerDiff applications: regenerate layers (inpaint), restyle layers (style), or add foregrounds one by "
+        "one (iterative). Sources are output folders written by `python -m model.sample`."))
+    sub = parser.add_subparsers(dest="app", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="LayerDiff run folder")
+    common.add_argument("--out", required=True, type=Path, help="output folder to write")
+    common.add_argument("--steps", type=int, default=50)
+    common.add_argument("--cfg", type=float, default=3.0)
+    common.add_argument("--smg", type=float, default=3.0)
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--device", default="auto")
+    inpaint = sub.add_parser("inpaint", parents=[common], help="regenerate chosen layers from new prompts (App. D)")
+    inpaint.add_argument("--source", required=True, type=Path, help="output folder to edit")
+    inpaint.add_argument("--layer", action="append", required=True, metavar="INDEX=PROMPT",
+                         help="layer to regenerate and its new prompt; repeat for several")
+    inpaint.add_argument("--mask-hold", type=int, default=MASK_HOLD_STEPS, help="steps the other masks stay fixed")
+    style = sub.add_parser("style", parents=[common], help="restyle chosen layers, SDEdit-like (App. D)")
+    style.add_argument("--source", required=True, type=Path, help="output folder to edit")
+    style.add_argument("--targets", type=int, nargs="+", required=True, help="layer indices to restyle")
+    style.add_argument("--style", required=True, help="text appended to the target and global prompts")
+    style.add_argument("--strength", type=float, default=STYLE_STRENGTH)
+    iterative = sub.add_parser("iterative", parents=[common], help="add foregrounds one at a time (App. F.2)")
+    iterative.add_argument("--prompt", required=True, help="global prompt")
+    iterative.add_argument("--add", action="append", required=True, help="foreground prompt; repeat, back to front")
+    iterative.add_argument("--boxes", default="", help="'x0,y0,x1,y1;…' one per --add ('-' for none)")
+    iterative.add_argument("--source", type=Path, default=None, help="start from this output folder")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        new_prompts = _parse_layer_prompts(args.layer) if args.app == "inpaint" else {}
+        boxes = None
+        if args.app == "iterative" and args.boxes:
+            boxes = [None if part.strip() == "-" else parse_boxes(part)[0] for part in args.boxes.split(";")]
+        pipe = load_pipeline(args.model, args.device)
+        common_kw = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, smg_scale=args.smg,
+                         generator=torch.Generator().manual_seed(args.seed))
+        if args.app == "inpaint":
+            result = layer_inpaint(pipe, args.source, new_prompts, mask_hold_steps=args.mask_hold, output_type="np",
+                                   **common_kw)
+        elif args.app == "style":
+            result = layer_style_transfer(pipe, args.source, args.targets, style=args.style, strength=args.strength,
+                                          output_type="np", **common_kw)
+        else:
+            result = iterative_generation(pipe, args.prompt, args.add, boxes=boxes, start=args.source,
+                                          **common_kw).layers
+        meta = OutputMeta(global_prompt=result.global_prompt, layer_prompts=list(result.layer_prompts),
+                          seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                          smg_scale=args.smg, guidance="cfg+smg", model=args.model,
+                          extra={"application": args.app, "source": str(args.source) if args.source else None})
+        save_output(args.out, result, meta, index=0 if args.app != "iterative" else None)
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        logging.getLogger("model.applications").error("%s", err)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -70,17 +70,16 @@ def parse_boxes(text: str) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def load_pipeline(config: SampleConfig) -> LayerDiffPipeline:
-    """The run folder (or, with --from-sd, an untrained LayerDiff made from an SD-1.x folder) on the device."""
-    device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.dtype]
-    if config.from_sd:
-        log.warning("--from-sd: LayerDiff initialised from %s WITHOUT training (smoke tests and demos only)",
-                    config.model)
-        pipe = LayerDiffPipeline.from_sd(config.model)
+def load_pipeline(model: str, device: str = "auto", dtype: str = "float32", from_sd: bool = False) -> LayerDiffPipeline:
+    """The run folder (or, with `from_sd`, an untrained LayerDiff made from an SD-1.x folder) on the device."""
+    target = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    if from_sd:
+        log.warning("--from-sd: LayerDiff initialised from %s WITHOUT training (smoke tests and demos only)", model)
+        pipe = LayerDiffPipeline.from_sd(model, dtype=torch_dtype)
     else:
-        pipe = LayerDiffPipeline.from_pretrained(config.model)
-    return pipe.to(device, dtype)
+        pipe = LayerDiffPipeline.from_pretrained(model, dtype=torch_dtype)
+    return pipe.to(target)
 
 
 def save_previews(path: Path, intermediates) -> None:
@@ -98,7 +97,7 @@ def run(config: SampleConfig) -> list[Path]:
     from model.applications import sample_with_mask_priors
     from model.export import OutputMeta, save_output
 
-    pipe = load_pipeline(config)
+    pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
                   guidance=config.guidance, smg_blur_side=config.blur_side, height=config.height,
