@@ -17,6 +17,7 @@ import fcntl
 import inspect
 import logging
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -222,12 +223,20 @@ class _Slot:
     samples_seen: int = 0
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
 def _error_text(err: BaseException) -> str:
-    """A one-line error: the processor's own exception for task errors, Ray's summary otherwise."""
+    """A one-line error: the processor's own exception for task errors; for a dead actor Ray's summary plus the
+    exception that killed it (Ray puts the creation task's traceback inside the message)."""
     cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
     shown = cause if isinstance(cause, BaseException) else err
-    lines = [ln for ln in str(shown).strip().splitlines() if ln.strip()]
-    return f"{type(shown).__name__}: {lines[0] if lines else ''}"[:500]
+    lines = [ln.strip() for ln in _ANSI.sub("", str(shown)).splitlines() if ln.strip()]
+    text = f"{type(shown).__name__}: {lines[0] if lines else ''}"
+    if len(lines) > 1 and _EXC_LINE.match(lines[-1]):
+        text += f" — {lines[-1]}"
+    return text[:700]
 
 
 @dataclass

@@ -241,3 +241,41 @@ def test_bench_orchestration_prints_a_row_per_worker_count(tiny_models, tmp_path
     assert rows[0]["speedup"] == 1.0 and all(r["stage_s_per_sample"] > 0 for r in rows)
     table = capsys.readouterr().out
     assert "| workers |" in table and "python -m cluster.bench_orchestration" in table
+
+
+@pytest.mark.slow
+def test_joins_a_running_cluster_and_forwards_the_environment(tiny_models, tmp_path):
+    """A head started WITHOUT the tiny-model root in its environment: the driver's runtime_env must carry it."""
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    write_dataset(tmp_path / "raw", tmp_path / "gt", samples=4, seed=2, shards=1, config=SceneConfig(size=64),
+                  progress=False)
+    env = {k: v for k, v in os.environ.items() if k not in ("LAYERDIFF_TINY_MODELS", "RAY_ADDRESS")}
+    head = subprocess.Popen([sys.executable, "-c", (
+        "import os, time, ray\n"
+        "ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.environ['RAY_TMPDIR'])\n"
+        "print(ray.get_runtime_context().gcs_address, flush=True)\n"
+        "time.sleep(300)")], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the head did not start"
+        summary = tmp_path / "summary.json"
+        rc = build_mlcid.main(["--shards", str(tmp_path / "raw" / "00000.tar"), "--out", str(tmp_path / "out"),
+                               "--preset", "tiny", "--max-side", "64", "--workers", "1", "--address", address,
+                               "--no-progress", "--summary-json", str(summary)])
+        assert rc == 0
+        s = json.loads(summary.read_text())
+        assert s["shards_processed"] == 1 and s["read"] == 4
+    finally:
+        kids = psutil.Process(head.pid).children(recursive=True)
+        head.kill()
+        head.wait()
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.Error:
+                pass

@@ -193,6 +193,7 @@ def test_actors_that_cannot_load_models_stop_the_pool(ray_cpus, raw_shards, tmp_
     broken = functools.partial(ShardProcessor, PipelineConfig.from_preset(
         "tiny", models={"owlv2": str(tmp_path / "no-such-model")}))
     pool = ShardPool(broken, tmp_path / "out", PoolConfig(workers=1, max_startup_failures=1))
-    with pytest.raises(PoolError, match="loading their models"):
+    with pytest.raises(PoolError, match="loading their models") as e:
         pool.run(tasks_for(raw_shards[:1]))
+    assert "no-such-model" in str(e.value)  # the exception that killed the actor is in the message
     assert not list((tmp_path / "out").glob("*.tar"))
