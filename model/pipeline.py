@@ -12,6 +12,7 @@ cannot join it). The model predicts, the scheduler steps, `model.guidance` combi
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -33,6 +34,7 @@ from model.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of th
 from model.loading import encode_prompts
 from model.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.unet", "LayerDiffUNet"]
 
+log = logging.getLogger(__name__)
 RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 ALLOWED_LIBRARIES = {"unet": ("model.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
                      "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
@@ -117,6 +119,9 @@ class LayerDiffPipeline(DiffusionPipeline):
             raise ValueError(f"LayerDiffPipeline needs a LayerDiffUNet, got {type(unet).__name__}")
         if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(f"LayerDiff predicts ε; scheduler prediction_type is {scheduler.config.prediction_type!r}")
+        if not isinstance(scheduler, DDIMScheduler):  # §5.2 samples with DDIM; the x0 replacement assumes it
+            log.info("using DDIMScheduler with the config of the given %s", type(scheduler).__name__)
+            scheduler = DDIMScheduler.from_config(scheduler.config)
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     # ------------------------------------------------------------------ loading

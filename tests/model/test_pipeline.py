@@ -334,3 +334,12 @@ def test_bench_sample_runs_on_a_tiny_geometry():
     assert [r.unet_calls for r in rows] == [1, 1, 2, 2] and all(r.seconds > 0 and r.peak_mib > 0 for r in rows)
     table = markdown(rows, parts, config, torch.device("cpu"), "python -m model.bench_sample --steps 1")
     assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table
+
+
+def test_non_ddim_scheduler_is_replaced_by_ddim(pipe):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    other = LayerDiffPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                              scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    assert isinstance(other.scheduler, DDIMScheduler)
+    assert other.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule
