@@ -1,6 +1,6 @@
 """Benchmark the Ray layer: throughput with 1 vs N actors and the framework overhead per sample (tiny presets).
 
-    python -m cluster.bench_orchestration --shards 16 --samples-per-shard 16 --workers 1 2
+    python -m cluster.bench_orchestration --shards 32 --samples-per-shard 32 --workers 1 2 --repeats 2
 
 Synthetic img2dataset shards go through the real `ShardProcessor` (tiny random-weight models) on the actor pool.
 Actors are started and loaded first (`ShardPool.warm_up`), so the timed part is steady-state work only. Per run:
@@ -129,8 +129,8 @@ def markdown(rows: list[BenchRow]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m cluster.bench_orchestration", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--shards", type=int, default=16, help="synthetic input shards")
-    p.add_argument("--samples-per-shard", type=int, default=16)
+    p.add_argument("--shards", type=int, default=32, help="synthetic input shards")
+    p.add_argument("--samples-per-shard", type=int, default=32)
     p.add_argument("--size", type=int, default=64, help="synthetic image side (px)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="actor counts to compare")
     p.add_argument("--repeats", type=int, default=2, help="runs per worker count (the best one is reported)")
