@@ -1,7 +1,7 @@
 """CPU benchmark: one training step (forward + backward) of LayerDiffUNet on B samples × L layers vs the plain
 diffusers UNet on B·L images of the same geometry. Time and peak memory, side by side, as a markdown table.
 
-    python -m model.bench_train [--layers 2 3 4] [--batch 1] [--repeats 5] [--profile]
+    python -m model.bench_train [--layers 2 3 4] [--batch 1] [--repeats 5] [--threads 1] [--ablations] [--profile]
 
 Method
 - Both networks come from one seeded SD-shaped UNet (LayerDiffUNet.from_unet), so the SD weights are identical.
@@ -11,6 +11,7 @@ Method
   with `--threads 1` it is the compute itself and barely moves when other jobs share the cores, so it is the
   figure to compare on a busy machine). Warm-up steps first, then the variants alternate (order flipped every
   repeat) so drifting machine load hits all alike; medians are reported.
+- `--ablations`: LayerDiff without the prompt enhancer, and with a 1× collab FFN: module-level attribution.
 - `--profile`: per-op self CPU time of one step of each (torch.profiler), sorted by LayerDiff's extra time.
 - Peak memory: `torch.distributed._tools.mem_tracker.MemTracker` (a TorchDispatchMode that sees every tensor
   storage created and freed, CPU included) over one step in a separate pass, so its overhead never touches the
@@ -133,21 +134,30 @@ def peak_memory(model: torch.nn.Module, loss_fn: Callable, batch: dict[str, torc
     return total, total - params
 
 
-def variants(plain: UNet2DConditionModel, layerdiff: LayerDiffUNet) -> dict[str, tuple]:
-    """name → (model, loss_fn, setup): the baseline and LayerDiff with/without collab-block checkpointing."""
-    return {
+def variants(plain: UNet2DConditionModel, layerdiff: LayerDiffUNet, ablations: bool = False) -> dict[str, tuple]:
+    """name → (model, loss_fn, setup): the baseline, LayerDiff with/without collab-block checkpointing and, with
+    `ablations`, LayerDiff without the prompt enhancer and with a 1× (instead of 4×) collab FFN."""
+    runs = {
         "plain UNet": (plain, plain_loss, lambda: None),
         "LayerDiff": (layerdiff, layerdiff_loss, lambda: layerdiff.enable_layer_block_checkpointing(False)),
         "LayerDiff, collab ckpt": (layerdiff, layerdiff_loss, lambda: layerdiff.enable_layer_block_checkpointing(True)),
     }
+    if ablations:
+        max_layers = layerdiff.config.max_layers
+        no_enhancer = LayerDiffUNet.from_unet(plain, max_layers=max_layers, use_prompt_enhancer=False).train()
+        small_ffn = LayerDiffUNet.from_unet(plain, max_layers=max_layers, layer_ff_mult=1).train()
+        runs["LayerDiff, no enhancer"] = (no_enhancer, layerdiff_loss, lambda: None)
+        runs["LayerDiff, collab FFN 1×"] = (small_ffn, layerdiff_loss, lambda: None)
+    return runs
 
 
-def bench_layers(geometry: BenchGeometry, batch: int, layers: int, repeats: int, warmup: int) -> list[dict]:
+def bench_layers(geometry: BenchGeometry, batch: int, layers: int, repeats: int, warmup: int,
+                 ablations: bool = False) -> list[dict]:
     """Time and memory of every variant for one (B, L); one row per variant."""
     plain, layerdiff = build_models(geometry, max_layers=max(layers, 1))
     plain.train(), layerdiff.train()
     data = make_batch(geometry, batch, layers)
-    runs = variants(plain, layerdiff)
+    runs = variants(plain, layerdiff, ablations)
     for model, fn, setup in runs.values():
         setup()
         for _ in range(warmup):
@@ -223,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tiny", action="store_true", help="tiny geometry (seconds; for smoke tests)")
+    p.add_argument("--ablations", action="store_true",
+                   help="also time LayerDiff without the prompt enhancer and with a 1x collab FFN (where time goes)")
     p.add_argument("--profile", action="store_true", help="also print where LayerDiff's extra time goes (per op)")
     return p.parse_args(argv)
 
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for layers in args.layers:
         log.info("L=%d: building models and timing %d repeats", layers, args.repeats)
-        rows.extend(bench_layers(geometry, args.batch, layers, args.repeats, args.warmup))
+        rows.extend(bench_layers(geometry, args.batch, layers, args.repeats, args.warmup, args.ablations))
     argv_shown = sys.argv[1:] if argv is None else argv
     print(f"\n`python -m model.bench_train {shlex.join(argv_shown)}` (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, geometry {geometry})\n")

@@ -101,6 +101,7 @@ def run_config(model: torch.nn.Module, loss_fn, cfg: GpuBenchConfig, batch: int,
     data = make_batch(cfg.geometry, batch, cfg.layers, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-2, fused=device.type == "cuda")
     times: list[float] = []
+    loss = None
     try:
         _free(device)
         for i in range(cfg.warmup + cfg.steps):
@@ -123,7 +124,7 @@ def run_config(model: torch.nn.Module, loss_fn, cfg: GpuBenchConfig, batch: int,
         result.status = "OOM"
     finally:
         opt.zero_grad(set_to_none=True)
-        del opt, data
+        del opt, data, loss  # drop the graph too (an OOM in backward leaves it alive)
         _free(device)
     return result
 
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     results = run(cfg)
     argv_shown = sys.argv[1:] if argv is None else argv
     print(f"\n`python -m model.bench_train_gpu {shlex.join(argv_shown)}` on {device_name} (torch {torch.__version__}, "
-          f"bf16 autocast, fused AdamW; L={cfg.layers}, {cfg.geometry.latent_size}² latents)\n")
+          f"bf16 autocast, AdamW (fused on CUDA); L={cfg.layers}, {cfg.geometry.latent_size}² latents)\n")
     print(markdown_table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
