@@ -241,3 +241,19 @@ def test_benchmarks_run_tiny(capsys):
     results = bench_train_gpu.main(["--tiny", "--batch-sizes", "1", "--layers", "2", "--steps", "1", "--warmup", "0"])
     assert {r.status for r in results} == {"ok"} and len(results) == 5
     assert "| layerdiff | collab |" in capsys.readouterr().out
+
+
+def test_full_sd15_geometry_shapes_on_meta_device():
+    """The real SD 1.5 UNet config builds and runs shape-correctly (meta tensors: no memory, no compute)."""
+    from model.bench_train import SD15_GEOMETRY
+
+    with torch.device("meta"):
+        sd = UNet2DConditionModel(**SD15_GEOMETRY.unet_config())
+        model = LayerDiffUNet(unet_config=dict(sd.config), max_layers=4)
+        sample = torch.empty(2, 4, 8, 32, 32)
+        out = model(sample, torch.zeros(2, 4, dtype=torch.long), torch.empty(2, 77, 768),
+                    torch.empty(2, 4, 77, 768)).sample
+    assert out.shape == (2, 4, 8, 32, 32)
+    assert len(model.collab_blocks()) == 16  # one per SD transformer block
+    n_sd = sum(p.numel() for p in sd.parameters())
+    assert sum(p.numel() for p in model.parameters()) - n_sd == sum(p.numel() for p in model.new_parameters().values())
