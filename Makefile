@@ -60,7 +60,7 @@ eval-fid: env ## make eval-fid MODEL=run DATA='mlcid-{000000..000009}.tar' OUT=d
 	$(PY) -m model.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
 
 CONFIG ?= model/configs/layerdiff_sd15.yaml
-WORKERS ?= 1
+WORKERS ?=
 PRETRAINED ?=
 MAX_STEPS ?=
 train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n] [RESUME=1] [GPU=1]
@@ -72,12 +72,12 @@ bench-loader: env ## loader samples/s vs tiny-trainer consumption
 	$(PY) -m model.bench_loader
 
 build-mlcid: env ## make build-mlcid SHARDS='raw/{00000..00099}.tar' OUT=mlcid/ [PRESET=tiny|real] [WORKERS=n] (Ray; joins RAY_ADDRESS if set)
-	$(PY) -m cluster.build_mlcid --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(filter-out 1,$(WORKERS)),--workers $(WORKERS))
+	$(PY) -m cluster.build_mlcid --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(WORKERS),--workers $(WORKERS))
 
 IMG2DATASET_VENV := .venv-img2dataset
 img2dataset-env: ## img2dataset in its own venv (it pins webdataset<0.3, pandas<3, opencv<5)
 	@test -x $(IMG2DATASET_VENV)/bin/img2dataset || { $(PYTHON_SYS) -m venv $(IMG2DATASET_VENV) && \
-	  $(IMG2DATASET_VENV)/bin/pip install -q --upgrade pip && $(IMG2DATASET_VENV)/bin/pip install -q img2dataset; }
+	  $(IMG2DATASET_VENV)/bin/pip install -q --upgrade pip && $(IMG2DATASET_VENV)/bin/pip install -q img2dataset==1.47.0; }
 
 PARQUET ?=
 laion-shards: env img2dataset-env ## make laion-shards PARQUET=laion-part.parquet OUT=raw/ : img2dataset → input shards NNNNN.tar
