@@ -64,7 +64,7 @@ WORKERS ?=
 PRETRAINED ?=
 MAX_STEPS ?=
 train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n] [RESUME=1] [GPU=1]
-	$(PY) -m model.train --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(WORKERS) \
+	$(PY) -m model.train --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(or $(WORKERS),1) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),--preset $(PRESET)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
 	  $(if $(RESUME),--resume) $(if $(GPU),--gpu)
 
