@@ -90,13 +90,13 @@ sample: env ## make sample MODEL=run PROMPT='global prompt' LAYERS='the backgrou
 	$(PY) -m model.sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
 
 bench-train: env ## LayerDiffUNet vs plain UNet forward+backward time and memory, L = 2, 3, 4 (CPU)
-	$(PY) -m model.bench_train
+	$(PY) -m model.bench_train --layers 2 3 4 --threads 1
 
 bench-train-gpu: env ## full SD 1.5 geometry, random weights, 256², bf16, ± gradient checkpointing (one GPU, ~8 min)
-	$(PY) -m model.bench_train_gpu
+	$(PY) -m model.bench_train_gpu --out $(WORK)/bench/train_gpu.json
 
 bench-sample: env ## one LayerDiff sample (CFG+SMG, CFG) vs StableDiffusionPipeline on L images, side by side
-	$(PY) -m model.bench_sample
+	$(PY) -m model.bench_sample --threads 1
 
 bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, framework overhead per sample
 	$(PY) -m cluster.bench_orchestration
