@@ -128,7 +128,9 @@ class Trainer:
         c = self.components
         unet = LayerDiffUNet.from_unet(c.unet, max_layers=cfg.data.max_layers, **cfg.unet_options)
         c.unet = None  # the plain SD UNet is no longer needed
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing == "layer_blocks":
+            unet.enable_layer_block_checkpointing()
+        elif cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.unet = unet.to(self.device).train()
         for frozen in (c.vae, c.text_encoder):

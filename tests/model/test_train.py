@@ -238,3 +238,12 @@ def test_gpu_autocast_run_and_resume(tiny_models, shards, tmp_path):
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(full) == len(part) == 4 and all(torch.isfinite(torch.tensor(full + part)))
     assert max(abs(a - b) for a, b in zip(full, part)) < 0.05 * max(full)
+
+
+def test_gradient_checkpointing_setting_is_checked():
+    from model.config import TrainConfig
+
+    for ok in (False, True, "full", "layer_blocks"):
+        TrainConfig(gradient_checkpointing=ok).validate()
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="sometimes").validate()
