@@ -258,7 +258,7 @@ def time_stage(kind: str, cfg: BenchConfig, device: torch.device, dtype: str) ->
 
 def run(cfg: BenchConfig) -> dict:
     """Time every requested stage; returns the report (per stage, total s/sample, GPU-hours per total_samples)."""
-    from pipelines.segment import device_and_dtype
+    from pipelines.devices import device_and_dtype
 
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
     dtype_name = str(dtype).removeprefix("torch.")

@@ -15,7 +15,7 @@ import torch
 
 from mlcid.registry import resolve
 from pipelines.base import Item, alive, register_stage
-from pipelines.segment import check_model_location, device_and_dtype
+from pipelines.devices import check_model_location, device_and_dtype
 
 GLOBAL_INSTRUCTION = (
     "Please provide a comprehensive description of the image, including the color, shapes, and any actions "

@@ -20,7 +20,7 @@ import torch
 
 from mlcid.registry import resolve
 from pipelines.base import Detection, Item, alive, register_stage
-from pipelines.segment import check_model_location, device_and_dtype
+from pipelines.devices import check_model_location, device_and_dtype
 
 VOCAB_FILE = Path(__file__).resolve().parent / "data" / "objects365.txt"
 NO_DETECTION = "no_detection"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from mlcid.registry import resolve
 from pipelines.base import Item, alive, register_stage
-from pipelines.segment import check_model_location, device_and_dtype
+from pipelines.devices import check_model_location, device_and_dtype
 
 MODEL_NAME = "sd15-inpaint"
 

@@ -124,7 +124,7 @@ class DepthSaliency:
     def setup(self) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from pipelines.segment import check_model_location, device_and_dtype  # shared torch helpers
+        from pipelines.devices import check_model_location, device_and_dtype
 
         check_model_location(self.model_id, "depth-saliency")
         self.device, self.dtype = device_and_dtype(self.device_name, self.dtype_name)

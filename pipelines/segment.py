@@ -17,6 +17,7 @@ import torch
 
 from mlcid.registry import resolve
 from pipelines.base import Item, alive, register_stage
+from pipelines.devices import check_model_location, device_and_dtype
 
 MODEL_NAME = "sam-vit-h"
 SAM_CONFIG_NAME = "sam_config.json"
@@ -124,24 +125,6 @@ def load_sam(location: str | Path, arch: str = "vit_h"):
     sam = build_sam_model(geometry)
     sam.load_state_dict(load_state_dict(checkpoint))
     return sam
-
-
-def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """"auto" → cuda if available else cpu; "auto" dtype → float16 on cuda, float32 on cpu."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if dtype == "auto":
-        return dev, torch.float16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
-
-
-def check_model_location(location: str, what: str) -> str:
-    """Fail early and clearly when `location` looks like a local path (absolute, ./, ~) that does not exist."""
-    path = Path(location).expanduser()
-    if not path.exists() and (path.is_absolute() or location.startswith((".", "~"))):
-        raise FileNotFoundError(
-            f"{what} model folder {location} does not exist (for tiny presets run `make tiny-models`)"
-        )
-    return location
 
 
 def clip_box(box: tuple[float, float, float, float], h: int, w: int) -> tuple[int, int, int, int]:
