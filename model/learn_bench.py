@@ -166,8 +166,7 @@ def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     run = out / "run"
     cmd = [sys.executable, "-m", "model.train", "--data", str(out / "data" / "mlcid"), "--out", str(run),
            "--config", cfg.train_config, "--pretrained", str(out / "sd")]
-    if cfg.train_steps is not None:
-        cmd += ["--max-steps", str(cfg.train_steps)]
+    cmd += ["--max-steps", str(target_steps(cfg))]
     for item in cfg.train_overrides:
         cmd += ["--set", item]
     if run.exists() and ckpt.latest_checkpoint(run) is not None:
@@ -180,6 +179,23 @@ def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     k = max(1, len(losses) // 10)
     return {"steps": lines[-1]["step"], "loss_first": float(np.mean(losses[:k])),
             "loss_last": float(np.mean(losses[-k:])), "command": " ".join(cmd[1:])}
+
+
+def target_steps(cfg: BenchConfig) -> int:
+    """The trainer's step count: `train_steps`, else the YAML's `max_steps`."""
+    from model.config import load_config
+
+    return cfg.train_steps if cfg.train_steps is not None else load_config(cfg.train_config).max_steps
+
+
+def _invalidate_short_run(cfg: BenchConfig, out: Path) -> None:
+    """Asked for more steps than a finished run has: forget the train and sample stages (the trainer resumes)."""
+    done = out / "train.done.json"
+    if done.exists() and json.loads(done.read_text())["steps"] < target_steps(cfg):
+        log.info("run has %d steps, %d asked: training continues", json.loads(done.read_text())["steps"],
+                 target_steps(cfg))
+        for name in ["train", *(f"sample-{c}" for c in CONDITIONS if c != "step0-cfg")]:
+            (out / f"{name}.done.json").unlink(missing_ok=True)
 
 
 def _rolled(prompts: list[str]) -> list[str]:
@@ -354,6 +370,7 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict[str, Any]:
     stages["data"] = _stage(out, "data", lambda: stage_data(cfg, out))
     stages["vae"] = _stage(out, "vae", lambda: stage_vae(cfg, out))
     stages["sd"] = _stage(out, "sd", lambda: stage_sd(cfg, out))
+    _invalidate_short_run(cfg, out)
     stages["train"] = _stage(out, "train", lambda: stage_train(cfg, out))
     for condition in CONDITIONS:
         stages[f"sample-{condition}"] = _stage(out, f"sample-{condition}", lambda c=condition: stage_sample(cfg, out, c))

@@ -93,3 +93,15 @@ def test_rerun_skips_finished_stages(smoke_run, caplog):
     assert before == after and len(before) == 4 + len(lb.CONDITIONS)
     assert (out / "run" / "metrics.jsonl").read_text() == metrics
     assert "stage train: done earlier, skipped" in caplog.text
+
+
+def test_more_steps_resume_the_run_and_resample(smoke_run):
+    cfg, out, _ = smoke_run
+    step0 = (out / "sample-step0-cfg.done.json").stat().st_mtime_ns
+    longer = lb.BenchConfig.smoke()
+    longer.train_steps = cfg.train_steps + 1
+    stages = lb.run_bench(longer, out)
+    steps = [json.loads(ln)["step"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, longer.train_steps + 1)) and stages["train"]["steps"] == longer.train_steps
+    assert "--resume" in stages["train"]["command"]
+    assert (out / "sample-step0-cfg.done.json").stat().st_mtime_ns == step0  # the step-0 samples stay valid
