@@ -39,14 +39,24 @@ def make_bench_sample(rng: np.random.Generator, index: int, size: int, foregroun
 
 
 def to_tensors(sample: MLCIDSample) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks as float32 (L, 3, H, W) in [-1, 1] — the trainer's input layout."""
-    images = np.stack([sample.background] + [f[..., :3] for f in sample.foregrounds])  # (L, H, W, 3)
-    union = np.zeros(sample.masks[0].shape, np.uint8)
-    for m in sample.masks:
+    """Images (L, 3, H, W) and masks (L, 1, H, W) as float32 in [-1, 1] — the trainer's input layout.
+
+    Masks stay one channel here; the trainer repeats them to 3 channels on the device (a broadcast, not a copy).
+    """
+    layers = [sample.background] + [f[..., :3] for f in sample.foregrounds]
+    h, w = sample.height, sample.width
+    images = np.empty((len(layers), 3, h, w), np.float32)
+    for i, rgb in enumerate(layers):
+        images[i] = rgb.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W), converted to float on assignment
+    masks = np.empty((len(layers), 1, h, w), np.float32)
+    union = np.zeros((h, w), np.uint8)
+    for i, m in enumerate(sample.masks, start=1):
+        masks[i, 0] = m
         union |= m
-    masks = np.stack([255 - union] + list(sample.masks))[..., None].repeat(3, -1)  # (L, H, W, 3)
-    images = images.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0  # (L, 3, H, W)
-    masks = masks.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    masks[0, 0] = 255 - union  # background mask = complement of the foregrounds' union
+    for arr in (images, masks):
+        arr *= 1.0 / 127.5
+        arr -= 1.0
     return images, masks
 
 

@@ -54,17 +54,19 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def decode_rgba(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode to (H, W, 4) uint8 RGBA."""
-    return np.asarray(_load(open_bounded(data, max_pixels)).convert("RGBA"), dtype=np.uint8)
+    im = _load(open_bounded(data, max_pixels))
+    return np.asarray(im if im.mode == "RGBA" else im.convert("RGBA"), dtype=np.uint8)
 
 
 def decode_gray(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode to (H, W) uint8 single channel."""
-    return np.asarray(_load(open_bounded(data, max_pixels)).convert("L"), dtype=np.uint8)
+    im = _load(open_bounded(data, max_pixels))
+    return np.asarray(im if im.mode == "L" else im.convert("L"), dtype=np.uint8)
 
 
 def encode_png(arr: np.ndarray) -> bytes:
