@@ -164,13 +164,13 @@ def score_sample(images: np.ndarray, masks: np.ndarray, composite: np.ndarray, l
     shapes = classifier.predict(list(fg))
     nonempty = [bool(m.mean() >= min_area_frac) for m in fg]
     disjoint = bool((fg.sum(0) <= 1).all())
-    bg = dominant_colour(images[0]) if labels.background_colour is not None else None
+    bg = dominant_colour(images[0])  # None (too grey to name) counts as wrong
     mae = float(np.abs(composite_eq4(images, masks) - composite.astype(np.float32)).mean())
     return SampleFidelity(
         colour_ok=[ne and c == want for c, ne, (want, _) in zip(colours, nonempty, labels.foregrounds)],
         shape_ok=[ne and s == want for s, ne, (_, want) in zip(shapes, nonempty, labels.foregrounds)],
         nonempty=nonempty, disjoint=disjoint,
-        background_ok=None if bg is None else bg == labels.background_colour,
+        background_ok=None if labels.background_colour is None else bg == labels.background_colour,
         composite_mae=mae, predicted=list(zip(colours, shapes)),
     )
 

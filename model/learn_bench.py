@@ -38,7 +38,15 @@ from model.vae_train import VAETrainConfig
 log = logging.getLogger(__name__)
 CONFIG = Path(__file__).resolve().parent / "configs" / "learn_bench.yaml"
 GROUPS = ("seen-2L", "heldout-2L", "seen-3L", "heldout-3L")
-CONDITIONS = ("step0-cfg", "cfg", "cfg+smg", "shuffled-cfg")
+# condition → (trained model?, guidance, SMG scale (None = BenchConfig.smg_scale), layer prompts rolled?)
+CONDITION_SPECS: dict[str, tuple[bool, str, float | None, bool]] = {
+    "step0-cfg": (False, "cfg", None, False),
+    "cfg": (True, "cfg", None, False),
+    "cfg+smg": (True, "cfg+smg", None, False),
+    "cfg+smg-s1": (True, "cfg+smg", 1.0, False),
+    "shuffled-cfg": (True, "cfg", None, True),
+}
+CONDITIONS = tuple(CONDITION_SPECS)
 
 
 @dataclass
@@ -64,7 +72,7 @@ class BenchConfig:
     train_config: str = str(CONFIG)
     train_steps: int | None = None  # None = the YAML's max_steps
     train_overrides: tuple[str, ...] = ()  # extra `--set key=value` for the trainer
-    per_group: int = 20  # test prompts per group
+    per_group: int = 30  # test prompts per group
     sample_steps: int = 20
     guidance_scale: float = 3.0
     smg_scale: float = 3.0
@@ -194,8 +202,14 @@ def _invalidate_short_run(cfg: BenchConfig, out: Path) -> None:
     if done.exists() and json.loads(done.read_text())["steps"] < target_steps(cfg):
         log.info("run has %d steps, %d asked: training continues", json.loads(done.read_text())["steps"],
                  target_steps(cfg))
-        for name in ["train", *(f"sample-{c}" for c in CONDITIONS if c != "step0-cfg")]:
+        for name in ["train", *(f"sample-{c}" for c in CONDITIONS if CONDITION_SPECS[c][0])]:
             (out / f"{name}.done.json").unlink(missing_ok=True)
+    for c in CONDITIONS:  # other test-set sizes or sampling steps: sample again
+        done = out / f"sample-{c}.done.json"
+        if done.exists():
+            old = json.loads(done.read_text())
+            if (old.get("per_group"), old.get("sample_steps")) != (cfg.per_group, cfg.sample_steps):
+                done.unlink()
 
 
 def _rolled(prompts: list[str]) -> list[str]:
@@ -207,12 +221,13 @@ def stage_sample(cfg: BenchConfig, out: Path, condition: str) -> dict[str, Any]:
     """Sample every test prompt of every group under one condition; save uint8 arrays per group."""
     from model.pipeline import LayerDiffPipeline
 
-    if condition == "step0-cfg":
-        pipe = LayerDiffPipeline.from_sd(out / "sd", max_layers=_max_layers(out))
-    else:
+    trained, guidance, smg_scale, shuffled = CONDITION_SPECS[condition]
+    if trained:
         pipe = LayerDiffPipeline.from_pretrained(out / "run")
+    else:
+        pipe = LayerDiffPipeline.from_sd(out / "sd", max_layers=_max_layers(out))
     pipe.set_progress_bar_config(disable=True)
-    guidance = "cfg+smg" if condition == "cfg+smg" else "cfg"
+    smg_scale = cfg.smg_scale if smg_scale is None else smg_scale
     folder = out / "samples" / condition
     folder.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
@@ -222,10 +237,10 @@ def stage_sample(cfg: BenchConfig, out: Path, condition: str) -> dict[str, Any]:
         images, masks, composites = [], [], []
         for i, scene in enumerate(tqdm(scenes, desc=f"{condition} {group}", mininterval=5)):
             prompts = [layer.prompt for layer in scene.layers]
-            if condition.startswith("shuffled"):
+            if shuffled:
                 prompts = _rolled(prompts)
             result = pipe(scene.global_prompt, prompts, num_inference_steps=cfg.sample_steps,
-                          guidance_scale=cfg.guidance_scale, smg_scale=cfg.smg_scale, guidance=guidance,
+                          guidance_scale=cfg.guidance_scale, smg_scale=smg_scale, guidance=guidance,
                           height=cfg.size, width=cfg.size, output_type="np",
                           generator=torch.Generator().manual_seed(cfg.test_seed * 1000 + i))
             images.append(result.layer_images[0])  # (L, H, W, 3)
@@ -233,7 +248,8 @@ def stage_sample(cfg: BenchConfig, out: Path, condition: str) -> dict[str, Any]:
             composites.append(result.composites[0])  # (H, W, 3)
         np.savez_compressed(folder / f"{group}.npz", images=np.stack(images), masks=np.stack(masks),
                             composites=np.stack(composites))
-    return {"condition": condition, "guidance": guidance}
+    return {"condition": condition, "guidance": guidance, "smg_scale": smg_scale if guidance != "cfg" else None,
+            "per_group": cfg.per_group, "sample_steps": cfg.sample_steps}
 
 
 def _max_layers(out: Path) -> int:
@@ -344,8 +360,12 @@ def write_markdown(cfg: BenchConfig, out: Path, results: dict[str, Any]) -> str:
         f" s, loss {st['train']['loss_first']:.3f} → {st['train']['loss_last']:.3f}.",
         "Shape classifier accuracy on ground-truth test masks: "
         + ", ".join(f"{g} {a:.2f}" for g, a in results["classifier_acc"].items()) + ".",
-        f"Sampling: DDIM {cfg.sample_steps} steps, guidance scale {cfg.guidance_scale}, SMG scale {cfg.smg_scale}; "
+        f"Sampling: DDIM {cfg.sample_steps} steps, CFG scale {cfg.guidance_scale} (paper negatives), SMG scale "
+        f"{cfg.smg_scale} (paper) or 1, blur kernel 31 / sigma 3 (paper) on {cfg.size // 8}² latents; "
         "`shuffled-cfg` rolls the layer prompts one layer up and is scored against the true ones.",
+        f"Chance: colour 1/{len(cfg.colours)} among the object colours (a grey layer names none), shape "
+        f"1/{len(cfg.shapes)}; background 1/{len(cfg.background_colours)}. Composite MAE is 0 by construction (the "
+        "pipeline composes its own layers by Eq. 4); it checks the output plumbing.",
         f"Goal (seen 2-layer, trained CFG: colour ≥ 0.8, shape ≥ 0.6): {'reached' if goal else 'NOT reached'}.",
     ]
     return "\n".join(lines + notes) + "\n"
