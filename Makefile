@@ -22,7 +22,7 @@ export WANDB_MODE := disabled
 export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -100,6 +100,10 @@ bench-sample: env ## one LayerDiff sample (CFG+SMG, CFG) vs StableDiffusionPipel
 
 bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, framework overhead per sample
 	$(PY) -m cluster.bench_orchestration
+
+LEARN_OUT ?= $(WORK)/learn-bench
+learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE → LayerDiff from scratch → layer fidelity (~25 min, CPU; resumable)
+	$(PY) -m model.learn_bench --out $(LEARN_OUT) --threads 2
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
