@@ -102,8 +102,8 @@ bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, fram
 	$(PY) -m cluster.bench_orchestration
 
 LEARN_OUT ?= $(WORK)/learn-bench
-learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE → LayerDiff from scratch → layer fidelity (~25 min, CPU; resumable)
-	$(PY) -m model.learn_bench --out $(LEARN_OUT) --threads 2
+learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE → LayerDiff from scratch → layer fidelity (~40 min, 2 CPU cores; resumable)
+	$(PY) -m model.learn_bench --out $(LEARN_OUT)
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
