@@ -75,7 +75,7 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return prefix + key, suffix
 
 
-class _TailRecorder:
+class TailRecorder:
     """File wrapper that remembers the last bytes read, to tell a complete tar (ends in zero blocks) from a cut one."""
 
     def __init__(self, raw: IO[bytes], keep: int = 1024) -> None:
@@ -86,6 +86,11 @@ class _TailRecorder:
         if data:
             self.tail = (self.tail + data)[-self.keep :]
         return data
+
+    @property
+    def ended_in_zero_block(self) -> bool:
+        """True when the bytes read so far end with a 512-byte zero block (a plain tar's end-of-archive marker)."""
+        return self.tail[-512:] == bytes(512)
 
 
 def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleError]:
@@ -102,7 +107,7 @@ def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleE
         yield SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}")
         return
     plain = url.endswith(".tar")
-    recorder = _TailRecorder(stream)
+    recorder = TailRecorder(stream)
     seen: set[str] = set()
     key, group, skip = None, {}, False
     try:
@@ -124,7 +129,7 @@ def iter_tar_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]] | SampleE
                     key, group = k, {}
                 f = tar.extractfile(info)
                 group[suffix] = f.read() if f is not None else b""
-            if plain and seen and recorder.tail[-512:] != bytes(512):
+            if plain and seen and not recorder.ended_in_zero_block:
                 raise EOFError("no end-of-archive block: the tar was cut between members")
             if key is not None and not skip:
                 yield key, group

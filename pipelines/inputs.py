@@ -31,7 +31,7 @@ from PIL import Image
 from mlcid import errors
 from mlcid.errors import SampleError
 from mlcid.imageio import DEFAULT_MAX_PIXELS, decode_rgb, open_bounded
-from mlcid.shards import open_url, split_member_name
+from mlcid.shards import TailRecorder, open_url, split_member_name
 from pipelines.base import Item
 
 log = logging.getLogger(__name__)
@@ -87,19 +87,6 @@ class ReadStats:
     truncated: bool = False
 
 
-class _TailRecorder:
-    """Stream wrapper remembering the last bytes read: a complete plain tar ends in zero blocks."""
-
-    def __init__(self, raw, keep: int = 1024) -> None:
-        self.raw, self.keep, self.tail = raw, keep, b""
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        if data:
-            self.tail = (self.tail + data)[-self.keep :]
-        return data
-
-
 def _safe_key(key: str) -> str:
     """MLCID keys hold no '.' or '/': 'dir/000012' → 'dir_000012'."""
     return key.replace("/", "_").replace(".", "_")
@@ -125,7 +112,7 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
         raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}") from e
     members_read, reading = 0, None
     plain = url.endswith(".tar")
-    tail = _TailRecorder(stream)
+    tail = TailRecorder(stream)
     try:
         with stream, tarfile.open(fileobj=tail, mode="r|" if plain else "r|*") as tar:
             for info in tar:
@@ -156,7 +143,7 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
                     emitted.add(old)
                     stats.keys += 1
                     yield RawRecord(old, pending.pop(old))
-        if plain and members_read and tail.tail[-512:] != bytes(512):
+        if plain and members_read and not tail.ended_in_zero_block:
             # Cut exactly between members: no member is broken, so every key is kept; the shard is flagged.
             stats.truncated = True
             log.warning("%s: no end-of-archive block (cut between members); keeping every key read", url)
