@@ -101,11 +101,19 @@ def validate_shard(path: str, config: ValidationConfig = ValidationConfig()) -> 
     return valid, bad
 
 
+def _stats_written(url: str) -> int | None:
+    """The `written` count of the shard's stats file, or None when there is none (or it is unreadable)."""
+    from mlcid.stats import load_shard_stats  # local import: stats reads shards through this package
+
+    record = load_shard_stats(url)
+    return None if record.stats is None else record.stats.get("written")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mlcid.validate",
         description="Check MLCID shards against the mlcid/1 invariants. Exit 1 if any shard holds an invalid sample, "
-        "is truncated, or has no samples.",
+        "is truncated, or has no samples (unless its stats file records that every input was dropped).",
     )
     parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or fsspec URLs")
     parser.add_argument("--max-layers", type=int, default=DEFAULT_MAX_LAYERS)
@@ -119,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for url in expand_urls(args.shards):
         valid, bad = validate_shard(url, config)
-        ok = valid > 0 and not bad
+        empty_by_design = not valid and _stats_written(url) == 0  # every input dropped, recorded in its stats
+        ok = not bad and (valid > 0 or empty_by_design)
         failed += not ok
         if args.json:
             print(json.dumps({"shard": url, "ok": ok, "valid": valid, "invalid": bad}))
         else:
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or ("no samples" if not valid else "")
+            detail = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or (("empty: its stats record every input dropped" if empty_by_design else "no samples") if not valid else "")
             print(f"{'OK  ' if ok else 'FAIL'} {url}: {valid} valid" + (f"; {detail}" if detail else ""))
     return 1 if failed else 0
 

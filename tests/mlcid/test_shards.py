@@ -272,3 +272,11 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
     assert validate_shard(str(bad)) == (0, {errors.MISSING_MEMBER: 1})
     out = capsys.readouterr().out
     assert "OK" in out and "FAIL" in out
+
+
+def test_validate_cli_accepts_an_empty_shard_only_when_its_stats_say_so(tmp_path):
+    with ShardWriter(tmp_path, 4) as w:
+        w.drop("no_detection", 3)
+    assert validate_main([str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
+    raw_tar(tmp_path / "mlcid-000005.tar", [])
+    assert validate_main([str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained
