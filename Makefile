@@ -57,19 +57,19 @@ MODEL ?=
 DATA ?=
 EVAL_ARGS ?=
 eval-fid: env ## make eval-fid MODEL=run DATA='mlcid-{000000..000009}.tar' OUT=dir [PRESET=tiny EVAL_ARGS='--per-group 2 --steps 2']
-	$(PY) -m model.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
+	$(PY) -m model.evaluation.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
 
 CONFIG ?= model/configs/layerdiff_sd15.yaml
 WORKERS ?=
 PRETRAINED ?=
 MAX_STEPS ?=
 train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n] [RESUME=1] [GPU=1]
-	$(PY) -m model.train --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(or $(WORKERS),1) \
+	$(PY) -m model.training.trainer --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(or $(WORKERS),1) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),--preset $(PRESET)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
 	  $(if $(RESUME),--resume) $(if $(GPU),--gpu)
 
 bench-loader: env ## loader samples/s vs tiny-trainer consumption
-	$(PY) -m model.bench_loader
+	$(PY) -m benchmarks.loader
 
 build-mlcid: env ## make build-mlcid SHARDS='raw/{00000..00099}.tar' OUT=mlcid/ [PRESET=tiny|real] [WORKERS=n] (Ray; joins RAY_ADDRESS if set)
 	$(PY) -m cluster.build_mlcid --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(WORKERS),--workers $(WORKERS))
@@ -87,23 +87,23 @@ PROMPT ?=
 LAYERS ?=
 SAMPLE_ARGS ?=
 sample: env ## make sample MODEL=run PROMPT='global prompt' LAYERS='the background|a red ball|a dog' OUT=dir [SAMPLE_ARGS='--steps 50 --seed 0']
-	$(PY) -m model.sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
+	$(PY) -m model.sampling.sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
 
 bench-train: env ## LayerDiffUNet vs plain UNet forward+backward time and memory, L = 2, 3, 4 (CPU)
-	$(PY) -m model.bench_train --layers 2 3 4 --threads 1
+	$(PY) -m benchmarks.train --layers 2 3 4 --threads 1
 
 bench-train-gpu: env ## full SD 1.5 geometry, random weights, 256², bf16, ± gradient checkpointing (one GPU, ~8 min)
-	$(PY) -m model.bench_train_gpu --out $(WORK)/bench/train_gpu.json
+	$(PY) -m benchmarks.train_gpu --out $(WORK)/bench/train_gpu.json
 
 bench-sample: env ## one LayerDiff sample (CFG+SMG, CFG) vs StableDiffusionPipeline on L images, side by side
-	$(PY) -m model.bench_sample --threads 1
+	$(PY) -m benchmarks.sample --threads 1
 
 bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, framework overhead per sample
-	$(PY) -m cluster.bench_orchestration
+	$(PY) -m benchmarks.orchestration
 
 LEARN_OUT ?= $(WORK)/learn-bench
 learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE → LayerDiff from scratch → layer fidelity (~40 min, 2 CPU cores; resumable)
-	$(PY) -m model.learn_bench --out $(LEARN_OUT)
+	$(PY) -m benchmarks.learn_bench --out $(LEARN_OUT)
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
@@ -120,13 +120,13 @@ demo: env ## everything end to end, offline: synthetic + bundled photos → MLCI
 	$(PY) -m mlcid.validate $(DEMO)/mlcid $(DEMO)/gt
 	$(PY) -m mlcid.view $(DEMO)/mlcid $(DEMO)/gt --out $(DEMO)/view
 	@echo "== 4. train the tiny LayerDiff for a few dozen steps on the built + ground-truth shards"
-	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.train --data "$(DEMO)/mlcid $(DEMO)/gt" \
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.training.trainer --data "$(DEMO)/mlcid $(DEMO)/gt" \
 	  --out $(DEMO)/run --config model/configs/tiny.yaml --preset tiny --max-steps 30 --set checkpoint_every=10
 	@echo "== 5. sample a layered image (CFG + self-mask guidance) and export PNG/PSD/ORA"
-	$(PY) -m model.sample --model $(DEMO)/run --prompt "a red circle in front of a blue square on a striped green background" \
+	$(PY) -m model.sampling.sample --model $(DEMO)/run --prompt "a red circle in front of a blue square on a striped green background" \
 	  --layers "the background|a blue square|a red circle" --steps 10 --height 64 --width 64 --seed 0 --out $(DEMO)/sample --overwrite
 	@echo "== 6. evaluate (FID, CLIP score, layer CLIP score; tiny extractor and CLIP) on the ground-truth prompts"
-	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.evaluate --model $(DEMO)/run --data $(DEMO)/gt \
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.evaluation.evaluate --model $(DEMO)/run --data $(DEMO)/gt \
 	  --out $(DEMO)/eval --preset tiny --per-group 2 --steps 2 --size 64 --sd-size 64 --eval-size 64
 	@echo "demo done: gallery $(DEMO)/view/index.html, layered sample $(DEMO)/sample, metrics $(DEMO)/eval/metrics.md"
 
@@ -149,10 +149,10 @@ validate: env ## make validate SHARDS='...'
 	$(PY) -m mlcid.validate $(SHARDS)
 
 bench-io: env ## reader/writer throughput (numbers go to BENCHMARKS.md)
-	$(PY) -m mlcid.bench_io
+	$(PY) -m benchmarks.shard_io
 
 bench-pipeline-gpu: env ## full-size MLCID stages, random weights, one GPU (~8 min): s/sample per stage + H100-hours per 2M
-	$(PY) -m pipelines.bench_gpu --out $(WORK)/bench/pipeline_gpu.json
+	$(PY) -m benchmarks.pipeline_gpu --out $(WORK)/bench/pipeline_gpu.json
 
 clean: ## remove the work dir (caches, demo output, tiny models)
 	rm -rf $(WORK)

@@ -1,7 +1,7 @@
-"""Multi-worker LayerDiff training through Ray Train: the same `model.train.Trainer` in each DDP worker.
+"""Multi-worker LayerDiff training through Ray Train: the same `model.training.trainer.Trainer` in each DDP worker.
 
-    python -m cluster.train --data SHARDS --out RUN --workers 2 [--gpu] [model.train options]
-    python -m model.train ... --workers 2          # delegates here
+    python -m cluster.train --data SHARDS --out RUN --workers 2 [--gpu] [model.training.trainer options]
+    python -m model.training.trainer ... --workers 2          # delegates here
 
 `ray.train.torch.TorchTrainer` starts `workers` processes, sets up torch.distributed (gloo on CPU, nccl with
 `--gpu`) and runs `train_loop_per_worker`, which builds the Trainer; every worker streams its own shards
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.ray_env import RayEnvConfig, ray_session
-from model.config import TrainConfig, config_from_dict, config_to_dict
+from model.training.config import TrainConfig, config_from_dict, config_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from model.train import Trainer
+    from model.training.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_dict(loop_config["config"])
@@ -61,7 +61,7 @@ def launch(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from model.train import TrainingDiverged
+    from model.training.trainer import TrainingDiverged
 
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
@@ -99,8 +99,8 @@ def launch(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Same options as `python -m model.train`; `--workers` defaults to 2 here."""
-    from model.train import main as train_main
+    """Same options as `python -m model.training.trainer`; `--workers` defaults to 2 here."""
+    from model.training.trainer import main as train_main
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not any(a == "--workers" or a.startswith("--workers=") for a in argv):

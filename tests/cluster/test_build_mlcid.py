@@ -224,14 +224,14 @@ def test_real_img2dataset_on_file_urls_gives_shards_the_pipeline_reads(tmp_path)
 
 # -- orchestration benchmark ----------------------------------------------------------------------------------
 def test_control_cores_measures_busy_processes():
-    from cluster.bench_orchestration import control_cores
+    from benchmarks.orchestration import control_cores
 
     assert 0.0 < control_cores(1, seconds=0.3) <= 1.05
 
 
 @pytest.mark.slow
 def test_bench_orchestration_prints_a_row_per_worker_count(tiny_models, tmp_path, capsys):
-    from cluster import bench_orchestration
+    from benchmarks import orchestration as bench_orchestration
 
     out = tmp_path / "rows.json"
     assert bench_orchestration.main(["--shards", "2", "--samples-per-shard", "4", "--workers", "1", "2",
@@ -240,7 +240,7 @@ def test_bench_orchestration_prints_a_row_per_worker_count(tiny_models, tmp_path
     assert [r["workers"] for r in rows] == [1, 2] and all(r["samples"] == 8 for r in rows)
     assert rows[0]["speedup"] == 1.0 and all(r["stage_s_per_sample"] > 0 for r in rows)
     table = capsys.readouterr().out
-    assert "| workers |" in table and "python -m cluster.bench_orchestration" in table
+    assert "| workers |" in table and "python -m benchmarks.orchestration" in table
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""model.applications: layer inpainting, style transfer, mask priors, iterative generation; sources from output
+"""model.sampling.applications: layer inpainting, style transfer, mask priors, iterative generation; sources from output
 folders, MLCID samples and pipeline outputs; bad input refused before any UNet call."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mlcid.schema import LayerInfo, MLCIDSample
-from model import applications as A
-from model.export import LayeredImage, save_output
-from model.pipeline import LayerDiffPipeline
+from model.sampling import applications as A
+from model.sampling.export import LayeredImage, save_output
+from model.sampling.pipeline import LayerDiffPipeline
 from tests.model.test_pipeline import UNetSpy, make_run
 
 SIZE = 32
@@ -222,7 +222,7 @@ def test_bad_input_refused_before_any_unet_call(pipe, source, call, message):
 
 
 def test_applications_cli(pipe, source, tmp_path):
-    from model.export import load_output
+    from model.sampling.export import load_output
 
     run_dir = tmp_path / "run"
     pipe.save_pretrained(run_dir)

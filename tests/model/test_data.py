@@ -15,8 +15,8 @@ import torch
 from mlcid.codec import encode_sample
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.writer import ShardWriter
-from model.config import DataConfig
-from model.data import (
+from model.training.config import DataConfig
+from model.training.data import (
     TOO_MANY_LAYERS,
     MLCIDTrainDataset,
     OrderedBatches,

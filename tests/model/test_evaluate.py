@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.evaluate import EvalConfig, Generated, Prompt, collect_prompts, evaluate, main, score_sample
-from model.export import LayeredImage
+from model.evaluation.evaluate import EvalConfig, Generated, Prompt, collect_prompts, evaluate, main, score_sample
+from model.sampling.export import LayeredImage
 
 SIZE = 32  # sampling and eval size in these tests
 
@@ -31,9 +31,9 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     """Tiny SD 1.5 / CLIP / FID-extractor presets, a LayerDiff run built from the tiny SD, and MLCID test shards."""
     from mlcid.synthetic import SceneConfig, write_dataset
     from model.loading import load_sd_components
-    from model.pipeline import LayerDiffPipeline
+    from model.sampling.pipeline import LayerDiffPipeline
     from model.tiny import build_tiny_models
-    from model.unet import LayerDiffUNet
+    from model.network.unet import LayerDiffUNet
 
     root = tmp_path_factory.mktemp("eval")
     build_tiny_models(root / "tiny", only=("sd15", "clip", "fid-extractor"))
@@ -80,8 +80,8 @@ def test_config_refuses_bad_settings(tiny, tmp_path):
 
 
 def test_reference_statistics_are_cached(tiny, tmp_path, monkeypatch):
-    import model.features as features_mod
-    from model.features import FidFeatures, reference_stats
+    import model.evaluation.features as features_mod
+    from model.evaluation.features import FidFeatures, reference_stats
     from model.loading import load_fid_extractor
 
     features = FidFeatures(load_fid_extractor("tiny", tiny["tiny"] / "fid-extractor"), batch_size=8)
@@ -103,7 +103,7 @@ def test_reference_statistics_are_cached(tiny, tmp_path, monkeypatch):
 
 
 def test_layer_clip_score_sees_each_foreground_over_the_neutral_fill(tiny):
-    from model.features import ClipEmbedder
+    from model.evaluation.features import ClipEmbedder
     from model.loading import load_clip_scorer
 
     clip = ClipEmbedder(load_clip_scorer("tiny", tiny["tiny"] / "clip"))
@@ -214,8 +214,8 @@ class _Checkerboard:
 
 
 def test_generate_row_resumes_and_refuses_other_settings(tiny, tmp_path):
-    from model.evaluate import generate_row
-    from model.features import ClipEmbedder
+    from model.evaluation.evaluate import generate_row
+    from model.evaluation.features import ClipEmbedder
     from model.loading import load_clip_scorer
 
     clip = ClipEmbedder(load_clip_scorer("tiny", tiny["tiny"] / "clip"))
@@ -247,7 +247,7 @@ def test_evaluate_tiny_table1_all_rows_and_resume(tiny, tmp_path, monkeypatch):
     _check_run(result, out, rows, (2, 3, 4), 2)
     records = {name: (out / "rows" / name / "records.jsonl").read_text() for name in rows}
 
-    import model.evaluate as evaluate_mod
+    import model.evaluation.evaluate as evaluate_mod
 
     monkeypatch.setattr(evaluate_mod.LayerDiffMethod, "__call__", lambda *a: pytest.fail("regenerated"))
     monkeypatch.setattr(evaluate_mod.SDBaseline, "__call__", lambda *a: pytest.fail("regenerated"))

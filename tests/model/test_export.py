@@ -13,7 +13,7 @@ from PIL import Image
 
 from mlcid.composite import alpha_over
 from mlcid.composite import composite as eq4
-from model.export import (ORA_MIMETYPE, LayeredImage, OutputMeta, as_layered, layer_name, load_output, read_ora,
+from model.sampling.export import (ORA_MIMETYPE, LayeredImage, OutputMeta, as_layered, layer_name, load_output, read_ora,
                           save_output)
 
 H, W = 40, 48
@@ -161,7 +161,7 @@ def test_writing_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypatch):
         save_output(target, {"images": images, "masks": masks}, _meta())
 
     # a failure half-way (while writing the OpenRaster file) leaves the old folder intact and no temp folder
-    import model.export as export
+    import model.sampling.export as export
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -1,4 +1,4 @@
-"""model.guidance: CFG, x0 prediction, blur, one-hot masks, SMG degrade/combine (Eqs. 6–9), SAG mask, x0 swap."""
+"""model.sampling.guidance: CFG, x0 prediction, blur, one-hot masks, SMG degrade/combine (Eqs. 6–9), SAG mask, x0 swap."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from model import guidance as G
+from model.sampling import guidance as G
 
 B, L, C, H, W = 2, 3, 4, 8, 8
 

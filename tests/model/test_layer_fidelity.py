@@ -1,4 +1,4 @@
-"""Pixel fidelity metrics of `model.layer_fidelity` on ground-truth synthetic scenes and broken versions of them."""
+"""Pixel fidelity metrics of `model.evaluation.layer_fidelity` on ground-truth synthetic scenes and broken versions of them."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from mlcid.synthetic import SceneConfig, make_scene
 from mlcid.synthetic_shapes import COLOURS
-from model.layer_fidelity import (
+from model.evaluation.layer_fidelity import (
     LayerLabels, ShapeClassifier, composite_eq4, dominant_colour, nearest_colour, score_sample, shape_features,
     summarize,
 )

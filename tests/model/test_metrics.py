@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.metrics import FeatureStats, clip_score, frechet_distance, frechet_distance_stats
+from model.evaluation.metrics import FeatureStats, clip_score, frechet_distance, frechet_distance_stats
 
 
 def _random_psd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
@@ -111,7 +111,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def fid_features(tmp_path_factory):
-    from model.features import FidFeatures
+    from model.evaluation.features import FidFeatures
     from model.loading import load_fid_extractor
     from model.tiny import build_tiny_models
 
@@ -158,7 +158,7 @@ def test_fid_agrees_with_torch_fidelity(fid_features, tmp_path):
 
 
 def test_resize_rgb_centre_crops_then_resizes():
-    from model.features import resize_rgb
+    from model.evaluation.features import resize_rgb
 
     wide = np.zeros((20, 40, 3), np.uint8)
     wide[:, 10:30] = 200  # the centre square

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mlcid.composite import composite as composite_eq4
-from model import guidance as G
+from model.sampling import guidance as G
 from model.loading import encode_prompts
-from model.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
+from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
 from model.tiny import build_tiny_models
 
 PROMPTS = ["the background", "a red ball", "a dog"]
@@ -76,7 +76,7 @@ def sample(pipe, **kw):
 
 def test_run_folder_round_trip(run_dir, pipe):
     index = json.loads((run_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "LayerDiffPipeline" and index["unet"] == ["model.unet", "LayerDiffUNet"]
+    assert index["_class_name"] == "LayerDiffPipeline" and index["unet"] == ["model.network.unet", "LayerDiffUNet"]
     assert type(pipe.unet).__name__ == "LayerDiffUNet" and pipe.unet.config.max_layers == 4
     assert pipe.default_size == 256 and pipe.vae_scale_factor == 8
 
@@ -270,12 +270,12 @@ def test_not_a_layerdiff_run(tmp_path, run_dir):
         LayerDiffPipeline.from_pretrained(run_dir, trust_remote_code=True)
 
 
-# ------------------------------------------------------------------ CLI (python -m model.sample)
+# ------------------------------------------------------------------ CLI (python -m model.sampling.sample)
 
 
 def test_sample_cli_writes_export_folders(run_dir, tmp_path):
-    from model.export import load_output
-    from model.sample import main
+    from model.sampling.export import load_output
+    from model.sampling.sample import main
 
     out = tmp_path / "out"
     rc = main(["--model", str(run_dir), "--prompt", "a dog with a red ball", "--layers", "the background|a red ball|a dog",
@@ -300,7 +300,7 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     (["--layers", "the background|a dog", "--boxes", "0,0,8,8;0,0,8,8"], "2 boxes for 1"),
 ])
 def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
-    from model.sample import main
+    from model.sampling.sample import main
 
     base = {"--model": str(run_dir), "--prompt": "p", "--layers": "the background|a dog", "--out": str(tmp_path / "o"),
             "--steps": "1", "--height": "32", "--width": "32"}
@@ -309,11 +309,11 @@ def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
     assert message in caplog.text and not (tmp_path / "o").exists()
 
 
-# ------------------------------------------------------------------ benchmark (python -m model.bench_sample)
+# ------------------------------------------------------------------ benchmark (python -m benchmarks.sample)
 
 
 def test_storage_peak_sees_cpu_allocations():
-    from model.bench_sample import StoragePeak
+    from benchmarks.sample import StoragePeak
 
     with StoragePeak() as tracker:
         a = torch.zeros(1024, 256)  # 1 MiB
@@ -324,7 +324,7 @@ def test_storage_peak_sees_cpu_allocations():
 
 
 def test_bench_sample_runs_on_a_tiny_geometry():
-    from model.bench_sample import BenchConfig, markdown, run
+    from benchmarks.sample import BenchConfig, markdown, run
 
     config = BenchConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_size=8, text_hidden=32,
                          vae_block_out_channels=(8, 8, 8, 8), layers=(2,), steps=1, mask_interval=2)
@@ -332,7 +332,7 @@ def test_bench_sample_runs_on_a_tiny_geometry():
     assert [r.name for r in rows] == ["SD 1.5 pipeline, CFG", "LayerDiff CFG", "LayerDiff CFG+SMG",
                                       "LayerDiff CFG+SMG, masks every 2"]
     assert [r.unet_calls for r in rows] == [1, 1, 2, 2] and all(r.seconds > 0 and r.peak_mib > 0 for r in rows)
-    table = markdown(rows, parts, config, torch.device("cpu"), "python -m model.bench_sample --steps 1")
+    table = markdown(rows, parts, config, torch.device("cpu"), "python -m benchmarks.sample --steps 1")
     assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.prompt_enhancer import LayerPromptEnhancer
+from model.network.prompt_enhancer import LayerPromptEnhancer
 
 B, L, T, TG, D = 2, 3, 5, 7, 32
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from model import checkpoint as ckpt
-from model.config import TrainConfig, load_config
-from model.ema import EMA
-from model.losses import drop_prompts, layered_noise_loss, sample_timesteps
-from model.train import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
+from model.training import checkpoint as ckpt
+from model.training.config import TrainConfig, load_config
+from model.training.ema import EMA
+from model.training.losses import drop_prompts, layered_noise_loss, sample_timesteps
+from model.training.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
 
 from tests.model.test_data import make_sample, write_raw_shard, write_shards
 
@@ -117,7 +117,7 @@ def test_config_recipe_and_errors(tmp_path):
 
 
 def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, shards, tmp_path):
-    from model.unet import LayerDiffUNet
+    from model.network.unet import LayerDiffUNet
 
     out = tmp_path / "run"
     assert run(shards, out, 3, "--set", "use_ema=true", "--set", "record_keys=true") == 0
@@ -132,12 +132,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, 
     unet = LayerDiffUNet.from_pretrained(cp / "unet")
     assert unet.config.max_layers == 4
     index = json.loads((out / "model_index.json").read_text())
-    assert index["unet"] == ["model.unet", "LayerDiffUNet"]
+    assert index["unet"] == ["model.network.unet", "LayerDiffUNet"]
     for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         assert (out / sub).is_dir() and sub in index
     final = LayerDiffUNet.from_pretrained(out / "unet")  # EMA weights differ from the last step's
     assert any(not torch.equal(a, b) for a, b in zip(final.state_dict().values(), unet.state_dict().values()))
-    from model.pipeline import LayerDiffPipeline  # the sampler loads the run folder as a pipeline
+    from model.sampling.pipeline import LayerDiffPipeline  # the sampler loads the run folder as a pipeline
 
     pipe = LayerDiffPipeline.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), final.state_dict().values()))
@@ -223,7 +223,7 @@ def test_pretrained_folder_that_is_not_sd_is_refused(tiny_models, shards, tmp_pa
 
 
 def test_trainer_rejects_batch_not_divisible_by_workers(monkeypatch):
-    monkeypatch.setattr("model.train._dist", lambda: (0, 2))  # as if running in 2 DDP workers
+    monkeypatch.setattr("model.training.trainer._dist", lambda: (0, 2))  # as if running in 2 DDP workers
     with pytest.raises(ValueError, match="not divisible by 2 workers"):
         Trainer(TrainConfig(batch_size=3), "unused", "unused")
 
@@ -241,7 +241,7 @@ def test_gpu_autocast_run_and_resume(tiny_models, shards, tmp_path):
 
 
 def test_gradient_checkpointing_setting_is_checked():
-    from model.config import TrainConfig
+    from model.training.config import TrainConfig
 
     for ok in (False, True, "full", "layer_blocks"):
         TrainConfig(gradient_checkpointing=ok).validate()

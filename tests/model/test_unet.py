@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from model.unet import LayerDiffUNet
+from model.network.unet import LayerDiffUNet
 
 TEXT_DIM, T_GLOBAL, T_LAYER, SIZE = 32, 7, 5, 16
 
@@ -245,7 +245,7 @@ def test_benchmarks_run_tiny(capsys):
 
 def test_full_sd15_geometry_shapes_on_meta_device():
     """The real SD 1.5 UNet config builds and runs shape-correctly (meta tensors: no memory, no compute)."""
-    from model.bench_train import SD15_GEOMETRY
+    from benchmarks.train import SD15_GEOMETRY
 
     with torch.device("meta"):
         sd = UNet2DConditionModel(**SD15_GEOMETRY.unet_config())

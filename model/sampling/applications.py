@@ -1,8 +1,8 @@
 """LayerDiff applications without fine-tuning (paper §5.5, Appendices D and F): layer inpainting, layer style
 transfer, sampling with mask priors (boxes or masks), and iterative layer adding.
 
-Each edit reads a layered image from a previous output folder (`model.export.save_output`), an MLCID sample,
-or a pipeline output, and returns a `LayerDiffPipelineOutput` (export it with `model.export.save_output`).
+Each edit reads a layered image from a previous output folder (`model.sampling.export.save_output`), an MLCID sample,
+or a pipeline output, and returns a `LayerDiffPipelineOutput` (export it with `model.sampling.export.save_output`).
 
     src = load_source("out/dog")                                          # layers.json + layerNN/maskNN.png
     out = layer_inpaint(pipe, src, {1: "a cat"}, generator=torch.Generator().manual_seed(0))
@@ -23,9 +23,9 @@ from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
 from mlcid.schema import BACKGROUND_PROMPT, MLCIDSample
-from model import guidance as G
-from model.config import DataConfig
-from model.pipeline import KeepLayers, LayerDiffPipeline, LayerDiffPipelineOutput
+from model.sampling import guidance as G
+from model.training.config import DataConfig
+from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, LayerDiffPipelineOutput
 
 MASK_HOLD_STEPS = 1  # Appendix D: non-target mask latents held for k = 1 step
 STYLE_STRENGTH = 0.8  # Appendix D: SDEdit strength for layer style transfer
@@ -59,9 +59,9 @@ class LayeredSource:
 
 
 def load_source(source: Any, index: int = 0) -> LayeredSource:
-    """A `LayeredSource` from an output folder (path), `model.export.LoadedOutput`, `MLCIDSample`,
+    """A `LayeredSource` from an output folder (path), `model.sampling.export.LoadedOutput`, `MLCIDSample`,
     `LayerDiffPipelineOutput` (batch item `index`) or a `LayeredSource`."""
-    from model import export
+    from model.sampling import export
 
     if isinstance(source, LayeredSource):
         return source
@@ -404,16 +404,16 @@ def _parse_layer_prompts(items: Sequence[str]) -> dict[int, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m model.applications {inpaint,style,iterative} …`: edit an output folder, write a new one."""
+    """`python -m model.sampling.applications {inpaint,style,iterative} …`: edit an output folder, write a new one."""
     import argparse
     import logging
 
-    from model.export import OutputMeta, save_output
-    from model.sample import load_pipeline, parse_boxes
+    from model.sampling.export import OutputMeta, save_output
+    from model.sampling.sample import load_pipeline, parse_boxes
 
-    parser = argparse.ArgumentParser(prog="python -m model.applications", description=(
+    parser = argparse.ArgumentParser(prog="python -m model.sampling.applications", description=(
         "LayerDiff applications: regenerate layers (inpaint), restyle layers (style), or add foregrounds one by "
-        "one (iterative). Sources are output folders written by `python -m model.sample`."))
+        "one (iterative). Sources are output folders written by `python -m model.sampling.sample`."))
     sub = parser.add_subparsers(dest="app", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="LayerDiff run folder")
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                           extra={"application": args.app, "source": str(args.source) if args.source else None})
         save_output(args.out, result, meta, index=0 if args.app != "iterative" else None)
     except (ValueError, FileExistsError, FileNotFoundError) as err:
-        logging.getLogger("model.applications").error("%s", err)
+        logging.getLogger("model.sampling.applications").error("%s", err)
         return 2
     return 0
 

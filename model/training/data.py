@@ -38,7 +38,7 @@ from mlcid.errors import SampleError
 from mlcid.reader import MLCIDReader
 from mlcid.schema import MLCIDSample
 from mlcid.validate import ValidationConfig
-from model.config import DataConfig
+from model.training.config import DataConfig
 
 log = logging.getLogger(__name__)
 

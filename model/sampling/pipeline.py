@@ -1,12 +1,12 @@
 """LayerDiffPipeline: DDIM sampling of layered images with CFG + self-mask guidance (paper §4.1, §4.2, §5.2).
 
-    pipe = LayerDiffPipeline.from_pretrained("runs/layerdiff")            # a run folder written by model.train
+    pipe = LayerDiffPipeline.from_pretrained("runs/layerdiff")            # a run folder written by model.training.trainer
     out = pipe("a dog on the grass", ["the background", "a dog"], generator=torch.Generator().manual_seed(0))
     out.composites[0].save("composite.png")
 
 Per step: one batched UNet call for the conditional and the negative-prompt branches (CFG, paper negatives),
 then — with self-guidance — one call on the degraded latents (it depends on the first call's output, so it
-cannot join it). The model predicts, the scheduler steps, `model.guidance` combines, this file loops.
+cannot join it). The model predicts, the scheduler steps, `model.sampling.guidance` combines, this file loops.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
 from mlcid.schema import LayerInfo, MLCIDSample
-from model import guidance as G
-from model.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
+from model.sampling import guidance as G
+from model.sampling.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
-from model.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.unet", "LayerDiffUNet"]
+from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
 
 log = logging.getLogger(__name__)
 RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-ALLOWED_LIBRARIES = {"unet": ("model.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
+ALLOWED_LIBRARIES = {"unet": ("model.network.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
                      "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
 OUTPUT_TYPES = ("pil", "np", "latent")
 SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latents"}  # mode → degrader method
@@ -140,9 +140,9 @@ class LayerDiffPipeline(DiffusionPipeline):
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not a LayerDiff run: model_index.json is unreadable ({err})") from err
         unet_entry = index.get("unet")
-        if unet_entry != ["model.unet", "LayerDiffUNet"]:
+        if unet_entry != ["model.network.unet", "LayerDiffUNet"]:
             raise ValueError(f"{path} is not a LayerDiff run: its unet is {unet_entry!r}, want "
-                             "['model.unet', 'LayerDiffUNet'] (a plain SD folder must be trained first)")
+                             "['model.network.unet', 'LayerDiffUNet'] (a plain SD folder must be trained first)")
         for name, libraries in ALLOWED_LIBRARIES.items():
             entry = index.get(name)
             if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries):

@@ -89,7 +89,7 @@ def run(samples: int, size: int, layers: int, out: Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mlcid.bench_io", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.shard_io", description=__doc__)
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)

@@ -1,13 +1,13 @@
 """Train a small SD-shaped `AutoencoderKL` (×8, 4 latent channels) on MLCID layer images and masks.
 
-No pretrained VAE reaches these machines, so the learning benchmark (`model.learn_bench`) first fits one on the
-exact tensors the LayerDiff trainer feeds its frozen VAE: `model.data.sample_to_tensors` gives each sample's layer
+No pretrained VAE reaches these machines, so the learning benchmark (`benchmarks.learn_bench`) first fits one on the
+exact tensors the LayerDiff trainer feeds its frozen VAE: `model.training.data.sample_to_tensors` gives each sample's layer
 images (foregrounds filled outside their alpha) and 3-channel ±1 masks; both go through the same encoder, as in
 training. Loss: L1 + MSE reconstruction + a small KL (SD's VAE uses KL weight 1e-6; no GAN/LPIPS here). After
 training, `scaling_factor` is set to 1 / std of the latents (how SD's 0.18215 was chosen), so the diffusion model
 sees unit-variance latents. Saved with `save_pretrained` (safetensors) and loaded back by `from_pretrained`.
 
-    python -m model.vae_train --data 'shards/mlcid-{000000..000003}.tar' --out vae/ --steps 1500
+    python -m model.training.vae_train --data 'shards/mlcid-{000000..000003}.tar' --out vae/ --steps 1500
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlcid.reader import MLCIDReader
-from model.config import DataConfig
-from model.data import sample_to_tensors
+from model.training.config import DataConfig
+from model.training.data import sample_to_tensors
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def load_report(out: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     d = VAETrainConfig()
-    p = argparse.ArgumentParser(prog="python -m model.vae_train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m model.training.vae_train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="MLCID shards (brace pattern, folder or list)")
     p.add_argument("--out", required=True, type=Path, help="output folder (diffusers AutoencoderKL + report.json)")
     p.add_argument("--steps", type=int, default=d.steps)

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from einops import rearrange
 
-from model.data import Batch
+from model.training.data import Batch
 from model.loading import encode_prompts
-from model.losses import drop_prompts, layered_noise_loss, sample_timesteps
+from model.training.losses import drop_prompts, layered_noise_loss, sample_timesteps
 
 VAE_CHUNK = 32  # layer images per VAE encoder call
 

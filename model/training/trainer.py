@@ -1,4 +1,4 @@
-"""LayerDiff trainer (paper §5.1–5.2) and its CLI: `python -m model.train --data SHARDS --out RUN [...]`.
+"""LayerDiff trainer (paper §5.1–5.2) and its CLI: `python -m model.training.trainer --data SHARDS --out RUN [...]`.
 
 One process by default; with `--workers N > 1` the same `Trainer` runs in N DDP workers through Ray Train
 (`cluster.train`). The run folder holds `config.yaml`, `metrics.jsonl` (one line per optimiser step), `tb/`
@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from model import checkpoint as ckpt
-from model.config import TrainConfig, config_to_dict, load_config, save_config
-from model.data import Batch, OrderedBatches, SlotPosition, build_loader
-from model.ema import EMA
+from model.training import checkpoint as ckpt
+from model.training.config import TrainConfig, config_to_dict, load_config, save_config
+from model.training.data import Batch, OrderedBatches, SlotPosition, build_loader
+from model.training.ema import EMA
 from model.loading import load_sd_components, resolve_sd
-from model.train_step import Generators, LayerDiffObjective
-from model.unet import LayerDiffUNet
+from model.training.train_step import Generators, LayerDiffObjective
+from model.network.unet import LayerDiffUNet
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ class Trainer:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.train",
+        prog="python -m model.training.trainer",
         description="Train LayerDiff on MLCID shards (paper recipe by default). One process unless --workers > 1 "
         "(then DDP workers through Ray Train). Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN).",
     )

@@ -1,6 +1,6 @@
 """Benchmark the Ray layer: throughput with 1 vs N actors and the framework overhead per sample (tiny presets).
 
-    python -m cluster.bench_orchestration --shards 32 --samples-per-shard 32 --workers 1 2 --repeats 2
+    python -m benchmarks.orchestration --shards 32 --samples-per-shard 32 --workers 1 2 --repeats 2
 
 Synthetic img2dataset shards go through the real `ShardProcessor` (tiny random-weight models) on the actor pool.
 Actors are started and loaded first (`ShardPool.warm_up`), so the timed part is steady-state work only. Per run:
@@ -38,7 +38,7 @@ from pipelines.runner import ShardProcessor
 from cluster.pool import PoolConfig, ShardPool, ShardTask
 from cluster.ray_env import RayEnvConfig, ray_session
 
-log = logging.getLogger("cluster.bench_orchestration")
+log = logging.getLogger("benchmarks.orchestration")
 
 PIPELINE_PRESETS = ("instructblip", "owlv2", "sam", "depth-saliency")  # tiny folders the tiny profile loads
 
@@ -127,7 +127,7 @@ def markdown(rows: list[BenchRow]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.bench_orchestration", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shards", type=int, default=32, help="synthetic input shards")
     p.add_argument("--samples-per-shard", type=int, default=32)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         r.speedup = round(r.samples_per_s / rows[0].samples_per_s, 2)
         r.control_speedup = round(r.control_cores / max(1e-9, rows[0].control_cores), 2)
     # 3. Report.
-    cmd = "python -m cluster.bench_orchestration " + shlex.join(argv if argv is not None else sys.argv[1:])
+    cmd = "python -m benchmarks.orchestration " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(f"\n`{cmd.strip()}` ({time.strftime('%Y-%m-%d')}, tiny presets, {args.shards} shards × "
           f"{args.samples_per_shard} samples at {args.size}px, 1 CPU per actor, best of {args.repeats}, "
           f"{os.cpu_count()} cores)\n")

@@ -17,7 +17,7 @@ from diffusers.models.attention import FeedForward
 from einops import rearrange, repeat
 from torch import nn
 
-from model.layer_attention import MultiHeadAttention, zero_module
+from model.network.layer_attention import MultiHeadAttention, zero_module
 
 
 class LayerPromptEnhancer(nn.Module):

@@ -291,7 +291,7 @@ def format_report(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.bench_gpu",
+        prog="python -m benchmarks.pipeline_gpu",
         description="Seconds per sample of each model-backed MLCID stage at full size with random weights "
                     "(no download), and GPU-hours per 2M samples. --tiny: a quick CPU correctness run.",
     )

@@ -1,11 +1,11 @@
 """Loader throughput vs trainer consumption: does the MLCID data loader keep the LayerDiff trainer fed?
 
-    python -m model.bench_loader [--data SHARDS] [--resolution 256] [--loader-workers 0 1 2] [--batches 20]
+    python -m benchmarks.loader [--data SHARDS] [--resolution 256] [--loader-workers 0 1 2] [--batches 20]
                                  [--preset tiny] [--steps 5]
 
 Three numbers, all in samples/s on this machine:
   decode   MLCIDReader alone (tar read + PNG/JPEG decode + validation): also the cost of the resume skip
-  loader   `model.data.build_loader` batches (decode + shared crop/resize + tensors + collate), per worker count
+  loader   `model.training.data.build_loader` batches (decode + shared crop/resize + tensors + collate), per worker count
   trainer  optimiser steps of the Trainer (frozen VAE/CLIP encoding + UNet forward/backward + AdamW) on batches
            already in memory, i.e. what the model consumes when data is free
 Without --data it writes synthetic MLCID shards (`mlcid.synthetic`) into a temp folder first.
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from mlcid.reader import MLCIDReader
-from model.config import DataConfig, load_config
-from model.data import build_loader
+from model.training.config import CONFIG_DIR, DataConfig, load_config
+from model.training.data import build_loader
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def bench_loader(data: str, config: DataConfig, batch_size: int, batches: int) -
 
 def bench_trainer(data: str, config_path: str | None, overrides: list[str], steps: int, out: Path) -> tuple[float, int]:
     """Samples/s of optimiser steps on in-memory batches; returns (samples/s, parameters)."""
-    from model.train import Trainer
+    from model.training.trainer import Trainer
 
     config = load_config(config_path, overrides)
     trainer = Trainer(config, data, out).setup()
@@ -76,7 +76,7 @@ def bench_trainer(data: str, config_path: str | None, overrides: list[str], step
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.bench_loader", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loader", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--data", help="MLCID shards (default: synthetic shards written to a temp folder)")
     p.add_argument("--samples", type=int, default=96, help="synthetic samples to write when --data is absent")
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = DataConfig(resolution=args.resolution, num_workers=w, shuffle_buffer=16, block_size=10_000)
             results[f"loader_w{w}_samples_per_s"] = round(bench_loader(data, cfg, args.batch_size, args.batches), 1)
         if args.steps:
-            config = args.config or str(Path(__file__).parent / "configs" / "tiny.yaml")
+            config = args.config or str(CONFIG_DIR / "tiny.yaml")
             overrides = [f"preset={args.preset}", f"data.resolution={args.resolution}", "grad_accum=1",
                          f"batch_size={args.batch_size}", "data.num_workers=0", "checkpoint_every=1000000"]
             sps, params = bench_trainer(data, config, overrides, args.steps, tmp / "run")

@@ -1,7 +1,7 @@
 """CPU benchmark: one training step (forward + backward) of LayerDiffUNet on B samples × L layers vs the plain
 diffusers UNet on B·L images of the same geometry. Time and peak memory, side by side, as a markdown table.
 
-    python -m model.bench_train [--layers 2 3 4] [--batch 1] [--repeats 5] [--threads 1] [--ablations] [--profile]
+    python -m benchmarks.train [--layers 2 3 4] [--batch 1] [--repeats 5] [--threads 1] [--ablations] [--profile]
 
 Method
 - Both networks come from one seeded SD-shaped UNet (LayerDiffUNet.from_unet), so the SD weights are identical.
@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from diffusers import UNet2DConditionModel
 
-from model.unet import LayerDiffUNet
+from model.network.unet import LayerDiffUNet
 
 log = logging.getLogger("bench_train")
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         log.info("L=%d: building models and timing %d repeats", layers, args.repeats)
         rows.extend(bench_layers(geometry, args.batch, layers, args.repeats, args.warmup, args.ablations))
     argv_shown = sys.argv[1:] if argv is None else argv
-    print(f"\n`python -m model.bench_train {shlex.join(argv_shown)}` (torch {torch.__version__}, "
+    print(f"\n`python -m benchmarks.train {shlex.join(argv_shown)}` (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, geometry {geometry})\n")
     print(markdown_table(rows))
     if args.profile:

@@ -10,12 +10,12 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # model/configs
 
 
 @dataclass
 class DataConfig:
-    """How MLCID samples become training tensors (see `model.data`)."""
+    """How MLCID samples become training tensors (see `model.training.data`)."""
 
     resolution: int = 256  # square training crops (paper §5.2: 256²)
     max_layers: int = 4  # background + up to 3 foregrounds; samples are padded to this

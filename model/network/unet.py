@@ -22,13 +22,13 @@ from diffusers.utils import BaseOutput
 from einops import rearrange, repeat
 from torch import nn
 
-from model.layer_attention import (
+from model.network.layer_attention import (
     LAYER_CONTEXT_KEY,
     LayerCollaborativeBlock,
     LayerCollabTransformerBlock,
     LayerContext,
 )
-from model.prompt_enhancer import LayerPromptEnhancer
+from model.network.prompt_enhancer import LayerPromptEnhancer
 
 # UNet2DConditionModel options the explicit SD-1.x forward below does not implement: name → allowed value.
 _UNSUPPORTED = {

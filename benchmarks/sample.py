@@ -1,6 +1,6 @@
 """Benchmark (`make bench-sample`): one LayerDiff sample of L layers vs StableDiffusionPipeline making L images.
 
-    python -m model.bench_sample [--layers 2 3 4] [--steps 50] [--repeats 1] [--json out.json]
+    python -m benchmarks.sample [--layers 2 3 4] [--steps 50] [--repeats 1] [--json out.json]
 
 Method
 - One seeded SD-shaped pipeline (model.tiny's builder at the geometry below: 4 UNet levels, SD 1.5's channels
@@ -36,11 +36,11 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model.pipeline import LayerDiffPipeline
+from model.sampling.pipeline import LayerDiffPipeline
 from model.tiny import TinySDConfig, build_sd_pipeline
-from model.unet import LayerDiffUNet
+from model.network.unet import LayerDiffUNet
 
-log = logging.getLogger("model.bench_sample")
+log = logging.getLogger("benchmarks.sample")
 GLOBAL_PROMPT = "a dog playing with a red ball on the grass in a sunny park"
 FOREGROUNDS = ["a red ball", "a dog", "a wooden bench"]
 
@@ -273,7 +273,7 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m model.bench_sample",
+        prog="python -m benchmarks.sample",
         description="Time and peak memory of one LayerDiff sample (L layers; CFG, CFG+SMG) vs the SD pipeline "
                     "making L images with CFG, same UNet geometry, side by side.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                          latent_size=args.size // 8)
     device = torch.device(args.device)
     rows, parts = run(config, device)
-    command = "python -m model.bench_sample " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.sample " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(markdown(rows, parts, config, device, command.strip()))
     if args.json:
         args.json.write_text(json.dumps({"config": asdict(config), "device": str(device),

@@ -1,6 +1,6 @@
 """CLI: sample layered images with a trained LayerDiff run and export them (`make sample`).
 
-    python -m model.sample --model runs/layerdiff --prompt 'a dog playing with a red ball on the grass' \\
+    python -m model.sampling.sample --model runs/layerdiff --prompt 'a dog playing with a red ball on the grass' \\
         --layers 'the background|a red ball|a dog' --out out/dog [--steps 50 --cfg 3 --smg 3 --seed 0]
 
 Writes one output folder per image (layers.json, layerNN.png, maskNN.png, composite.png, layers.psd,
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.pipeline import SELF_GUIDANCE, LayerDiffPipeline
+from model.sampling.pipeline import SELF_GUIDANCE, LayerDiffPipeline
 
-log = logging.getLogger("model.sample")
+log = logging.getLogger("model.sampling.sample")
 
 
 @dataclass
@@ -94,8 +94,8 @@ def save_previews(path: Path, intermediates) -> None:
 
 def run(config: SampleConfig) -> list[Path]:
     """Sample and export; returns the written output folders."""
-    from model.applications import sample_with_mask_priors
-    from model.export import OutputMeta, save_output
+    from model.sampling.applications import sample_with_mask_priors
+    from model.sampling.export import OutputMeta, save_output
 
     pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
@@ -135,7 +135,7 @@ def _one(item, index: int):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.sample",
+        prog="python -m model.sampling.sample",
         description="Sample layered images (background + foreground layers with masks) with LayerDiff: DDIM, CFG "
                     "with the paper's negative prompts, self-mask guidance. Writes PNG layers, masks, the "
                     "composite, layers.json, a layered PSD and an OpenRaster file per image.",

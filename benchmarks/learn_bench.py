@@ -3,16 +3,16 @@
 Stages (each writes `OUT/<stage>.done.json`; a re-run skips finished stages, the trainer resumes its checkpoints):
   1. data     synthetic 64² MLCID shards (1–2 coloured shapes on a plain background = 2- and 3-layer scenes) with
               some (colour, shape) pairs withheld from training; test prompts from fresh scenes, seen and held-out.
-  2. vae      a small SD-shaped AutoencoderKL trained on the trainer's layer images and masks (`model.vae_train`).
+  2. vae      a small SD-shaped AutoencoderKL trained on the trainer's layer images and masks (`model.training.vae_train`).
   3. sd       an SD-1.x pipeline folder from scratch: that VAE, a frozen random CLIPTextModel with the real CLIP
               tokenizer, a random small UNet2DConditionModel, SD's DDIM schedule.
-  4. train    `python -m model.train --config model/configs/learn_bench.yaml --pretrained OUT/sd` (what `make train`
+  4. train    `python -m model.training.trainer --config model/configs/learn_bench.yaml --pretrained OUT/sd` (what `make train`
               runs) into OUT/run.
   5. sample   `LayerDiffPipeline` on every test prompt: the step-0 model (CFG), the trained model with CFG, with
               CFG + SMG, and with the layer prompts rolled by one across layers (CFG; scored against the true ones).
-  6. report   `model.layer_fidelity` scores → OUT/results.json, OUT/results.md and OUT/grid.png.
+  6. report   `model.evaluation.layer_fidelity` scores → OUT/results.json, OUT/results.md and OUT/grid.png.
 
-    python -m model.learn_bench --out .work/learn-bench            # the full benchmark (~45 min on 2 CPU cores)
+    python -m benchmarks.learn_bench --out .work/learn-bench            # the full benchmark (~45 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from model.layer_fidelity import LayerLabels, ShapeClassifier, score_sample, summarize
-from model.vae_train import VAETrainConfig
+from model.evaluation.layer_fidelity import LayerLabels, ShapeClassifier, score_sample, summarize
+from model.training.config import CONFIG_DIR
+from model.training.vae_train import VAETrainConfig
 
 log = logging.getLogger(__name__)
-CONFIG = Path(__file__).resolve().parent / "configs" / "learn_bench.yaml"
+CONFIG = CONFIG_DIR / "learn_bench.yaml"
 GROUPS = ("seen-2L", "heldout-2L", "seen-3L", "heldout-3L")
 # condition → (trained model?, guidance, SMG scale (None = BenchConfig.smg_scale), layer prompts rolled?)
 CONDITION_SPECS: dict[str, tuple[bool, str, float | None, bool]] = {
@@ -139,7 +140,7 @@ def stage_data(cfg: BenchConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_vae(cfg: BenchConfig, out: Path) -> dict[str, Any]:
-    from model.vae_train import train_vae
+    from model.training.vae_train import train_vae
 
     vae_cfg = dataclasses.replace(cfg.vae, resolution=cfg.size, threads=cfg.threads)
     report = train_vae(str(out / "data" / "mlcid"), out / "vae", vae_cfg, progress=True)
@@ -169,10 +170,10 @@ def stage_sd(cfg: BenchConfig, out: Path) -> dict[str, Any]:
 
 def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     """The real trainer's CLI in a child process (resumes its own checkpoints after an interruption)."""
-    from model import checkpoint as ckpt
+    from model.training import checkpoint as ckpt
 
     run = out / "run"
-    cmd = [sys.executable, "-m", "model.train", "--data", str(out / "data" / "mlcid"), "--out", str(run),
+    cmd = [sys.executable, "-m", "model.training.trainer", "--data", str(out / "data" / "mlcid"), "--out", str(run),
            "--config", cfg.train_config, "--pretrained", str(out / "sd")]
     cmd += ["--max-steps", str(target_steps(cfg))]
     for item in cfg.train_overrides:
@@ -191,7 +192,7 @@ def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
 
 def target_steps(cfg: BenchConfig) -> int:
     """The trainer's step count: `train_steps`, else the YAML's `max_steps`."""
-    from model.config import load_config
+    from model.training.config import load_config
 
     return cfg.train_steps if cfg.train_steps is not None else load_config(cfg.train_config).max_steps
 
@@ -219,7 +220,7 @@ def _rolled(prompts: list[str]) -> list[str]:
 
 def stage_sample(cfg: BenchConfig, out: Path, condition: str) -> dict[str, Any]:
     """Sample every test prompt of every group under one condition; save uint8 arrays per group."""
-    from model.pipeline import LayerDiffPipeline
+    from model.sampling.pipeline import LayerDiffPipeline
 
     trained, guidance, smg_scale, shuffled = CONDITION_SPECS[condition]
     if trained:
@@ -400,7 +401,7 @@ def run_bench(cfg: BenchConfig, out: str | Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m model.learn_bench", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.learn_bench", description=__doc__.split("\n\n")[0],
                                 epilog="Stages: data, vae, sd, train, sample-*, report. Delete OUT/<stage>.done.json "
                                 "(and its outputs) to redo a stage.")
     p.add_argument("--out", type=Path, required=True, help="work folder (data, vae, sd, run, samples, results)")

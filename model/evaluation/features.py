@@ -1,6 +1,6 @@
 """Feature extraction for evaluation: torch-fidelity FID features, CLIP embeddings, cached reference statistics.
 
-The math on these features lives in `model.metrics`. Extractors come from `model.loading` (real weights from
+The math on these features lives in `model.evaluation.metrics`. Extractors come from `model.loading` (real weights from
 local files, or the tiny presets), so real and tiny runs share every line here.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
 from model.loading import ClipScorer, FidExtractor
-from model.metrics import FeatureStats
+from model.evaluation.metrics import FeatureStats
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ with CFG and with CFG + self-mask guidance. FID: composites vs the real composit
 (torch-fidelity features, reference statistics cached per dataset); CLIP score: composite vs global prompt;
 layer CLIP score: each foreground over a neutral fill outside its mask vs its layer prompt.
 
-    python -m model.evaluate --model RUN --data 'mlcid-{000000..000009}.tar' --out OUT [--preset tiny]
+    python -m model.evaluation.evaluate --model RUN --data 'mlcid-{000000..000009}.tar' --out OUT [--preset tiny]
 
 Writes OUT/metrics.json, OUT/metrics.md (Table-1 layout) and OUT/rows/<method>/ (composites, per-sample
 records; a rerun with the same settings resumes there).
@@ -30,9 +30,9 @@ import torch
 from mlcid.imageio import decode_rgb, encode_png
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
-from model.export import LayeredImage, as_layered, save_output
-from model.features import ALL, ClipEmbedder, FidFeatures, layer_on_fill, reference_stats, resize_rgb
-from model.metrics import FeatureStats, clip_score, frechet_distance_stats
+from model.sampling.export import LayeredImage, as_layered, save_output
+from model.evaluation.features import ALL, ClipEmbedder, FidFeatures, layer_on_fill, reference_stats, resize_rgb
+from model.evaluation.metrics import FeatureStats, clip_score, frechet_distance_stats
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class LayerDiffMethod:
     has_layers = True
 
     def __init__(self, config: EvalConfig, guidance: str, label: str, pipe: Any = None):
-        from model.pipeline import LayerDiffPipeline
+        from model.sampling.pipeline import LayerDiffPipeline
 
         self.pipe = pipe or LayerDiffPipeline.from_pretrained(config.model, dtype=_torch_dtype(config.dtype))
         self.pipe.to(config.device)
@@ -359,7 +359,7 @@ def metrics_markdown(result: dict[str, Any]) -> str:
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Run the whole evaluation; writes OUT/metrics.json and OUT/metrics.md and returns the metrics document."""
     from model.loading import load_clip_scorer, load_fid_extractor
-    from model.pipeline import LayerDiffPipeline
+    from model.sampling.pipeline import LayerDiffPipeline
 
     start = time.perf_counter()
     out = Path(config.out)
@@ -414,13 +414,13 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     d = EvalConfig(model="", data=[], out="")
     parser = argparse.ArgumentParser(
-        prog="python -m model.evaluate",
+        prog="python -m model.evaluation.evaluate",
         description="Evaluate LayerDiff like the paper's Table 1: FID, CLIP score and layer CLIP score per layer "
                     "count, for SD 1.5, LayerDiff (CFG) and LayerDiff+SMG on the same MLCID test prompts. "
                     "Real weights load from local files offline: CLIP RN50 via $LAYERDIFF_CLIP_RN50, Inception "
                     "via $LAYERDIFF_FID_WEIGHTS (or --clip-model / --fid-weights); --preset tiny uses the tiny "
                     "random models from `make tiny-models`.",
-        epilog="example (tiny, offline): python -m model.evaluate --model runs/tiny --preset tiny "
+        epilog="example (tiny, offline): python -m model.evaluation.evaluate --model runs/tiny --preset tiny "
                "--data '.work/synthetic/mlcid/mlcid-{000000..000001}.tar' --out .work/eval --per-group 2 --steps 2",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", required=True, metavar="RUN", help="LayerDiff run folder (from `make train`)")

@@ -1,7 +1,7 @@
 """GPU benchmark at the full SD 1.5 UNet geometry: training throughput and peak memory of LayerDiffUNet.
 
-    python -m model.bench_train_gpu [--batch-sizes 1 2 4 8 16 32] [--layers 4] [--out results.json]
-    python -m model.bench_train_gpu --tiny      # seconds, runs on CPU: checks the script itself
+    python -m benchmarks.train_gpu [--batch-sizes 1 2 4 8 16 32] [--layers 4] [--out results.json]
+    python -m benchmarks.train_gpu --tiny      # seconds, runs on CPU: checks the script itself
 
 Random weights (no download) in diffusers' SD 1.5 UNet config (block_out_channels (320, 640, 1280, 1280),
 cross_attention_dim 768, 8 heads) at 256² images (32² latents), 77-token prompts. One training step = zero_grad →
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from model.bench_train import (
+from benchmarks.train import (
     SD15_GEOMETRY,
     TINY_GEOMETRY,
     BenchGeometry,
@@ -37,7 +37,7 @@ from model.bench_train import (
     make_batch,
     plain_loss,
 )
-from model.unet import LayerDiffUNet
+from model.network.unet import LayerDiffUNet
 
 log = logging.getLogger("bench_train_gpu")
 
@@ -142,7 +142,7 @@ def run(cfg: GpuBenchConfig) -> list[Result]:
     log.info("plain UNet built: %.0fM params", sum(p.numel() for p in plain.parameters()) / 1e6)
 
     def sweep(model: torch.nn.Module, loss_fn) -> None:
-        model.train()
+        model.training.trainer()
         modes = ("off", "full", "collab") if isinstance(model, LayerDiffUNet) else ("off", "full")
         for ckpt in modes:
             _set_ckpt_mode(model, ckpt)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     log.info("device %s, torch %s, config %s", device_name, torch.__version__, cfg)
     results = run(cfg)
     argv_shown = sys.argv[1:] if argv is None else argv
-    print(f"\n`python -m model.bench_train_gpu {shlex.join(argv_shown)}` on {device_name} (torch {torch.__version__}, "
+    print(f"\n`python -m benchmarks.train_gpu {shlex.join(argv_shown)}` on {device_name} (torch {torch.__version__}, "
           f"bf16 autocast, AdamW (fused on CUDA); L={cfg.layers}, {cfg.geometry.latent_size}² latents)\n")
     print(markdown_table(results))
     if args.out:

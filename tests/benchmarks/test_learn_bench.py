@@ -1,4 +1,4 @@
-"""`model.learn_bench`: the held-out split is real, and a tiny end-to-end run (real trainer CLI, real pipeline)
+"""`benchmarks.learn_bench`: the held-out split is real, and a tiny end-to-end run (real trainer CLI, real pipeline)
 produces the table and grid, then resumes without redoing finished stages."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mlcid.reader import MLCIDReader
-from model import learn_bench as lb
+from benchmarks import learn_bench as lb
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def test_rerun_skips_finished_stages(smoke_run, caplog):
     cfg, out, _ = smoke_run
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done.json") if p.name != "report.done.json"}
     metrics = (out / "run" / "metrics.jsonl").read_text()
-    with caplog.at_level("INFO", logger="model.learn_bench"):
+    with caplog.at_level("INFO", logger="benchmarks.learn_bench"):
         lb.run_bench(cfg, out)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done.json") if p.name != "report.done.json"}
     assert before == after and len(before) == 4 + len(lb.CONDITIONS)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from pipelines.bench_gpu import BenchConfig, instructblip, main, owlv2, run, sam, sd_inpaint
+from benchmarks.pipeline_gpu import BenchConfig, instructblip, main, owlv2, run, sam, sd_inpaint
 
 
 def test_tiny_run_report(tmp_path, capsys):

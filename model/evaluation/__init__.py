@@ -1,0 +1,1 @@
+"""Evaluation: FID, CLIP score, layer CLIP score and pixel layer-fidelity metrics."""

@@ -1,0 +1,1 @@
+"""The LayerDiff network: the layer-collaborative UNet, its attention blocks and the prompt enhancer."""

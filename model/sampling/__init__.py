@@ -1,0 +1,1 @@
+"""Sampling layered images: the pipeline, guidance, the editing applications and layered export."""
