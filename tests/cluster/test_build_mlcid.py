@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from mlcid.synthetic import SceneConfig, write_dataset
-from mlcid.validate import ValidationConfig, validate_shard
+from mlcid.shard_check import validate_shard
+from mlcid.validate import ValidationConfig
 from mlcid.writer import read_stats, shard_name
 from pipelines.inputs import iter_inputs
 from pipelines.runner import outcomes_name

@@ -19,7 +19,9 @@ from mlcid.imageio import decode_rgb, encode_png
 from mlcid.reader import MLCIDReader, iter_shard_samples
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.shards import expand_braces, expand_urls, split_for
-from mlcid.validate import ValidationConfig, main as validate_main, validate_sample, validate_shard
+from cli.main import mlcid_main
+from mlcid.shard_check import validate_shard
+from mlcid.validate import ValidationConfig, validate_sample
 from mlcid.writer import ShardWriter, is_complete, read_stats
 
 
@@ -265,10 +267,10 @@ def test_layer_count_limit_is_a_config_value():
 
 def test_validate_cli_exit_codes(tmp_path, capsys):
     good = write_shard(tmp_path, [make_sample("a")], shard_id=0)
-    assert validate_main([str(good)]) == 0
+    assert mlcid_main(["validate", str(good)]) == 0
     members = [m for m in sample_members(make_sample("x")) if not m[0].endswith("layer01.png")]
     bad = raw_tar(tmp_path / "mlcid-000001.tar", members)
-    assert validate_main([str(bad)]) == 1
+    assert mlcid_main(["validate", str(bad)]) == 1
     assert validate_shard(str(bad)) == (0, {errors.MISSING_MEMBER: 1})
     out = capsys.readouterr().out
     assert "OK" in out and "FAIL" in out
@@ -277,6 +279,6 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
 def test_validate_cli_accepts_an_empty_shard_only_when_its_stats_say_so(tmp_path):
     with ShardWriter(tmp_path, 4) as w:
         w.drop("no_detection", 3)
-    assert validate_main([str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
+    assert mlcid_main(["validate", str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
     raw_tar(tmp_path / "mlcid-000005.tar", [])
-    assert validate_main([str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained
+    assert mlcid_main(["validate", str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained
