@@ -33,7 +33,7 @@ CONFIGS = REPO / "cluster" / "configs"
 
 # -- the CLI on real shards -----------------------------------------------------------------------------------
 def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_path):
-    ray = pytest.importorskip("ray")
+    import ray
     write_dataset(tmp_path / "raw", tmp_path / "gt", samples=8, seed=5, shards=2, config=SceneConfig(size=64),
                   progress=False)
     out, summary = tmp_path / "out", tmp_path / "summary.json"

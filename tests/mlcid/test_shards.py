@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -93,6 +94,22 @@ def test_members_contiguous_and_stats_last(tmp_path):
     assert stats["read"] == stats["written"] + sum(stats["dropped"].values()) == 2
     assert stats["layer_counts"] == {"3": 2}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stats_file_appears_only_after_the_finished_tar(tmp_path, monkeypatch):
+    """Readers take the stats file as the completion mark: it must become visible after the tar is in place."""
+    real_replace, visible = os.replace, []
+
+    def recording_replace(src, dst):
+        real_replace(src, dst)
+        visible.append(sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")))
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_shard(tmp_path, [make_sample("a"), make_sample("b")])
+    with_stats = [i for i, names in enumerate(visible) if "mlcid-000000_stats.json" in names]
+    with_tar = [i for i, names in enumerate(visible) if "mlcid-000000.tar" in names]
+    assert with_stats and with_tar, visible
+    assert with_tar[0] < with_stats[0]  # the tar was renamed into place in an earlier step than the stats
 
 
 def test_writer_counts_invalid_as_dropped(tmp_path):

@@ -13,16 +13,10 @@ from model.sampling.export import LayeredImage, save_output
 from model.sampling.pipeline import LayerDiffPipeline
 from tests.model.test_pipeline import UNetSpy, make_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 SIZE = 32
 PROMPTS = ["the background", "a red ball", "a dog"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,9 @@ from model.evaluation.config import EvalConfig
 from model.evaluation.evaluate import Generated, Prompt, collect_prompts, evaluate, score_sample
 from model.sampling.export import LayeredImage
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 SIZE = 32  # sampling and eval size in these tests
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run ~20× faster on one thread when the 2 shared cores are oversubscribed (restored after)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
