@@ -28,7 +28,7 @@ from einops import rearrange
 from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
-from mlcid.schema import LayerInfo, MLCIDSample
+from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
@@ -68,18 +68,18 @@ class LayerDiffPipelineOutput(BaseOutput):
     layer_prompts: list[str] = field(default_factory=list)
     intermediates: list[Intermediate] | None = None
 
-    def to_sample(self, index: int = 0, key: str = "sample") -> MLCIDSample:
-        """Sample `index` as an `MLCIDSample` (foreground alpha = its mask), e.g. for the applications."""
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+    def layered(self, index: int = 0) -> LayeredImage:
+        """Batch item `index` as a `LayeredImage` with this output's prompts (export it, edit it, score it)."""
         if self.layer_images is None:
             raise ValueError("this output holds latents only (output_type='latent'); sample with 'pil' or 'np'")
-        images = [np.asarray(im)[..., :3] for im in self.layer_images[index]]
-        masks = [np.asarray(m) for m in self.masks[index]]
-        fgs = [np.concatenate([im, m[..., None]], axis=-1) for im, m in zip(images[1:], masks[1:])]
-        area = masks[0].size
-        layers = [LayerInfo(self.layer_prompts[0])] + [
-            LayerInfo(p, area_frac=float((m > 127).sum()) / area) for p, m in zip(self.layer_prompts[1:], masks[1:])]
-        return MLCIDSample(key=key, global_prompt=self.global_prompt, composite=np.asarray(self.composites[index]),
-                           background=images[0], foregrounds=fgs, masks=masks[1:], layers=layers)
+        if not 0 <= index < self.batch_size:
+            raise IndexError(f"batch index {index} outside 0..{self.batch_size - 1}")
+        return LayeredImage.from_arrays(list(self.layer_images[index]), list(self.masks[index]), self.global_prompt,
+                                        self.layer_prompts)
 
 
 class _StoreAttentionProcessor:

@@ -114,12 +114,11 @@ def run(config: SampleConfig) -> list[Path]:
     folders = []
     for i in range(config.num_images):
         folder = config.out if config.num_images == 1 else config.out / f"{i:03d}"
-        meta = OutputMeta(global_prompt=config.global_prompt, layer_prompts=config.layer_prompts, seed=config.seed,
-                          num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
+        meta = OutputMeta(seed=config.seed, num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
                           guidance=config.guidance, model=config.model,
                           extra={"batch_index": i, "smg_blur_side": config.blur_side,
                                  "boxes": [list(b) for b in config.boxes], "untrained": config.from_sd})
-        save_output(folder, out, meta, index=i, overwrite=config.overwrite)
+        save_output(folder, out.layered(i), meta, overwrite=config.overwrite)
         if out.intermediates:
             save_previews(folder / "previews.png", [_one(item, i) for item in out.intermediates])
         folders.append(folder)

@@ -90,8 +90,9 @@ def test_outputs_are_consistent_layers(pipe):
     assert np.array_equal(out.composites[0], expected)
     assert (out.rgba_layers[0, 0, ..., 3] == 255).all()
     assert np.array_equal(out.rgba_layers[0, 1:, ..., 3], out.masks[0, 1:])
-    sample_ = out.to_sample(0)
-    assert sample_.num_layers == L and sample_.layer_prompts == PROMPTS
+    layered = out.layered(0)
+    assert layered.num_layers == L and layered.layer_prompts == PROMPTS
+    assert np.array_equal(layered.composite, out.composites[0])
     # same seed → same result; pil output carries the same pixels
     pil = sample(pipe, output_type="pil")
     assert np.array_equal(np.asarray(pil.composites[0]), out.composites[0])
@@ -277,7 +278,7 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     assert rc == 0
     for i in range(2):
         loaded = load_output(out / f"{i:03d}")
-        assert loaded.meta.layer_prompts == PROMPTS and loaded.meta.seed == 3 and loaded.meta.guidance == "cfg+smg"
+        assert loaded.image.layer_prompts == PROMPTS and loaded.meta.seed == 3 and loaded.meta.guidance == "cfg+smg"
         assert loaded.image.num_layers == 3 and (out / f"{i:03d}" / "previews.png").is_file()
     # same seed, one image: the first folder's layers again
     rc = main(["--model", str(run_dir), "--prompt", "a dog with a red ball", "--layers", "the background|a red ball|a dog",
