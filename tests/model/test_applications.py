@@ -12,7 +12,7 @@ from mlcid.schema import LayerInfo, MLCIDSample
 from model.sampling import applications as A
 from model.sampling.export import load_layers, save_output
 from model.sampling.pipeline import LayerDiffPipeline
-from tests.model.test_pipeline import UNetSpy, make_run
+from tests.builders import UNetSpy, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 

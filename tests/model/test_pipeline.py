@@ -14,24 +14,12 @@ from mlcid.composite import composite as composite_eq4
 from model.sampling import guidance as G
 from model.loading import encode_prompts
 from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
-from model.tiny import build_tiny_models
+from tests.builders import UNetSpy, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
 PROMPTS = ["the background", "a red ball", "a dog"]
 SIZE = 32  # px → 4×4 latents
-
-
-def make_run(root, max_layers: int = 4):
-    """A LayerDiff run folder from the tiny SD preset, every new module randomised (so all paths are live)."""
-    build_tiny_models(root / "tiny", only=("sd15",))
-    pipe = LayerDiffPipeline.from_sd(root / "tiny" / "sd15", max_layers=max_layers)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.new_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pipe.save_pretrained(root / "run")
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +32,6 @@ def pipe(run_dir):
     p = LayerDiffPipeline.from_pretrained(run_dir)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-class UNetSpy:
-    """Records (batch size, global_text, layer_text) of every UNet forward."""
-
-    def __init__(self, pipe):
-        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.handle = pipe.unet.register_forward_pre_hook(self._record)
-
-    def _record(self, _module, args):
-        self.calls.append((args[0].shape[0], args[2].detach().clone(), args[3].detach().clone()))
-
-    def close(self):
-        self.handle.remove()
 
 
 def sample(pipe, **kw):

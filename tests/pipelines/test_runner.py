@@ -21,6 +21,7 @@ from mlcid.writer import read_stats, shard_name, stats_name
 from pipelines.base import STAGES, Detection, Item, alive, register_stage
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor, outcomes_name
+from tests.builders import write_tar
 
 BG = np.array([40, 90, 160], np.uint8)
 
@@ -149,13 +150,8 @@ def jpeg(img: np.ndarray) -> bytes:
 
 
 def write_raw_shard(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, members in records:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    """An img2dataset-style input shard: per record KEY.jpg/.txt/.json (whatever members it names)."""
+    return write_tar(path, [(f"{key}.{suffix}", data) for key, members in records for suffix, data in members.items()])
 
 
 def raw_records(n: int, seed: int = 0, shard: int = 0) -> list[tuple[str, dict[str, bytes]]]:
