@@ -9,11 +9,18 @@ from pipelines.base import Item, ObjectLayer
 from pipelines.caption import (
     GLOBAL_INSTRUCTION,
     OBJECT_INSTRUCTION,
+    CaptionOptions,
     GlobalCaption,
     ObjectCaption,
+    ObjectCaptionOptions,
     clean_caption,
     crop_object,
 )
+from pipelines.devices import ModelStageConfig
+
+
+def cpu(model, batch_size=16, **kw):
+    return ModelStageConfig(model=model, device="cpu", batch_size=batch_size, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +32,7 @@ def blip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def caption_stage(blip_dir):
-    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=6, batch_size=3)
+    stage = GlobalCaption(cpu(blip_dir, 3), CaptionOptions(max_new_tokens=6))
     stage.setup()
     return stage
 
@@ -57,7 +64,7 @@ def test_global_caption_batched_equals_one_by_one(caption_stage):
 
 
 def test_empty_caption_keeps_source_or_drops(blip_dir):
-    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=4, share_model=False)  # weights edited
+    stage = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=4, share_model=False))  # weights edited
     stage.setup()
     stage.captioner.model.language_model.lm_head.weight.data.zero_()  # every step: argmax = <pad> → ""
     with_source = stage(_items(2, source="  a red   square on grass "))
@@ -69,7 +76,7 @@ def test_empty_caption_keeps_source_or_drops(blip_dir):
 
 
 def test_object_captions_batched_across_items(blip_dir):
-    stage = ObjectCaption(model=blip_dir, device="cpu", max_new_tokens=4, batch_size=4, share_model=False)
+    stage = ObjectCaption(cpu(blip_dir, 4), ObjectCaptionOptions(max_new_tokens=4, share_model=False))
     items = _items(3)
     for it in items:
         h, w = it.image.shape[:2]
@@ -93,10 +100,10 @@ def test_object_captions_batched_across_items(blip_dir):
 
 
 def test_caption_and_object_caption_share_one_model(caption_stage, blip_dir):
-    other = ObjectCaption(model=blip_dir, device="cpu")
+    other = ObjectCaption(cpu(blip_dir))
     other.setup()
     assert other.captioner.model is caption_stage.captioner.model
-    alone = ObjectCaption(model=blip_dir, device="cpu", share_model=False)
+    alone = ObjectCaption(cpu(blip_dir), ObjectCaptionOptions(share_model=False))
     alone.setup()
     assert alone.captioner.model is not caption_stage.captioner.model
 
@@ -106,7 +113,7 @@ def test_decoder_only_language_model_returns_only_new_tokens():
     from pipelines.tiny import make_instructblip
 
     model, processor = make_instructblip(language_model="llama")
-    stage = GlobalCaption(model="<in memory>", device="cpu", max_new_tokens=3, share_model=False)
+    stage = GlobalCaption(cpu("<in memory>"), CaptionOptions(max_new_tokens=3, share_model=False))
     stage.captioner.use(model, processor)
     model.generation_config.min_new_tokens = 3
     assert processor.tokenizer.padding_side == "left" and not stage.captioner.encoder_decoder
@@ -134,6 +141,6 @@ def test_crop_object_box_and_fill():
 
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GlobalCaption(model=str(tmp_path / "missing")).setup()
+        GlobalCaption(cpu(str(tmp_path / "missing"))).setup()
     with pytest.raises(ValueError, match="max_new_tokens"):
-        GlobalCaption(model=str(tmp_path), max_new_tokens=0)
+        CaptionOptions(max_new_tokens=0)

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from pipelines.base import Detection, Item
-from pipelines.segment import SAM_ARCHS, SamGeometry, SamSegmenter, clip_box, load_sam
+from pipelines.devices import ModelStageConfig
+from pipelines.segment import SAM_ARCHS, SamGeometry, SamSegmenter, SegmentOptions, clip_box, load_sam
+
+
+def sam_stage(model, batch_size=4, **options):
+    return SamSegmenter(ModelStageConfig(model=str(model), device="cpu", batch_size=batch_size),
+                        SegmentOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def _items(n=3, seed=0):
 
 
 def test_masks_shapes_order_and_batching(sam_dir):
-    seg = SamSegmenter(model=str(sam_dir), device="cpu", batch_size=3, mask_threshold=-1e9)
+    seg = sam_stage(sam_dir, 3, mask_threshold=-1e9)
     items = seg(_items())
     for it in items:
         assert it.alive
@@ -51,12 +57,12 @@ def test_masks_shapes_order_and_batching(sam_dir):
 
 
 def test_clip_to_box_and_no_mask_drop(sam_dir):
-    seg = SamSegmenter(model=str(sam_dir), device="cpu", mask_threshold=-1e9, clip_to_box=True)
+    seg = sam_stage(sam_dir, mask_threshold=-1e9, clip_to_box=True)
     it = seg(_items(1))[0]
     for m, d in zip(it.masks, it.detections):
         x0, y0, x1, y1 = clip_box(d.box, *m.shape)
         assert m[y0:y1, x0:x1].all() and m.sum() == (x1 - x0) * (y1 - y0)
-    seg = SamSegmenter(model=str(sam_dir), device="cpu", mask_threshold=1e9)
+    seg = sam_stage(sam_dir, mask_threshold=1e9)
     it = seg(_items(1))[0]
     assert it.drop_reason == "no_mask"
 
@@ -64,7 +70,7 @@ def test_clip_to_box_and_no_mask_drop(sam_dir):
 def test_dropped_items_are_skipped(sam_dir):
     items = _items(2)
     items[0].drop("no_detection")
-    SamSegmenter(model=str(sam_dir), device="cpu")(items)
+    sam_stage(sam_dir)(items)
     assert items[0].masks == [] and len(items[1].masks) == 2
 
 
@@ -82,7 +88,7 @@ def test_load_sam_folder_and_file(sam_dir, tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="SAM checkpoint"):
-        SamSegmenter(model=str(tmp_path / "sam_vit_h_4b8939.pth")).setup()
+        sam_stage(tmp_path / "sam_vit_h_4b8939.pth").setup()
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="sam_config.json"):
         load_sam(tmp_path / "folder")
