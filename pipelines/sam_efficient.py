@@ -16,17 +16,22 @@ memory-efficient/flash kernels that never store the N×N matrix. Head dims are z
 Memory. `activation_bytes(g, dtype_bytes)` is the per-image activation peak of the encoder with SDPA: the
 larger of a block's attention phase — input, norm, qkv, q'/k'/v', output and one reshape copy:
 N·(7·C + 3·heads·D) — and its MLP phase, N·(2·C + 2·mlp_ratio·C), where N counts the padded window tokens
-(ViT-H: ⌈64/14⌉²·14² = 4900) in window blocks. ViT-H in bf16: ≈ 155 MiB per image (fp32 with the eager
-attention: ≈ 3.2 GiB at a global block, i.e. ~26 GB at batch 8–16). `batch_size_for_memory` divides the free
-device memory (what `torch.cuda.mem_get_info` reports free plus what PyTorch's caching allocator holds
-unused) by `SAFETY` × that peak and clamps it to [1, cap]. Per GPU class, with every model of the `real`
-preset resident in bf16 (≈ 12 GiB: InstructBLIP-Flan-T5-XL 8, SD 1.5 inpainting 2.1, SAM ViT-H 1.3, OWLv2 0.3,
-Depth-Anything-S 0.05) and ~4 GiB kept for the other stages' transient activations:
+(ViT-H: ⌈64/14⌉²·14² = 4900) in window blocks. ViT-H in bf16: 148 MiB per image. (The eager fp32 attention
+holds 16 · 4096² · 4 B = 1 GiB of scores per image per copy at a global block — scores, scores + bias, softmax.)
+`batch_size_for_memory` divides the free device memory (what `torch.cuda.mem_get_info` reports free plus what
+PyTorch's caching allocator holds unused) by `SAFETY` × that peak (296 MiB) and clamps it to [1, cap]; the
+segment stage does it once, at its first call, when every model of the actor is loaded and the other stages'
+transient activations are back in the allocator's cache (stages run one after another, so SAM can reuse them).
+The cap (32 by default) matches the runner's default chunk of 32 items, the most one call can see. Per GPU class,
+with every model of the `real` preset resident in bf16 (≈ 11.2 GiB: InstructBLIP-Flan-T5-XL 7.7, SD 1.5
+inpainting 2.0, SAM ViT-H 1.2, OWLv2-B 0.3, Depth-Anything-S 0.05) and ~0.5 GiB of CUDA context:
 
-    GPU (memory)        SAM batch at SAFETY 2     configured cap 32 → batch used
-    A10G / L4 (24 GB)   ⌊8 GiB / 310 MiB⌋ = 26    26
-    A100 (40 GB)        ⌊24 GiB / 310 MiB⌋ = 79   32
-    A100/H100 (80 GB)   ⌊64 GiB / 310 MiB⌋ = 211  32
+    GPU (usable memory)      free for SAM    ⌊free / 296 MiB⌋    batch used (cap 32)   eager fp32 at that batch
+    T4 16 GB (14.6 GiB)      2.9 GiB         10                  10 (fp16: no bf16)    ~30 GiB
+    L4 (22.0 GiB)            10.3 GiB        35                  32                    ~96 GiB
+    A10G (22.5 GiB)          10.8 GiB        37                  32                    ~96 GiB
+    A100 40 GB (39.4 GiB)    27.7 GiB        95                  32
+    A100/H100 80 GB (79.2)   67.5 GiB        233                 32
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ import torch
 import torch.nn.functional as F
 
 SAFETY = 2.0  # allocator fragmentation, cuDNN/cuBLAS workspaces, the neck and the decoder of one image
-GIB = 2**30
 
 
 def _pad8(n: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.base import Item, ObjectLayer
 from pipelines.caption import (
@@ -144,3 +145,56 @@ def test_missing_model_folder(tmp_path):
         GlobalCaption(cpu(str(tmp_path / "missing"))).setup()
     with pytest.raises(ValueError, match="max_new_tokens"):
         CaptionOptions(max_new_tokens=0)
+
+
+def test_fp16_keeps_transformers_fp32_modules(blip_dir):
+    """`from_pretrained(dtype=fp16)` keeps T5's `wo` and `query_tokens` in fp32; the stage must not undo it."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from pipelines.caption import keep_in_fp32_names
+
+    stage = GlobalCaption(cpu(blip_dir, dtype="float16"), CaptionOptions(max_new_tokens=2, share_model=False))
+    stage.setup()
+    model = stage.captioner.model
+    keep = keep_in_fp32_names(model)
+    assert {"wo", "query_tokens"} <= keep  # T5's and InstructBLIP's own lists: the test is about real modules
+    assert "query_tokens" in InstructBlipForConditionalGeneration._keep_in_fp32_modules
+    wo = [p for n, p in model.named_parameters() if n.endswith(".wo.weight")]
+    assert len(wo) == 4 and all(p.dtype == torch.float32 for p in wo)
+    assert model.query_tokens.dtype == torch.float32
+    assert model.language_model.lm_head.weight.dtype == torch.float16  # the rest is half
+    # An in-memory fp32 model handed to `use` ends up the same way.
+    from pipelines.tiny import make_instructblip
+
+    other = GlobalCaption(cpu("<in memory>", dtype="float16"), CaptionOptions(share_model=False))
+    other.captioner.use(*make_instructblip())
+    dtypes = {n: p.dtype for n, p in other.captioner.model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.endswith(".wo.weight") or n == "query_tokens")
+    assert other.captioner.model.language_model.lm_head.weight.dtype == torch.float16
+
+
+def test_non_finite_caption_is_a_counted_fallback(blip_dir):
+    """NaN logits make greedy decoding pick the NaN token: a non-empty garbage caption unless it is flagged."""
+    stage = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=3, share_model=False))
+    stage.setup()
+    tokenizer = stage.captioner.processor.tokenizer
+    word = tokenizer.convert_tokens_to_ids("▁red")
+    stage.captioner.model.language_model.lm_head.weight.data[word] = float("nan")  # logit of "red" is NaN
+    items = stage(_items(2, source="a square on grass"))
+    assert [it.global_prompt for it in items] == ["a square on grass"] * 2
+    assert [it.prompt_source for it in items] == ["alt_text", "alt_text"]
+    dropped = stage(_items(1, source=None))[0]
+    assert dropped.drop_reason == "empty_caption"
+    # a healthy caption is recorded as such
+    fine = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=3, share_model=False))(_items(1))[0]
+    assert fine.prompt_source == "caption" and fine.global_prompt
+    # object captions fall back to the label, recorded as "label"
+    objects = ObjectCaption(cpu(blip_dir), ObjectCaptionOptions(max_new_tokens=3, share_model=False))
+    objects.setup()
+    objects.captioner.model.language_model.lm_head.weight.data[word] = float("nan")
+    it = _items(1)[0]
+    mask = np.zeros(it.image.shape[:2], bool)
+    mask[5:20, 5:25] = True
+    it.objects = [ObjectLayer(mask, (5, 5, 25, 20), 0.9, "Cat")]
+    objects([it])
+    assert (it.objects[0].prompt, it.objects[0].prompt_source) == ("cat", "label")

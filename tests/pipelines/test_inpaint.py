@@ -114,3 +114,22 @@ def test_item_without_objects_keeps_its_image():
     OpenCVInpainter()([it])
     np.testing.assert_array_equal(it.background, it.image)
     assert it.background is not it.image
+
+
+def test_sd_scheduler_and_steps_are_options(sd_dir):
+    """Default: DPM-Solver++ (2M); "default" keeps the checkpoint's scheduler; the steps reach the pipeline."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    stage = sd_stage(sd_dir, num_inference_steps=3, resolution=64)
+    stage.setup()
+    sched = stage.pipe.scheduler
+    assert isinstance(sched, DPMSolverMultistepScheduler)
+    assert sched.config.algorithm_type == "dpmsolver++" and sched.config.solver_order == 2
+    items = stage(_items(1))
+    assert len(stage.pipe.scheduler.timesteps) == 3 and items[0].background is not None
+    own = sd_stage(sd_dir, scheduler="default")
+    own.setup()
+    assert type(own.pipe.scheduler).__name__ == "DDIMScheduler"  # what the tiny checkpoint ships
+    assert SDInpaintOptions().num_inference_steps == 20
+    with pytest.raises(ValueError, match="scheduler"):
+        SDInpaintOptions(scheduler="magic")

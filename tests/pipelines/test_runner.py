@@ -196,6 +196,10 @@ def test_end_to_end_classical(tmp_path):
     assert s.global_prompt == "two boxes on blue"
     assert s.source["input_shard"] == 7 and s.source["url"].startswith("http://example.com/")
     assert s.pipeline["backends"]["saliency"] == "classical" and "versions" in s.pipeline
+    # Caption stages off: every prompt is a fallback, recorded per sample and counted in the stats.
+    assert s.pipeline["prompt_sources"] == {"global": "alt_text", "layers": ["label"] * len(s.foregrounds)}
+    layers = sum(len(x.foregrounds) for x in samples)
+    assert stats["prompt_sources"] == {"global_alt_text": stats["written"], "layer_label": layers}
     for fg, m in zip(s.foregrounds, s.masks):
         assert ((fg[..., 3] == 255) | (m == 0)).all()  # alpha covers the undilated mask
     # Stats file written last: it is newer than the tar and the parquet.
@@ -293,6 +297,9 @@ def test_tiny_preset_on_synthetic_scenes(tmp_path, tiny_models):
     assert set(sample.pipeline["backends"]) == {"caption", "detect", "segment", "saliency", "mask_rules",
                                                 "object_caption", "cutout", "inpaint"}
     assert {"caption", "detect", "segment", "object_caption", "inpaint"} <= set(stats["timings"])
+    counts = stats["prompt_sources"]  # every written sample's global prompt has one recorded source
+    assert sum(v for k, v in counts.items() if k.startswith("global_")) == stats["written"]
+    assert sample.pipeline["prompt_sources"]["global"] in ("caption", "alt_text")
 
 
 def test_make_stage_passes_typed_config_and_pipeline_fields():

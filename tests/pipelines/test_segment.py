@@ -104,3 +104,64 @@ def test_vit_h_geometry_matches_segment_anything_registry():
         ours, theirs = build_sam_model(SAM_ARCHS["vit_h"]).state_dict(), sam_model_registry["vit_h"]().state_dict()
     assert ours.keys() == theirs.keys()
     assert all(ours[k].shape == theirs[k].shape for k in ours)
+
+
+@pytest.mark.parametrize("window", [4, 3])  # 3: the 8×8 token grid is padded to 9×9 in windows
+def test_sam_sdpa_matches_eager(window):
+    """SDPA with the relative-position bias folded into q/k gives segment-anything's own attention (CPU, fp32)."""
+    from pipelines.sam_efficient import use_sdpa
+    from pipelines.segment import build_sam_model
+    from pipelines.tiny import tiny_sam_geometry
+
+    geometry = SamGeometry(**{**tiny_sam_geometry().to_dict(), "window_size": window,
+                              "encoder_global_attn_indexes": (1,)})
+    torch.manual_seed(0)
+    sam = build_sam_model(geometry)
+    with torch.no_grad():  # zero-initialised rel-pos tables would hide the bias path
+        for name, p in sam.image_encoder.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        eager = sam.image_encoder(x)
+        assert use_sdpa(sam) == geometry.encoder_depth
+        fused = sam.image_encoder(x)
+    assert eager.shape == fused.shape == (2, 32, 8, 8)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_sam_half_weights_and_eager_option(sam_dir):
+    """bf16 weights (what CUDA gets) run through autocast and give masks; 'eager' keeps segment-anything's forward."""
+    seg = SamSegmenter(ModelStageConfig(model=str(sam_dir), device="cpu", dtype="bfloat16", batch_size=2))
+    items = seg(_items(2))
+    assert seg.predictor.model.image_encoder.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert all(len(it.masks) == 2 and it.masks[0].dtype == bool for it in items)
+    eager = sam_stage(sam_dir, attention="eager")
+    eager.setup()
+    sdpa = sam_stage(sam_dir)
+    sdpa.setup()
+    attn = lambda s: s.predictor.model.image_encoder.blocks[0].attn  # noqa: E731
+    assert "forward" not in vars(attn(eager)) and "forward" in vars(attn(sdpa))
+    with pytest.raises(ValueError, match="attention"):
+        SegmentOptions(attention="flash")
+
+
+def test_memory_sized_batch():
+    from pipelines.sam_efficient import SAFETY, activation_bytes, batch_size_for_memory
+
+    vit_h = SAM_ARCHS["vit_h"]
+    per_image = activation_bytes(vit_h, 2)
+    assert 140 * 2**20 < per_image < 160 * 2**20  # ≈ 148 MiB in bf16 (module docstring)
+    assert activation_bytes(vit_h, 4) == 2 * per_image
+    assert batch_size_for_memory(8 * 2**30, vit_h, 2, cap=32) == int(8 * 2**30 // (SAFETY * per_image)) == 27
+    assert batch_size_for_memory(64 * 2**30, vit_h, 2, cap=32) == 32
+    assert batch_size_for_memory(2**20, vit_h, 2, cap=32) == 1
+    assert activation_bytes(SAM_ARCHS["vit_b"], 2) < per_image
+
+
+def test_auto_batch_on_cpu(sam_dir):
+    from pipelines.segment import AUTO_BATCH, CPU_AUTO_BATCH
+
+    seg = sam_stage(sam_dir, batch_size=AUTO_BATCH)
+    seg(_items(1))
+    assert seg.batch_size == CPU_AUTO_BATCH
