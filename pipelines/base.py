@@ -1,7 +1,8 @@
 """The stage interface: an `Item` per image flows through stages; a stage is `setup()` then `__call__(batch)`.
 
 Backends register by (stage kind, backend name) with their options dataclass and are found in `STAGES`; the
-runner builds a pipeline from a config naming one backend per stage kind (`pipelines.config.make_stage`). Stages never open files and never know about Ray.
+runner builds a pipeline from a config naming one backend per stage kind (`pipelines.config.make_stage`).
+Stages never open files and never know about Ray.
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class ObjectCaptionOptions(CaptionOptions):
 
 
 def keep_in_fp32_names(model) -> set[str]:
-    """Module/parameter names transformers keeps in fp32 for `model` and its sub-models (e.g. {'wo', 'query_tokens'})."""
+    """Names transformers keeps in fp32 for `model` and its sub-models (e.g. {'wo', 'query_tokens'})."""
     names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for module in model.modules():
         names |= set(getattr(type(module), "_keep_in_fp32_modules", None) or ())

@@ -19,7 +19,7 @@ def half_dtype(device: torch.device) -> torch.dtype:
 
 
 def device_and_dtype(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
-    """"auto" → cuda if available else cpu; "auto" dtype → `half_dtype` on cuda (bf16 where supported), fp32 on cpu."""
+    """"auto" → cuda if available else cpu; "auto" dtype → `half_dtype` on cuda (bf16 where it can), fp32 on cpu."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
         return dev, half_dtype(dev) if dev.type == "cuda" else torch.float32

@@ -149,7 +149,9 @@ def clip_box(box: tuple[float, float, float, float], h: int, w: int) -> tuple[in
 class SegmentOptions:
     """SAM settings: `mask_threshold` on its mask logits (SAM's own: 0.0); `clip_to_box` zeroes each mask outside
     its box grown by `box_pad` px; `attention` "sdpa" (memory-efficient, default) or "eager" (segment-anything's
-    own); `max_batch_size` caps the memory-sized batch."""
+    own); `max_batch_size` caps the memory-sized batch. `compile_mode` (e.g. "default", "max-autotune") runs the
+    image encoder through `torch.compile` with `compile_backend`; `channels_last` gives its convolutions (patch
+    embedding, neck) NHWC tensors. Both are off by default: they are measured options, not yet measured wins."""
 
     arch: str = "vit_h"
     mask_threshold: float = 0.0
@@ -157,10 +159,15 @@ class SegmentOptions:
     box_pad: int = 0
     attention: str = "sdpa"
     max_batch_size: int = 32
+    compile_mode: str | None = None  # None: no torch.compile
+    compile_backend: str = "inductor"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"SAM attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be ≥ 1, got {self.max_batch_size}")
 
 
 @register_stage("segment", "sam", SegmentOptions, model_backed=True)
@@ -177,7 +184,8 @@ class SamSegmenter:
         self.arch = options.arch
         self.device, self.dtype = model.torch_device_dtype()
         self.batch_size = model.batch_size  # AUTO_BATCH: sized at the first call
-        self.mask_threshold, self.clip_to_box, self.box_pad = options.mask_threshold, options.clip_to_box, options.box_pad
+        self.mask_threshold, self.clip_to_box = options.mask_threshold, options.clip_to_box
+        self.box_pad = options.box_pad
         self.predictor = None
 
     def setup(self) -> None:
@@ -191,7 +199,12 @@ class SamSegmenter:
         sam = sam.to(self.device, self.dtype).eval()  # half weights on GPU ("auto": bf16 where supported)
         if self.options.attention == "sdpa":
             use_sdpa(sam)
+        if self.options.channels_last:
+            sam.image_encoder.to(memory_format=torch.channels_last)  # 4-D conv weights only
         self.predictor = SamPredictor(sam)
+        if self.options.compile_mode:
+            sam.image_encoder = torch.compile(sam.image_encoder, mode=self.options.compile_mode,
+                                              backend=self.options.compile_backend, dynamic=False)
 
     def micro_batch(self) -> int:
         """The encoder batch: as configured, or (AUTO_BATCH) sized once from the free device memory."""
@@ -219,8 +232,11 @@ class SamSegmenter:
             resized = transform.apply_image(image)  # (h', w', 3), long side = img_size
             x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h', w')
             inputs.append(sam.preprocess(x))  # normalised, padded to (1, 3, S, S)
+        batch = torch.cat(inputs)  # (B, 3, S, S)
+        if self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            return sam.image_encoder(torch.cat(inputs))  # (B, C, S/p, S/p)
+            return sam.image_encoder(batch)  # (B, C, S/p, S/p)
 
     def decode(
         self, features: torch.Tensor, size: tuple[int, int], boxes: list[tuple[float, float, float, float]]

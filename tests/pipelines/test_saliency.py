@@ -70,8 +70,8 @@ def test_classical_stage_sets_saliency_on_alive_items_only():
 
 def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_models):
     """The tiny `depth-saliency` preset (random Depth Anything) loads through the registry and batches exactly."""
-    stage = build_stage("saliency", "depth", ModelStageConfig(preset="tiny", device="cpu", dtype="float32", batch_size=2),
-                        DepthSaliencyOptions())
+    model = ModelStageConfig(preset="tiny", device="cpu", dtype="float32", batch_size=2)
+    stage = build_stage("saliency", "depth", model, DepthSaliencyOptions())
     assert stage.model_id == str(tiny_models / "depth-saliency")
     stage.setup()
     items = [Item(f"k{i}", scene((20 + 5 * i, 20, 60, 60), size=s, seed=i))

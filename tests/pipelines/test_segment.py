@@ -165,3 +165,32 @@ def test_auto_batch_on_cpu(sam_dir):
     seg = sam_stage(sam_dir, batch_size=AUTO_BATCH)
     seg(_items(1))
     assert seg.batch_size == CPU_AUTO_BATCH
+
+
+def _encoder_outputs(sam_dir, **options):
+    seg = sam_stage(sam_dir, **options)
+    seg.setup()
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(2)]
+    return seg, seg.encode(images)
+
+
+def test_channels_last_and_compile_options_keep_the_output(sam_dir):
+    """Tested options of issue 10: NHWC convolutions and torch.compile (graph capture through the SDPA forward)."""
+    _, plain = _encoder_outputs(sam_dir)
+    seg, nhwc = _encoder_outputs(sam_dir, channels_last=True)
+    assert seg.predictor.model.image_encoder.patch_embed.proj.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, plain, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+    seg, compiled = _encoder_outputs(sam_dir, compile_mode="default", compile_backend="eager")
+    assert isinstance(seg.predictor.model.image_encoder, torch._dynamo.eval_frame.OptimizedModule)
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-5)
+    assert len(seg(_items(2))[0].masks) == 2  # the whole stage runs with the compiled encoder
+
+
+@pytest.mark.slow
+def test_inductor_compile_matches(sam_dir):
+    torch._dynamo.reset()
+    _, plain = _encoder_outputs(sam_dir)
+    _, compiled = _encoder_outputs(sam_dir, compile_mode="default")
+    torch.testing.assert_close(compiled, plain, rtol=1e-3, atol=1e-4)
