@@ -120,6 +120,7 @@ class PoolReport:
     actors_started: int = 0
     actors_recycled: int = 0
     actors_died: int = 0
+    actors_faulted: int = 0  # killed and replaced after a device fault (`retire_worker` on the error)
     startup_seconds: float = 0.0  # pool start → first actor ready (imports + model loading)
     wall_seconds: float = 0.0
     max_in_flight_seen: int = 0  # largest number of shards queued on one actor
@@ -227,6 +228,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
 
 
+def _retires_worker(err: RayTaskError) -> bool:
+    """True when the processor's exception asks for its actor to be replaced (e.g. a CUDA fault)."""
+    cause = getattr(err, "cause", None)
+    return bool(getattr(cause, "retire_worker", False) or getattr(err, "retire_worker", False))
+
+
 def _error_text(err: BaseException) -> str:
     """A one-line error: the processor's own exception for task errors; for a dead actor Ray's summary plus the
     exception that killed it (Ray puts the creation task's traceback inside the message)."""
@@ -248,6 +255,7 @@ class _RunState:
     outcomes: dict[ShardTask, ShardOutcome] = field(default_factory=dict)
     attempts: Counter[ShardTask] = field(default_factory=Counter)  # failed runs charged to each shard
     errors: dict[ShardTask, list[str]] = field(default_factory=dict)
+    failed_on: dict[ShardTask, set[int]] = field(default_factory=dict)  # actor serials a shard failed on
     first_ready: float | None = None
 
 
@@ -311,9 +319,11 @@ class ShardPool:
         if self.listener is not None:
             self.listener.on_shard(out)
 
-    def _charge(self, run: _RunState, task: ShardTask, error: str) -> None:
-        """Count one failed run of `task`; requeue it or, out of retries, record it as failed."""
+    def _charge(self, run: _RunState, task: ShardTask, error: str, slot: _Slot | None = None) -> None:
+        """Count one failed run of `task` (on `slot`); requeue it or, out of retries, record it as failed."""
         run.attempts[task] += 1
+        if slot is not None:
+            run.failed_on.setdefault(task, set()).add(slot.serial)
         run.errors.setdefault(task, []).append(error)
         if run.attempts[task] > self.config.max_retries:
             out = ShardOutcome(task, False, None, run.attempts[task], run.errors[task])
@@ -339,10 +349,10 @@ class ShardPool:
                 continue
             except RayError as e:  # (GetTimeoutError included)
                 if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
-                    self._charge(run, task, _error_text(e))
+                    self._charge(run, task, _error_text(e), slot)
                     continue
             if slot.ready and not charged:  # the oldest unfinished shard was the one running
-                self._charge(run, task, f"actor died while running it: {text}")
+                self._charge(run, task, f"actor died while running it: {text}", slot)
                 charged = True
             else:
                 run.queue.appendleft(task)
@@ -405,12 +415,37 @@ class ShardPool:
             self._start_actor()
             run.report.actors_started += 1
 
+    def _retire_faulty(self, run: _RunState, slot: _Slot, error: str) -> None:
+        """Kill an actor whose device faulted; the shards queued behind the failed one go back for free."""
+        for _, task in reversed(slot.inflight):
+            run.queue.appendleft(task)
+        slot.inflight.clear()
+        self._remove(slot)
+        run.report.actors_faulted += 1
+        log.warning("actor #%d raised a device fault (%s); replacing it", slot.serial, error)
+
+    @staticmethod
+    def _next_task(run: _RunState, slot: _Slot, live: set[int]) -> ShardTask | None:
+        """The first queued shard that has not failed on `slot` (unless it failed on every live actor)."""
+        for i, task in enumerate(run.queue):
+            tried = run.failed_on.get(task, set())
+            if slot.serial not in tried or live <= tried:
+                del run.queue[i]
+                return task
+        return None
+
     def _hand_out(self, run: _RunState) -> None:
-        """Queue shards on actors, least-loaded first, at most `max_in_flight` each; mark actors due to retire."""
+        """Queue shards on actors, least-loaded first, at most `max_in_flight` each; mark actors due to retire.
+
+        A retried shard goes to an actor it has not failed on, when there is one.
+        """
         cfg = self.config
+        live = {s.serial for s in self.slots}
         for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
             while run.queue and not slot.retiring and len(slot.inflight) < cfg.max_in_flight:
-                task = run.queue.popleft()
+                task = self._next_task(run, slot, live)
+                if task is None:
+                    break
                 slot.inflight.append((slot.handle.process.remote(task, self.out_dir), task))
                 slot.assigned += 1
                 run.report.max_in_flight_seen = max(run.report.max_in_flight_seen, len(slot.inflight))
@@ -435,9 +470,11 @@ class ShardPool:
         except RayActorError as e:
             self._actor_died(run, slot, e)
             return
-        except RayTaskError as e:  # the processor raised; the actor is fine
+        except RayTaskError as e:  # the processor raised; the actor is fine unless the error says otherwise
             slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
-            self._charge(run, task, _error_text(e))
+            self._charge(run, task, _error_text(e), slot)
+            if _retires_worker(e):
+                self._retire_faulty(run, slot, _error_text(e))
             return
         except RayError as e:  # worker crashed, OOM kill, lost object: treat the actor as gone
             self._actor_died(run, slot, e)

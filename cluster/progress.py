@@ -119,6 +119,7 @@ class RunSummary:
     actors_started: int
     actors_recycled: int
     actors_died: int
+    actors_faulted: int = 0  # replaced after a device fault
     failed: list[dict[str, Any]] = field(default_factory=list)  # url, attempts, errors
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,6 +155,7 @@ def summarize(report: PoolReport, skipped_up_front: int, workers: int, wall_seco
         actors_started=report.actors_started,
         actors_recycled=report.actors_recycled,
         actors_died=report.actors_died,
+        actors_faulted=report.actors_faulted,
         failed=[{"url": o.task.url, "attempts": o.attempts, "errors": o.errors} for o in report.failed],
     )
 
@@ -167,7 +169,8 @@ def format_summary(s: RunSummary) -> str:
         ("wall time", f"{s.wall_seconds:.1f} s (actor start-up {s.startup_seconds:.1f} s)"),
         ("throughput", f"{s.samples_per_second:.2f} samples/s read with {s.workers} worker(s) "
                        f"({s.steady_samples_per_second:.2f} after start-up)"),
-        ("actors", f"{s.actors_started} started, {s.actors_recycled} recycled, {s.actors_died} died"),
+        ("actors", f"{s.actors_started} started, {s.actors_recycled} recycled, {s.actors_died} died, "
+                   f"{s.actors_faulted} replaced after a device fault"),
     ]
     stage = {k: v for k, v in s.stage_seconds.items() if k not in IO_TIMINGS}
     if stage:

@@ -36,6 +36,8 @@ from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.writer import ShardWriter, is_complete, read_stats
 from pipelines.base import Item, Stage, alive, build_stage, STAGES
 from pipelines.config import STAGE_ORDER, PipelineConfig
+from pipelines.faults import (STAGE_ERROR_PREFIX, DeviceFault, FaultPolicy, ShardFault, StageFault, describe,
+                              free_device_memory, is_device_fault, is_oom)
 from pipelines.inputs import DecodeOptions, Drop, RawRecord, ReadStats, decode_record, input_shard_id, iter_raw_records
 
 log = logging.getLogger(__name__)
@@ -104,8 +106,10 @@ def _versions() -> dict[str, str]:
 class ShardProcessor:
     """Build the configured stages once, then turn input shards into MLCID shards with `process`."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, faults: FaultPolicy | None = None) -> None:
         self.config = config
+        self.faults = faults or FaultPolicy()
+        self.batch_caps: dict[str, int] = {}  # kind → largest batch that fit after an out-of-memory
         self.stages: list[tuple[str, Stage]] = []
         self.pipeline_meta: dict[str, Any] = {}
 
@@ -168,23 +172,64 @@ class ShardProcessor:
         return self
 
     # -- one chunk ------------------------------------------------------------------------------------------
-    @staticmethod
-    def run_stage(kind: str, stage: Stage, items: list[Item]) -> None:
-        """Run `stage` on `items`; if it raises, retry one by one and drop the failures as `stage_error:<kind>`."""
+    def _call(self, kind: str, stage: Stage, items: list[Item]) -> None:
+        """`stage(items)` in slices of at most the kind's batch cap; an OOM halves the cap and retries the slice.
+
+        Raises `StageFault` when one item alone runs out of memory; other exceptions propagate unchanged.
+        """
+        cap = self.batch_caps.get(kind) or len(items)
+        start = 0
+        while start < len(items):
+            part = items[start:start + cap]
+            try:
+                stage(part)
+            except Exception as e:  # noqa: BLE001 — classified below
+                if not (self.faults.halve_on_oom and is_oom(e)):
+                    raise
+                for it in part:  # undo drops the failed call made
+                    it.drop_reason, it.drop_detail = None, ""
+                free_device_memory()
+                if len(part) == 1:
+                    raise StageFault(f"stage {kind} ran out of memory on a single item ({describe(e)})") from e
+                cap = max(1, len(part) // 2)
+                self.batch_caps[kind] = cap
+                log.warning("stage %s ran out of memory on a batch of %d; retrying in batches of %d",
+                            kind, len(part), cap)
+                continue
+            start += len(part)
+
+    def run_stage(self, kind: str, stage: Stage, items: list[Item]) -> None:
+        """Run `stage` on `items`, classifying failures (see `pipelines.faults`).
+
+        Device faults and whole-batch failures raise (the shard fails); other errors are retried item by item and
+        the items that still fail are dropped as `stage_error:<kind>`.
+        """
         try:
-            stage(items)
+            self._call(kind, stage, items)
             return
-        except Exception as e:  # noqa: BLE001 — one bad batch must not stop the shard
-            log.warning("stage %s failed on a batch of %d (%s: %s); retrying one by one",
-                        kind, len(items), type(e).__name__, e)
+        except ShardFault:
+            raise
+        except Exception as e:  # noqa: BLE001 — classified: a device fault fails the shard, the rest is retried
+            if is_device_fault(e):
+                raise DeviceFault(f"stage {kind} hit a device fault: {describe(e)}") from e
+            log.warning("stage %s failed on a batch of %d (%s); retrying one by one", kind, len(items), describe(e))
+        first_error: BaseException | None = None
         for it in items:  # undo drops made by the failed batch call, then retry alone
             it.drop_reason, it.drop_detail = None, ""
             try:
-                stage([it])
+                self._call(kind, stage, [it])
+            except ShardFault:
+                raise
             except Exception as e:  # noqa: BLE001
+                if is_device_fault(e):
+                    raise DeviceFault(f"stage {kind} hit a device fault: {describe(e)}") from e
+                first_error = first_error or e
                 it.drop_reason, it.drop_detail = None, ""
-                it.drop(f"stage_error:{kind}", f"{type(e).__name__}: {e}"[:500])
-                log.warning("stage %s dropped %s: %s: %s", kind, it.key, type(e).__name__, e)
+                it.drop(f"{STAGE_ERROR_PREFIX}{kind}", describe(e))
+                log.warning("stage %s dropped %s: %s", kind, it.key, describe(e))
+        if len(items) > 1 and all(it.drop_reason == f"{STAGE_ERROR_PREFIX}{kind}" for it in items):
+            raise StageFault(f"stage {kind} failed on every item of a batch of {len(items)}, one by one too: "
+                             f"{describe(first_error)}") from first_error
 
     def run_stages(self, items: list[Item], seconds: Counter[str]) -> None:
         """All stages in order on the alive items; per-stage seconds summed in `seconds` and split per item."""
@@ -318,6 +363,7 @@ class ShardProcessor:
             if writer.written + sum(writer.dropped.values()) != len(rows):
                 raise RuntimeError(f"bookkeeping bug: {len(rows)} outcomes but writer counted "
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")
+            self._check_error_budget(rows)
             # 4. Per-sample outcomes (atomic), then the shard and its stats file (last).
             self._write_outcomes(Path(out_dir) / outcomes_name(shard_id, cfg.prefix), rows)
             for name, secs in (seconds + io_seconds).items():
@@ -332,6 +378,15 @@ class ShardProcessor:
         log.info("shard %06d: read %d, written %d, dropped %s", shard_id, stats["read"], stats["written"],
                  stats["dropped"])
         return stats
+
+    def _check_error_budget(self, rows: list[dict[str, Any]]) -> None:
+        """Fail the shard (`StageFault`) when more of its items hit stage errors than `FaultPolicy` allows."""
+        errors = Counter(r["reason"] for r in rows if (r["reason"] or "").startswith(STAGE_ERROR_PREFIX))
+        total = sum(errors.values())
+        if self.faults.over_budget(total, len(rows)):
+            raise StageFault(f"{total} of {len(rows)} items hit stage errors ({dict(errors)}), more than the "
+                             f"{self.faults.max_stage_error_frac:.0%} budget; first: "
+                             f"{next(r['detail'] for r in rows if (r['reason'] or '').startswith(STAGE_ERROR_PREFIX))}")
 
     def _write_outcomes(self, path: Path, rows: list[dict[str, Any]]) -> None:
         """One parquet row per input key: key, kept, reason, detail, num_layers, seconds_<stage>…"""
