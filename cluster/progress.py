@@ -121,6 +121,7 @@ class RunSummary:
     actors_died: int
     actors_faulted: int = 0  # replaced after a device fault
     failed: list[dict[str, Any]] = field(default_factory=list)  # url, attempts, errors
+    truncated: list[str] = field(default_factory=list)  # inputs cut short (complete keys kept; `input_truncated`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +158,7 @@ def summarize(report: PoolReport, skipped_up_front: int, workers: int, wall_seco
         actors_died=report.actors_died,
         actors_faulted=report.actors_faulted,
         failed=[{"url": o.task.url, "attempts": o.attempts, "errors": o.errors} for o in report.failed],
+        truncated=[o.task.url for o in fresh if o.stats.get("input_truncated")],
     )
 
 
@@ -179,6 +181,8 @@ def format_summary(s: RunSummary) -> str:
     if s.dropped:
         lines += ["", "| drop reason | samples |", "|---|---:|",
                   *[f"| {k} | {v} |" for k, v in sorted(s.dropped.items(), key=lambda kv: -kv[1])]]
+    if s.truncated:
+        lines += ["", "| truncated input (complete keys kept) |", "|---|", *[f"| {url} |" for url in s.truncated]]
     if s.failed:
         lines += ["", "| failed shard | attempts | last error |", "|---|---:|---|",
                   *[f"| {f['url']} | {f['attempts']} | {(f['errors'] or ['?'])[-1].replace('|', '/')} |"

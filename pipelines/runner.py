@@ -1,14 +1,17 @@
 """`ShardProcessor`: one img2dataset shard in → one MLCID shard + per-sample outcomes out (plain Python, no Ray).
 
-`setup()` builds and sets up every configured stage once; `process(input_url, out_dir)` then:
+`setup()` builds and sets up every configured stage once; `process(input_url, out)` then:
   1. skips the shard if its stats file exists (resume) — returns the stored stats with `skipped: True`;
   2. streams the input tar, decoding chunks of `chunk_size` on a thread pool (the next chunk decodes while
      the stages run on the current one);
-  3. runs the stages in DESIGN.md order on each chunk; a stage raising on a whole chunk is retried item by
-     item and the items that still fail are dropped with reason `stage_error:<kind>`;
+  3. runs the stages in DESIGN.md order on each chunk, classifying failures (`pipelines.faults`): a device
+     fault, an out-of-memory on a single item, a stage failing every item of a batch, or a stage-error share
+     over the `FaultPolicy` budget FAILS the shard (it raises; nothing is published); an out-of-memory halves
+     the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
   4. hands finished items to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
-  5. writes `{prefix}-{id:06d}.parquet` (per-sample outcomes) atomically, then closes the shard: tar renamed
-     into place, stats file LAST. Any exception leaves no visible shard and no stats.
+  5. closes the shard: tar and `{prefix}-{id:06d}.parquet` (per-sample outcomes and provenance) renamed into
+     place, stats file LAST; for an fsspec `out` (s3://…) this happens in a local staging folder and the three
+     files are then uploaded in that order. Any exception leaves no visible shard and no stats.
 Every input key is counted exactly once (written or dropped with its reason): `read == written + sum(dropped)`.
 The processor holds no global state, so a Ray actor can own one and call `process` repeatedly.
 """
@@ -18,26 +21,24 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from mlcid.errors import SampleError
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
-from mlcid.writer import ShardWriter, is_complete, read_stats
+from mlcid.storage import ShardStore
+from mlcid.writer import ShardWriter, read_stats, stats_name
 from pipelines.base import Item, Stage, alive, build_stage, STAGES
 from pipelines.config import STAGE_ORDER, PipelineConfig
 from pipelines.faults import (STAGE_ERROR_PREFIX, DeviceFault, FaultPolicy, ShardFault, StageFault, describe,
                               free_device_memory, is_device_fault, is_oom)
+from pipelines.outcomes import outcome_row, outcomes_parquet
 from pipelines.inputs import DecodeOptions, Drop, RawRecord, ReadStats, decode_record, input_shard_id, iter_raw_records
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ class ShardProcessor:
         `seconds` is this thread's own counter (write and summed per-item decode seconds).
         """
         for res in results:
-            row: dict[str, Any] = {"key": res.key, "kept": False, "reason": None, "detail": "", "num_layers": 0}
+            row = outcome_row(res)
             if isinstance(res, Drop):
                 writer.drop(res.reason)
                 row.update(reason=res.reason, detail=res.detail)
@@ -307,16 +308,37 @@ class ShardProcessor:
             rows.append(row)
 
     # -- one shard ------------------------------------------------------------------------------------------
-    def process(self, input_url: str, out_dir: str, on_progress: Callable[[int], None] | None = None
-                ) -> dict[str, Any]:
-        """Turn one input shard into `{prefix}-{id:06d}.tar` (+ .parquet, + _stats.json last); return the stats."""
+    def process(self, input_url: str, out_dir: str, on_progress: Callable[[int], None] | None = None,
+                before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Turn one input shard into `{prefix}-{id:06d}.tar` (+ .parquet, + _stats.json last); return the stats.
+
+        `out_dir` is a local folder or an fsspec URL: a remote shard is built in a local staging folder and then
+        uploaded (tar, outcomes, stats last). `before_publish()` runs just before anything becomes visible and
+        may raise to stop it (the Ray actor checks that it still holds the shard's lease).
+        """
         if not self.stages:
             raise RuntimeError("ShardProcessor.setup() must be called before process()")
         cfg = self.config
         shard_id = input_shard_id(input_url)
-        if is_complete(out_dir, shard_id, cfg.prefix):
+        store = ShardStore(out_dir)
+        if store.exists(stats_name(shard_id, cfg.prefix)):
             log.info("shard %06d already complete in %s; skipping", shard_id, out_dir)
             return read_stats(out_dir, shard_id, cfg.prefix) | {"skipped": True}
+        if store.local:
+            return self._build(input_url, shard_id, store.local_dir(), on_progress, before_publish)
+        with tempfile.TemporaryDirectory(prefix=f"mlcid-{shard_id:06d}-") as staging:  # $TMPDIR
+            names: list[str] = []
+            stats = self._build(input_url, shard_id, staging, on_progress, None, names)
+            if before_publish is not None:
+                before_publish()
+            store.publish(staging, names)  # the tar, the outcomes, the stats file last
+        log.info("shard %06d uploaded to %s", shard_id, store.uri(names[0]))
+        return stats
+
+    def _build(self, input_url: str, shard_id: int, out_dir: str, on_progress: Callable[[int], None] | None,
+               before_publish: Callable[[], None] | None, published: list[str] | None = None) -> dict[str, Any]:
+        """Build the shard in the local folder `out_dir`; `published` receives the file names (stats last)."""
+        cfg = self.config
         opts = DecodeOptions(cfg.max_side, cfg.min_side, cfg.max_pixels, input_url, shard_id)
         read = ReadStats()
         rows: list[dict[str, Any]] = []
@@ -364,10 +386,12 @@ class ShardProcessor:
                 raise RuntimeError(f"bookkeeping bug: {len(rows)} outcomes but writer counted "
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")
             self._check_error_budget(rows)
-            # 4. Per-sample outcomes (atomic), then the shard and its stats file (last).
-            self._write_outcomes(Path(out_dir) / outcomes_name(shard_id, cfg.prefix), rows)
+            # 4. Per-sample outcomes beside the tar; both are published when the tar is closed, stats last.
+            writer.attach(outcomes_name(shard_id, cfg.prefix), outcomes_parquet(rows, self.stage_columns()))
             for name, secs in (seconds + io_seconds).items():
                 writer.add_timing(name, secs)
+            if before_publish is not None:
+                before_publish()
             stats = writer.close({
                 "input_url": input_url, "preset": cfg.preset, "outcomes": outcomes_name(shard_id, cfg.prefix),
                 "late_members": read.late_members, "input_truncated": read.truncated, "skipped": False,
@@ -375,6 +399,8 @@ class ShardProcessor:
         except BaseException:
             writer.abort()
             raise
+        if published is not None:
+            published[:] = writer.names
         log.info("shard %06d: read %d, written %d, dropped %s", shard_id, stats["read"], stats["written"],
                  stats["dropped"])
         return stats
@@ -388,17 +414,6 @@ class ShardProcessor:
                              f"{self.faults.max_stage_error_frac:.0%} budget; first: "
                              f"{next(r['detail'] for r in rows if (r['reason'] or '').startswith(STAGE_ERROR_PREFIX))}")
 
-    def _write_outcomes(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        """One parquet row per input key: key, kept, reason, detail, num_layers, seconds_<stage>…"""
-        cols = ["decode", *[k for k, _ in self.stages], "write"]
-        table = pa.table({
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "kept": pa.array([r["kept"] for r in rows], pa.bool_()),
-            "reason": pa.array([r["reason"] for r in rows], pa.string()),
-            "detail": pa.array([r["detail"] for r in rows], pa.string()),
-            "num_layers": pa.array([r["num_layers"] for r in rows], pa.int8()),
-            **{f"seconds_{c}": pa.array([r.get(f"seconds_{c}") for r in rows], pa.float32()) for c in cols},
-        })
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+    def stage_columns(self) -> list[str]:
+        """Timing columns of the outcomes table: decode, each stage, write."""
+        return ["decode", *[k for k, _ in self.stages], "write"]

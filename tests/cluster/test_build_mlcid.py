@@ -69,8 +69,8 @@ def test_help_and_bad_arguments(tmp_path, capsys):
         parse_args(["--help"])
     assert e.value.code == 0
     assert "--workers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="shared-filesystem"):
-        build_mlcid.main(["--shards", str(tmp_path / "00000.tar"), "--out", "s3://bucket/mlcid", "--preset", "tiny"])
+    with pytest.raises(SystemExit, match="not found"):  # a wrong input folder says so (not "cannot read an id")
+        build_mlcid.main(["--shards", str(tmp_path / "no-such-folder"), "--out", str(tmp_path), "--preset", "tiny"])
     with pytest.raises(SystemExit, match="both have shard id 1"):
         build_mlcid.main(["--shards", "a/00001.tar", "b/00001.tar", "--out", str(tmp_path), "--preset", "tiny"])
 
