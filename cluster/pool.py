@@ -6,32 +6,37 @@ never idles between shards). A shard whose task raises, or whose actor dies whil
 `max_retries` times and then reported as failed. A shard that was only *queued* on an actor that died is put
 back without using up a retry. Actors are killed and restarted every `recycle_every` shards to bound leaks.
 
-Kill safety: each shard runs under an exclusive `flock` on `OUT/.locks/KEY.lock`. The kernel drops the lock when
-its holder dies, so a worker left over from a killed driver and a worker of the re-run never write one shard at
-the same time; together with the processor's `.tmp` → rename → stats-last this makes every shard all-or-nothing.
+A processor error whose `retire_worker` is true (a CUDA fault) also replaces the actor; its queued shards go back
+for free, and a retried shard goes to an actor it has not failed on when there is one.
+
+Ownership: the driver alone assigns shards, one actor per shard at a time. Against what it cannot see — a worker
+left over from a killed driver, a second driver on the same output, a node cut off — each shard runs under a
+lease object (`mlcid.lease`: create-exclusive generations under `OUT/.leases/KEY/`, renewed by a background
+thread while the shard runs, checked again right before publishing). No `flock`, so the output may be a local
+folder, a FUSE mount or an object store URL; with the processor's stage-locally → publish → stats-last this makes
+every shard all-or-nothing.
 """
 
 from __future__ import annotations
 
-import fcntl
 import inspect
 import logging
 import os
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import ray
+
+from mlcid.lease import Lease, LeaseConfig
+from mlcid.storage import ShardStore
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = ".locks"
 
 
 class Processor(Protocol):
@@ -68,7 +73,8 @@ class PoolConfig:
     recycle_every: int = 0  # kill and restart an actor after this many shards (0 = never)
     max_startup_failures: int = 3  # actors dying during setup in a row before the pool gives up
     torch_threads: int | None = None  # torch intra-op threads per actor (default: max(1, int(num_cpus)))
-    lock_timeout_s: float = 900.0  # how long a shard waits for a lock held by a stale worker
+    lease_ttl_s: float = 300.0  # a shard's lease expires this long after its holder stopped renewing it
+    lease_wait_s: float = 7200.0  # how long a shard waits for a lease held by a live stale worker
     poll_seconds: float = 1.0  # how often live sample counts are polled from the actors
     startup_timeout_s: float = 1800.0  # give up if no actor is ready by then (e.g. no node has the resources)
 
@@ -81,6 +87,10 @@ class PoolConfig:
             raise ValueError(f"max_in_flight must be ≥ 1, got {self.max_in_flight}")
         if self.max_retries < 0 or self.recycle_every < 0 or self.max_startup_failures < 1:
             raise ValueError("max_retries and recycle_every must be ≥ 0 and max_startup_failures ≥ 1")
+
+    @property
+    def lease(self) -> LeaseConfig:
+        return LeaseConfig(ttl_s=self.lease_ttl_s, wait_s=self.lease_wait_s)
 
     @property
     def threads(self) -> int:
@@ -109,7 +119,7 @@ class ShardOutcome:
     node: str | None = None
     process_seconds: float = 0.0  # time inside processor.process (excludes the lock wait)
     cpu_seconds: float = 0.0  # CPU time of the actor process (all threads) during processor.process
-    lock_seconds: float = 0.0
+    lease_seconds: float = 0.0  # waiting for the shard's lease
 
 
 @dataclass
@@ -128,26 +138,6 @@ class PoolReport:
     @property
     def failed(self) -> list[ShardOutcome]:
         return [o for o in self.outcomes if not o.ok]
-
-
-@contextmanager
-def shard_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[float]:
-    """Hold an exclusive `flock` on `path` (released by the kernel if this process dies). Yields the wait time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(path, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.perf_counter() - t0 > timeout_s:
-                    raise TimeoutError(f"shard lock {path} still held after {timeout_s:.0f}s (a stale worker?)")
-                time.sleep(poll_s)
-        try:
-            yield time.perf_counter() - t0
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def limit_threads(threads: int) -> None:
@@ -171,14 +161,15 @@ def limit_threads(threads: int) -> None:
 class ShardActor:
     """Owns one processor (all models loaded once) and runs shards one at a time; `progress` answers meanwhile."""
 
-    def __init__(self, make_processor: Callable[[], Processor], threads: int, lock_timeout_s: float) -> None:
+    def __init__(self, make_processor: Callable[[], Processor], threads: int, lease: LeaseConfig) -> None:
         limit_threads(threads)
-        self.lock_timeout_s = lock_timeout_s
+        self.lease = lease
         self.samples = 0
         self.processor = make_processor()
         self.processor.setup()
         params = inspect.signature(self.processor.process).parameters
         self.reports_progress = "on_progress" in params
+        self.guards_publish = "before_publish" in params
 
     def ready(self) -> tuple[int, str]:
         """(pid, node ip) once `setup()` has finished."""
@@ -188,16 +179,19 @@ class ShardActor:
         self.samples += n
 
     def process(self, task: ShardTask, out_dir: str) -> dict[str, Any]:
-        """Run one shard under its lock; the stats plus where and how long it ran."""
-        with shard_lock(Path(out_dir) / LOCK_DIR / f"{task.key}.lock", self.lock_timeout_s) as waited:
+        """Run one shard under its lease; the stats plus where and how long it ran."""
+        lease = Lease(ShardStore(out_dir), task.key, self.lease)
+        with lease as waited:
             t0, c0 = time.perf_counter(), time.process_time()
+            kwargs: dict[str, Any] = {}
             if self.reports_progress:
-                stats = self.processor.process(task.url, out_dir, on_progress=self._count)
-            else:
-                stats = self.processor.process(task.url, out_dir)
+                kwargs["on_progress"] = self._count
+            if self.guards_publish:
+                kwargs["before_publish"] = lease.check  # a holder that lost its lease never publishes
+            stats = self.processor.process(task.url, out_dir, **kwargs)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"stats": stats, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "process_seconds": seconds, "cpu_seconds": cpu, "lock_seconds": waited}
+                "process_seconds": seconds, "cpu_seconds": cpu, "lease_seconds": waited}
 
     @ray.method(concurrency_group="monitor")
     def progress(self) -> int:
@@ -278,7 +272,7 @@ class ShardPool:
     def _start_actor(self) -> None:
         cfg = self.config
         handle = ShardActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0).remote(
-            self.make_processor, cfg.threads, cfg.lock_timeout_s)
+            self.make_processor, cfg.threads, cfg.lease)
         self._serial += 1
         self.slots.append(_Slot(self._serial, handle, handle.ready.remote()))
         log.debug("started actor #%d", self._serial)
@@ -314,7 +308,7 @@ class ShardPool:
     def _succeed(self, run: _RunState, slot: _Slot, task: ShardTask, result: dict[str, Any]) -> None:
         out = ShardOutcome(task, True, result["stats"], run.attempts[task] + 1, run.errors.get(task, []),
                            slot.serial, result["pid"], result["node"], result["process_seconds"],
-                           result["cpu_seconds"], result["lock_seconds"])
+                           result["cpu_seconds"], result["lease_seconds"])
         run.outcomes[task] = out
         if self.listener is not None:
             self.listener.on_shard(out)

@@ -21,7 +21,7 @@ from mlcid.writer import read_stats, shard_name, stats_name
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor
 
-from cluster.pool import PoolConfig, PoolError, ShardOutcome, ShardPool, ShardTask, _RunState, _Slot, PoolReport, shard_lock
+from cluster.pool import PoolConfig, PoolError, ShardOutcome, ShardPool, ShardTask, _RunState, _Slot, PoolReport
 
 ray = pytest.importorskip("ray")
 
@@ -92,31 +92,6 @@ def test_duplicate_task_keys_are_refused(make_processor, tmp_path):
         pool.run([ShardTask("mlcid-000001", "a/00001.tar"), ShardTask("mlcid-000001", "b/00001.tar")])
 
 
-def test_shard_lock_waits_for_holder_and_is_freed_when_it_is_killed(tmp_path):
-    lock = tmp_path / ".locks" / "mlcid-000000.lock"
-    lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        t0 = time.perf_counter()
-        with pytest.raises(TimeoutError, match="still held"):
-            with shard_lock(lock, timeout_s=0.5):
-                pass
-        assert time.perf_counter() - t0 >= 0.5
-        os.kill(holder.pid, signal.SIGKILL)  # the kernel releases a dead holder's lock
-        holder.wait()
-        with shard_lock(lock, timeout_s=5) as waited:
-            assert waited < 5
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-
-
-# -- with Ray -----------------------------------------------------------------------------------------------
 def test_in_flight_limit_retries_and_failure_report(ray_cpus, raw_shards, make_processor, tmp_path):
     """One actor, ≤2 queued; an unreadable shard is retried max_retries times then reported; the rest finish."""
     bad = str(tmp_path / "missing" / "00007.tar")
