@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-retries", type=int, default=2, help="re-runs of a failed shard before it is reported")
     g.add_argument("--recycle-every", type=int, default=DEFAULT_RECYCLE_EVERY,
                    help="restart an actor after this many shards (0 = never)")
+    g.add_argument("--lease-ttl", type=float, default=PoolConfig.lease_ttl_s,
+                   help="seconds after which the lease of a shard whose worker stopped renewing it may be taken")
     g = p.add_argument_group("ray")
     g.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS; none → start Ray here)")
     g.add_argument("--num-cpus", type=float, help="CPUs of an in-process Ray (default: all cores)")
@@ -166,7 +168,7 @@ def config_from_cli(args: argparse.Namespace) -> BuildConfig:
         faults=fault_policy_from_args(args),
         workers=WorkerSpec(args.workers, args.cpus_per_worker, args.gpus_per_worker),
         pool=PoolConfig(max_in_flight=args.max_in_flight, max_retries=args.max_retries,
-                        recycle_every=args.recycle_every),
+                        recycle_every=args.recycle_every, lease_ttl_s=args.lease_ttl),
         ray=RayEnvConfig(args.address, args.num_cpus, args.num_gpus, args.dashboard, args.dashboard_port,
                          args.ray_temp_dir),
         progress=not args.no_progress,

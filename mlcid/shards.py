@@ -51,7 +51,8 @@ def _list_tars(folder: str) -> list[str]:
     except FileNotFoundError:
         names = []
     protocol = folder.split("://", 1)[0]
-    tars = sorted(f"{protocol}://{str(n).lstrip('/')}" for n in names if _TAR_NAME.search(str(n)))
+    as_url = (lambda n: n) if protocol == "file" else (lambda n: f"{protocol}://{n.lstrip('/')}")
+    tars = sorted(as_url(str(n)) for n in names if _TAR_NAME.search(str(n)))
     if not tars:
         raise FileNotFoundError(f"{folder!r}: not found or holds no *.tar shards")
     return tars

@@ -18,12 +18,6 @@ from fsspec.implementations.local import LocalFileSystem
 log = logging.getLogger(__name__)
 
 
-def is_remote(url: str | os.PathLike) -> bool:
-    """True for fsspec URLs other than local files ('s3://b/p' yes; 'out/', 'file:///x' no)."""
-    text = str(url)
-    return "://" in text and not text.startswith("file://")
-
-
 class ShardStore:
     """A folder of shards addressed by name: `exists`, `names`, `read_bytes`, `publish` (uploads in order)."""
 
