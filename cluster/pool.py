@@ -38,7 +38,6 @@ from cluster.actor import Processor, ShardActor, limit_threads  # noqa: F401 —
 log = logging.getLogger(__name__)
 
 
-
 class PoolListener(Protocol):
     """Receives live events (the progress line implements it)."""
 
@@ -109,7 +108,7 @@ class ShardOutcome:
     actor: int | None = None  # serial number of the actor that finished it
     pid: int | None = None
     node: str | None = None
-    process_seconds: float = 0.0  # time inside processor.process (excludes the lock wait)
+    process_seconds: float = 0.0  # time inside processor.process (excludes the lease wait)
     cpu_seconds: float = 0.0  # CPU time of the actor process (all threads) during processor.process
     lease_seconds: float = 0.0  # waiting for the shard's lease
 

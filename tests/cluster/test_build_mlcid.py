@@ -31,7 +31,7 @@ CONFIGS = REPO / "cluster" / "configs"
 
 
 # -- the CLI on real shards -----------------------------------------------------------------------------------
-def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_path):
+def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_path, capfd):
     ray = pytest.importorskip("ray")
     write_dataset(tmp_path / "raw", tmp_path / "gt", samples=8, seed=5, shards=2, config=SceneConfig(size=64),
                   progress=False)
@@ -43,6 +43,9 @@ def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_p
 
     # 1. Two good shards and one that cannot be read (no retries): exit 1, the failure is in the summary.
     assert build_mlcid.main(["--shards", good, missing, "--max-retries", "0", *common]) == 1
+    printed = capfd.readouterr()
+    assert f"| {missing} | 1 | SampleError: unreadable_shard" in printed.out  # the summary names it
+    assert "Traceback" not in printed.out + printed.err
     s = json.loads(summary.read_text())
     assert s["shards_total"] == 3 and s["shards_processed"] == 2 and s["shards_failed"] == 1
     assert s["failed"][0]["url"] == missing and s["failed"][0]["attempts"] == 1
