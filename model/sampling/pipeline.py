@@ -228,7 +228,7 @@ class LayerDiffPipeline(DiffusionPipeline):
     def check_inputs(self, global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                      smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
                      latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1,
-                     callback_tensor_inputs=("latents",)) -> None:
+                     callback_tensor_inputs=("latents",), smg_start=0.0, smg_end=1.0) -> None:
         """Raise ValueError naming the first bad argument (before any model runs)."""
         if not isinstance(global_prompt, str):
             raise ValueError(f"global_prompt must be a string, got {type(global_prompt).__name__}")
@@ -263,6 +263,8 @@ class LayerDiffPipeline(DiffusionPipeline):
             raise ValueError(f"strength {strength} leaves no denoising step out of {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not 0.0 <= float(smg_start) < float(smg_end) <= 1.0:
+            raise ValueError(f"need 0 <= smg_start < smg_end <= 1 (fractions of the steps), got {smg_start}, {smg_end}")
         if any(n not in CALLBACK_TENSOR_INPUTS for n in callback_tensor_inputs):
             raise ValueError(f"callback_on_step_end_tensor_inputs must name some of {CALLBACK_TENSOR_INPUTS}, "
                              f"got {callback_tensor_inputs!r}")
@@ -343,6 +345,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         smg_kernel: int = G.SMG_KERNEL,
         smg_sigma: float = G.SMG_SIGMA,
         smg_mask_interval: int = 1,
+        smg_start: float = 0.0,
+        smg_end: float = 1.0,
         negative_prompt: str | None = None,
         negative_layer_prompts: list[str] | None = None,
         height: int | None = None,
@@ -366,7 +370,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         layer_prompts[0] is the background ("the background"), then foregrounds back→front. Guidance: CFG with
         the paper's negatives (override with `negative_prompt` / `negative_layer_prompts`), plus self-mask
         guidance ("cfg+smg", blur `smg_blur_side` of each layer's predicted mask; masks re-decoded every
-        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`. `latents` (B, L, 8, h, w) are
+        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`, on the steps i with smg_start <=
+        i / steps < smg_end (default all, as the paper; a window trades quality for speed, see BENCHMARKS.md). `latents` (B, L, 8, h, w) are
         the start at the first kept timestep (`strength` < 1: SDEdit); `keep` pins known layers' x0
         (applications). `max_batch` caps samples per UNet call. After every step `callback_on_step_end(pipe,
         step, t, {name: tensor})` gets the `callback_on_step_end_tensor_inputs` (`CALLBACK_TENSOR_INPUTS`) and
@@ -378,7 +383,7 @@ class LayerDiffPipeline(DiffusionPipeline):
         self.check_inputs(global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                           smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
                           latents, smg_mask_interval, max_batch, eta, intermediate_every,
-                          tuple(callback_on_step_end_tensor_inputs))
+                          tuple(callback_on_step_end_tensor_inputs), smg_start, smg_end)
         neg_global, neg_layers = paper_negatives(list(layer_prompts))
         neg_global = neg_global if negative_prompt is None else negative_prompt
         neg_layers = neg_layers if negative_layer_prompts is None else list(negative_layer_prompts)
@@ -430,7 +435,7 @@ class LayerDiffPipeline(DiffusionPipeline):
                     eps_cond, base_eps = eps_all[:B], eps_all[-B:]
                     eps = G.cfg(base_eps, eps_cond, guidance_scale) if do_cfg else eps_cond
                     # 5b. self-guidance: degraded latents through the base branch, pushed away from
-                    if degrade is not None:
+                    if degrade is not None and smg_start <= i / len(timesteps) < smg_end:
                         x_deg = degrade(latents, eps, base_eps, alpha, i, state, opts)
                         eps_deg = self._predict(x_deg, t, base_g, base_l, max_batch)
                         eps = torch.cat([G.smg_combine(eps[:, :, :c], base_eps[:, :, :c], eps_deg[:, :, :c],
