@@ -34,6 +34,7 @@ import torch
 
 from model.evaluation.layer_fidelity import LayerLabels, ShapeClassifier, score_sample, summarize
 from model.training.config import CONFIG_DIR
+from model.training.text_train import TextTrainConfig
 from model.training.vae_train import VAETrainConfig
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,9 @@ class BenchConfig:
     colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     background_colours: tuple[str, ...] = ("purple", "orange", "cyan", "pink")
+    # textures a blur can conceal (named in the prompt for backgrounds, not for objects)
+    background_patterns: tuple[str, ...] = ("plain", "stripes", "checks", "gradient")
+    object_patterns: tuple[str, ...] = ("plain", "stripes", "checks", "dots")
     holdout_pairs: tuple[tuple[str, str], ...] = (("red", "triangle"), ("green", "circle"), ("blue", "square"))
     min_radius: float = 0.2
     max_radius: float = 0.32
@@ -70,6 +74,9 @@ class BenchConfig:
     unet_channels: tuple[int, ...] = (64, 128)
     text_hidden: int = 64
     text_layers: int = 2
+    # caption pre-training of the frozen text encoder (None: keep it random, as before)
+    text_train: TextTrainConfig | None = field(default_factory=TextTrainConfig)
+    text_train_samples: int = 4000  # training scenes whose captions and layer prompts it reads
     train_config: str = str(CONFIG)
     train_steps: int | None = None  # None = the YAML's max_steps
     train_overrides: tuple[str, ...] = ()  # extra `--set key=value` for the trainer
@@ -85,7 +92,8 @@ class BenchConfig:
     def smoke(cls) -> "BenchConfig":
         return cls(train_samples=24, shards=2, vae=VAETrainConfig(steps=3, max_samples=16, batch_size=4,
                    block_out_channels=(16, 16, 16, 16), norm_num_groups=8, holdout=4), unet_channels=(32, 32),
-                   text_hidden=32, train_steps=2, train_overrides=("batch_size=2", "checkpoint_every=1",
+                   text_hidden=32, text_train=TextTrainConfig(steps=2, batch_size=4), text_train_samples=24,
+                   train_steps=2, train_overrides=("batch_size=2", "checkpoint_every=1",
                    "warmup_steps=1", "data.shuffle_buffer=2"), per_group=2, sample_steps=2,
                    classifier_samples=24, grid_rows=2, threads=1)
 
@@ -93,7 +101,8 @@ class BenchConfig:
         from mlcid.synthetic import SceneConfig
 
         return SceneConfig(size=self.size, min_foregrounds=foregrounds[0], max_foregrounds=foregrounds[1],
-                           colours=self.colours, shapes=self.shapes, background_patterns=("plain",),
+                           colours=self.colours, shapes=self.shapes, background_patterns=self.background_patterns,
+                           object_patterns=self.object_patterns,
                            background_colours=self.background_colours, allowed_pairs=allowed,
                            holdout_pairs=self.holdout_pairs if holdout is None else holdout,
                            min_radius=self.min_radius, max_radius=self.max_radius)
@@ -147,21 +156,72 @@ def stage_vae(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(report).items() if k != "losses"}
 
 
-def stage_sd(cfg: BenchConfig, out: Path) -> dict[str, Any]:
-    """The scratch SD-1.x folder: the trained VAE swapped into `model.tiny`'s builder at this benchmark's sizes."""
-    from diffusers import AutoencoderKL
-
+def _scratch_sd(cfg: BenchConfig):
+    """`model.tiny`'s SD-1.x builder at this benchmark's sizes (random weights, the real CLIP tokenizer)."""
     from model.tiny import TinySDConfig, build_sd_pipeline
+
+    return build_sd_pipeline(TinySDConfig(
+        block_out_channels=cfg.unet_channels, down_block_types=("CrossAttnDownBlock2D",) * len(cfg.unet_channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(cfg.unet_channels), sample_size=cfg.size // 8,
+        text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, text_heads=4,
+        text_intermediate=2 * cfg.text_hidden, seed=cfg.seed))
+
+
+def prompt_facts(source: dict[str, Any]) -> list[str]:
+    """What a synthetic scene's global caption states: background colour and pattern, each object."""
+    bg = source["background"]
+    return [f"background:{bg['colour']}", f"pattern:{bg['pattern']}"] + [
+        f"object:{o['colour']} {o['shape']}" for o in source["objects"]]
+
+
+def stage_text(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """Caption pre-training of the text encoder LayerDiff keeps frozen (`model.training.text_train`): captions and
+    layer prompts of the training scenes; a linear probe of the background colour before and after."""
+    from mlcid.reader import MLCIDReader
+    from model.training.text_train import linear_probe_accuracy, train_text_encoder
+
+    pipe = _scratch_sd(cfg)
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    prompts, facts, bg = [], [], []
+    for n, sample in enumerate(MLCIDReader(str(out / "data" / "mlcid"))):
+        if n >= cfg.text_train_samples:
+            break
+        prompts.append(sample.global_prompt)
+        facts.append(prompt_facts(sample.source))
+        bg.append(sample.source["background"]["colour"])
+        for layer, obj in zip(sample.layers[1:], sample.source["objects"]):
+            prompts.append(layer.prompt)
+            facts.append([f"object:{obj['colour']} {obj['shape']}"])
+    prompts += [sample.layers[0].prompt, ""]  # "the background" and the dropped prompt state nothing
+    facts += [[], []]
+    test = [s.global_prompt for g in GROUPS for s in test_scenes(cfg, g)]
+    test_bg = [s.source["background"]["colour"] for g in GROUPS for s in test_scenes(cfg, g)]
+    captions = [p for p, f in zip(prompts, facts) if f and f[0].startswith("background:")]
+    probe = lambda: linear_probe_accuracy(encoder, tokenizer, captions, bg, test, test_bg, cfg.seed)  # noqa: E731
+    before = probe()
+    report = {"background_probe_random": before}
+    if cfg.text_train is not None:
+        result = train_text_encoder(encoder, tokenizer, prompts, facts,
+                                    dataclasses.replace(cfg.text_train, threads=cfg.threads))
+        report |= {k: v for k, v in dataclasses.asdict(result).items() if k != "losses"}
+        report |= {"loss_first": float(np.mean(result.losses[:10])), "loss_last": float(np.mean(result.losses[-10:]))}
+    report["background_probe"] = probe()
+    encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    return report
+
+
+def stage_sd(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """The scratch SD-1.x folder: `model.tiny`'s builder with the trained VAE and the (caption-trained) text
+    encoder swapped in."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel
+
     from model.tokenizer import write_clip_vocab_files
 
-    sd_cfg = TinySDConfig(block_out_channels=cfg.unet_channels,
-                          down_block_types=("CrossAttnDownBlock2D",) * len(cfg.unet_channels),
-                          up_block_types=("CrossAttnUpBlock2D",) * len(cfg.unet_channels),
-                          sample_size=cfg.size // 8, text_hidden=cfg.text_hidden, text_layers=cfg.text_layers,
-                          text_heads=4, text_intermediate=2 * cfg.text_hidden, seed=cfg.seed)
-    pipe = build_sd_pipeline(sd_cfg)
+    pipe = _scratch_sd(cfg)
     pipe.vae = AutoencoderKL.from_pretrained(out / "vae")
-    pipe.register_modules(vae=pipe.vae)
+    pipe.text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
+    pipe.register_modules(vae=pipe.vae, text_encoder=pipe.text_encoder)
     pipe.save_pretrained(out / "sd", safe_serialization=True)
     write_clip_vocab_files(out / "sd" / "tokenizer")
     return {"unet_params_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
@@ -382,17 +442,20 @@ def stage_report(cfg: BenchConfig, out: Path, stages: dict[str, Any]) -> dict[st
     return {"results": str(out / "results.md"), "grid": str(out / "grid.png")}
 
 
-def run_bench(cfg: BenchConfig, out: str | Path) -> dict[str, Any]:
-    """All stages in order (finished ones skipped); returns the stage records."""
+def run_bench(cfg: BenchConfig, out: str | Path, until: str | None = None) -> dict[str, Any]:
+    """All stages in order (finished ones skipped), or up to `until` ("train"); returns the stage records."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     stages: dict[str, Any] = {}
     stages["data"] = _stage(out, "data", lambda: stage_data(cfg, out))
     stages["vae"] = _stage(out, "vae", lambda: stage_vae(cfg, out))
+    stages["text"] = _stage(out, "text", lambda: stage_text(cfg, out))
     stages["sd"] = _stage(out, "sd", lambda: stage_sd(cfg, out))
     _invalidate_short_run(cfg, out)
     stages["train"] = _stage(out, "train", lambda: stage_train(cfg, out))
+    if until == "train":
+        return stages
     for condition in CONDITIONS:
         stages[f"sample-{condition}"] = _stage(out, f"sample-{condition}", lambda c=condition: stage_sample(cfg, out, c))
     (out / "report.done.json").unlink(missing_ok=True)  # the report is cheap: always rewritten
@@ -409,13 +472,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, help="trainer steps (default: the YAML's max_steps)")
     p.add_argument("--per-group", type=int, help="test prompts per group")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--until", choices=("train",), help="stop after this stage (e.g. train now, sample later)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
     for name in ("train_steps", "per_group", "threads"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    run_bench(cfg, args.out)
+    run_bench(cfg, args.out, args.until)
+    if args.until:
+        return 0
     print((args.out / "results.md").read_text())
     return 0
 
