@@ -115,7 +115,7 @@ def train_text_encoder(text_encoder: Any, tokenizer: Any, prompts: Sequence[str]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     text_encoder.eval()
     for p in text_encoder.parameters():
         p.requires_grad_(False)
