@@ -33,7 +33,9 @@ from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.synthetic_shapes import (
     BACKGROUND_PATTERNS,
     COLOURS,
+    OBJECT_PATTERNS,
     SHAPES,
+    ObjectPattern,
     PlacedShape,
     background_image,
     mask_box,
@@ -74,6 +76,7 @@ class SceneConfig:
     colours: tuple[str, ...] = tuple(COLOURS)
     shapes: tuple[str, ...] = SHAPES
     background_patterns: tuple[str, ...] = tuple(BACKGROUND_PATTERNS)
+    object_patterns: tuple[str, ...] = ("plain",)  # textures objects carry (OBJECT_PATTERNS); not named in prompts
     background_colours: tuple[str, ...] = tuple(COLOURS)
     allowed_pairs: tuple[Pair, ...] | None = None  # (colour, shape) combos objects may take; None = all
     holdout_pairs: tuple[Pair, ...] = ()  # combos never drawn (e.g. for compositional generalisation tests)
@@ -90,7 +93,8 @@ class SceneConfig:
 
     def __post_init__(self) -> None:
         # Lists (from JSON/YAML) become tuples, so configs stay hashable and compare equal.
-        for name in ("count_weights", "colours", "shapes", "background_patterns", "background_colours", "fill"):
+        for name in ("count_weights", "colours", "shapes", "background_patterns", "object_patterns",
+                     "background_colours", "fill"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("allowed_pairs", "holdout_pairs"):
@@ -116,6 +120,7 @@ class SceneConfig:
         for name, values, known in (
             ("colours", self.colours, COLOURS), ("background_colours", self.background_colours, COLOURS),
             ("shapes", self.shapes, SHAPES), ("background_patterns", self.background_patterns, BACKGROUND_PATTERNS),
+            ("object_patterns", self.object_patterns, OBJECT_PATTERNS),
         ):
             unknown = [v for v in values if v not in known]
             if not values or unknown:
@@ -233,6 +238,11 @@ def make_scene(config: SceneConfig, seed: int, index: int, key: str | None = Non
             f"no valid layout of {n} objects for seed={seed} index={index} in {config.max_attempts} attempts; "
             "widen the radius range or the area limits"
         )
+
+    if config.object_patterns != ("plain",):  # own RNG stream: scenes of plain-object configs stay as they were
+        tex_rng = np.random.default_rng([seed, index, 1])
+        objects = [dataclasses.replace(o, pattern=ObjectPattern.draw(tex_rng, config.object_patterns, size))
+                   for o in objects]
 
     # 2. Background: pattern and colour (a colour no object uses, when there is one).
     pattern = config.background_patterns[int(rng.integers(len(config.background_patterns)))]

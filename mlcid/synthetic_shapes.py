@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -62,6 +63,47 @@ SHAPE_SPECS: dict[str, ShapeSpec] = {
 }
 SHAPES: tuple[str, ...] = tuple(SHAPE_SPECS)
 
+OBJECT_PATTERNS: tuple[str, ...] = ("plain", "stripes", "checks", "dots")  # textures an object may carry
+OBJECT_PATTERN_DEPTH = 0.45  # a pattern's dark tone = (1 − depth) × the colour: same hue, clearly darker
+
+
+@dataclass(frozen=True)
+class ObjectPattern:
+    """An object's texture: `pattern` in OBJECT_PATTERNS, its period (px) and angle (degrees, stripes)."""
+
+    pattern: str = "plain"
+    period: float = 12.0
+    angle: float = 0.0
+
+    def tone(self, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Tone in {0, 1} (1 = dark) on coordinate grids xs (1, w), ys (h, 1) → (h, w) float32."""
+        if self.pattern == "plain":
+            return np.zeros(np.broadcast_shapes(xs.shape, ys.shape), np.float32)
+        return pattern_tone(self.pattern, xs, ys, self.period, self.angle)
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, patterns: tuple[str, ...], size: int) -> "ObjectPattern":
+        """A random texture among `patterns`: period 15–25 % of the image side (bold enough for a ×8 VAE)."""
+        pattern = patterns[int(rng.integers(len(patterns)))]
+        if pattern not in OBJECT_PATTERNS:
+            raise ValueError(f"unknown object pattern {pattern!r}; known: {', '.join(OBJECT_PATTERNS)}")
+        period = float(rng.uniform(0.15, 0.25)) * size
+        return cls(pattern, round(period, 3), float(rng.choice([0.0, 45.0, 90.0, 135.0])))
+
+
+def pattern_tone(pattern: str, xs: np.ndarray, ys: np.ndarray, period: float, angle: float = 0.0) -> np.ndarray:
+    """Two-tone periodic pattern ("stripes", "checks", "dots") in {0, 1} on grids xs (1, w), ys (h, 1) → (h, w)."""
+    if pattern == "stripes":
+        u = xs * math.cos(math.radians(angle)) + ys * math.sin(math.radians(angle))  # (h, w)
+        return (np.floor(u / (period / 2.0)) % 2).astype(np.float32)
+    if pattern == "checks":
+        return ((np.floor(xs / period) + np.floor(ys / period)) % 2).astype(np.float32)
+    if pattern == "dots":
+        dx, dy = xs % period - period / 2.0, ys % period - period / 2.0
+        return ((dx * dx + dy * dy) < (0.3 * period) ** 2).astype(np.float32)
+    raise ValueError(f"unknown periodic pattern {pattern!r}")
+
+
 # Background pattern → the adjective used in prompts ("on a striped green background").
 BACKGROUND_PATTERNS: dict[str, str] = {
     "plain": "plain",
@@ -100,6 +142,7 @@ class PlacedShape:
     radius: float
     angle: float  # rotation, degrees
     shade_dir: float  # direction of the linear shading, degrees
+    pattern: ObjectPattern = ObjectPattern()  # texture (plain unless SceneConfig.object_patterns says otherwise)
 
     def mask(self, size: int) -> np.ndarray:
         """The full (unoccluded) shape, (size, size) bool."""
@@ -114,7 +157,7 @@ class PlacedShape:
             "colour": self.colour, "shape": self.shape, "rgb": list(COLOURS[self.colour]),
             "center": [round(self.center[0], 3), round(self.center[1], 3)], "radius": round(self.radius, 3),
             "angle": round(self.angle, 3), "shade_dir": round(self.shade_dir, 3),
-        }
+        } | ({} if self.pattern.pattern == "plain" else {"pattern": dataclasses.asdict(self.pattern)})
 
 
 def with_article(phrase: str) -> str:
@@ -195,18 +238,23 @@ def object_texture(
     radius: float,
     shade_dir_deg: float,
     shade: float,
+    pattern: ObjectPattern | None = None,
 ) -> np.ndarray:
-    """The object's own pixels over `box` = (x0, y0, x1, y1): flat colour times a light linear shading (±`shade`).
+    """The object's own pixels over `box` = (x0, y0, x1, y1): colour times a light linear shading (±`shade`),
+    darkened to (1 − OBJECT_PATTERN_DEPTH) where its `pattern` (default plain) is dark.
 
     Returns (y1 - y0, x1 - x0, 3) uint8; the caller keeps what lies inside the shape. Shading is linear across the
-    object's diameter in direction `shade_dir_deg`, so the mean colour stays the named colour.
+    object's diameter in direction `shade_dir_deg`; a pattern only scales brightness, so the hue stays the named one.
     """
     x0, y0, x1, y1 = box
     xs = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5  # (1, w)
     ys = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5  # (h, 1)
     c, s = math.cos(math.radians(shade_dir_deg)), math.sin(math.radians(shade_dir_deg))
     g = np.clip(((xs - center[0]) * c + (ys - center[1]) * s) / max(radius, 1.0), -1.0, 1.0)  # (h, w)
-    out = np.asarray(rgb, np.float32)[None, None, :] * (1.0 + shade * g)[..., None]  # (h, w, 3)
+    gain = 1.0 + shade * g  # (h, w)
+    if pattern is not None:
+        gain = gain * (1.0 - OBJECT_PATTERN_DEPTH * pattern.tone(xs - center[0], ys - center[1]))
+    out = np.asarray(rgb, np.float32)[None, None, :] * gain[..., None]  # (h, w, 3)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -228,16 +276,11 @@ def background_image(
     elif pattern in ("stripes", "checks", "dots"):
         period = int(rng.integers(max(4, size // 16), max(6, size // 4) + 1))
         params["period"] = period
+        angle = 0.0
         if pattern == "stripes":
             angle = float(rng.choice([0.0, 45.0, 90.0, 135.0]))
             params["angle"] = angle
-            u = xs * math.cos(math.radians(angle)) + ys * math.sin(math.radians(angle))  # (H, W)
-            t = (np.floor(u / (period / 2.0)) % 2).astype(np.float32)
-        elif pattern == "checks":
-            t = ((np.floor(xs / period) + np.floor(ys / period)) % 2).astype(np.float32)
-        else:
-            dx, dy = xs % period - period / 2.0, ys % period - period / 2.0
-            t = ((dx * dx + dy * dy) < (0.3 * period) ** 2).astype(np.float32)
+        t = pattern_tone(pattern, xs, ys, period, angle)  # (H, W)
     elif pattern == "gradient":
         angle = float(rng.uniform(0.0, 360.0))
         params["angle"] = round(angle, 3)
@@ -276,7 +319,7 @@ def paint_layers(
         bx0, by0, bx1, by1 = mask_box(full)
         box = (max(bx0 - margin, 0), max(by0 - margin, 0), min(bx1 + margin, size), min(by1 + margin, size))
         x0, y0, x1, y1 = box
-        tex = object_texture(COLOURS[o.colour], box, o.center, o.radius, o.shade_dir, shade)  # (h, w, 3)
+        tex = object_texture(COLOURS[o.colour], box, o.center, o.radius, o.shade_dir, shade, o.pattern)  # (h, w, 3)
         sel = full[y0:y1, x0:x1]  # (h, w)
         image[y0:y1, x0:x1][sel] = tex[sel]
         crops.append((box, tex))

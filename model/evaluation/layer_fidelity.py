@@ -190,3 +190,87 @@ def summarize(results: Sequence[SampleFidelity]) -> dict[str, float]:
         "background_acc": float(np.mean(bgs)) if bgs else float("nan"),
         "composite_mae": float(np.mean([r.composite_mae for r in results])),
     }
+
+
+class SceneFeatures:
+    """Image features for a Fréchet distance that needs no pretrained network: the hidden layer (ReLU) of a small
+    MLP fit to tell a synthetic scene's attributes (colours, shapes, textures: multi-label strings) from its
+    pixels, downscaled to `size`² RGB. Like Inception features for FID, they are what a classifier of this
+    domain finds worth telling apart; they never see the generator."""
+
+    def __init__(self, hidden: int = 32, size: int = 32, seed: int = 0, max_iter: int = 300) -> None:
+        from sklearn.neural_network import MLPClassifier
+
+        self.size = size
+        self.model = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=max_iter, random_state=seed,
+                                   early_stopping=False)
+        self.labels: list[str] = []
+
+    def _inputs(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) → (N, size²·3 + (size/2)²·3) float32: the RGB image area-downscaled to size² in
+        [-1, 1], and the local edge energy (mean |horizontal| + |vertical| pixel differences per channel at full
+        resolution, area-pooled to (size/2)²), so fine texture is seen even where downscaling would average it."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (N, H, W, 3), got {images.shape}")
+        x = images.astype(np.float32) / 127.5 - 1.0  # (N, H, W, 3)
+        edges = np.zeros_like(x)
+        edges[:, :, 1:] += np.abs(np.diff(x, axis=2))
+        edges[:, 1:] += np.abs(np.diff(x, axis=1))
+        return np.concatenate([_area(x, self.size), 2.0 * _area(edges, self.size // 2)], axis=1)
+
+    def _targets(self, labels: Sequence[Sequence[str]]) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.labels)}
+        y = np.zeros((len(labels), len(self.labels)), np.int64)
+        for n, names in enumerate(labels):
+            y[n, [index[x] for x in names if x in index]] = 1
+        return y
+
+    def fit(self, images: np.ndarray, labels: Sequence[Sequence[str]]) -> "SceneFeatures":
+        """images (N, H, W, 3) uint8 with their attribute strings (N lists)."""
+        if len(images) != len(labels) or len(images) < 2:
+            raise ValueError(f"need ≥ 2 images with one label list each, got {len(images)} and {len(labels)}")
+        self.labels = sorted({x for names in labels for x in names})
+        if len(self.labels) < 2:
+            raise ValueError(f"need ≥ 2 distinct labels to fit, got {self.labels}")
+        self.model.fit(self._inputs(images), self._targets(labels))
+        return self
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(N, hidden) float64: ReLU(x·W₀ + b₀) of the fitted MLP."""
+        if not self.labels:
+            raise RuntimeError("SceneFeatures.features before fit")
+        x = self._inputs(images).astype(np.float64)
+        return np.maximum(x @ self.model.coefs_[0] + self.model.intercepts_[0], 0.0)
+
+    def label_accuracy(self, images: np.ndarray, labels: Sequence[Sequence[str]]) -> float:
+        """Share of (image, label) decisions right — how well the features know the domain."""
+        return float((self.model.predict(self._inputs(images)) == self._targets(labels)).mean())
+
+
+def _area(x: np.ndarray, size: int) -> np.ndarray:
+    """Area-average (N, H, W, C) to (N, size, size, C) (H, W multiples of size) → flattened (N, size²·C)."""
+    n, h, w, c = x.shape
+    if h % size or w % size:
+        raise ValueError(f"image size {h}×{w} is not a multiple of {size}")
+    pooled = x.reshape(n, size, h // size, size, w // size, c).mean(axis=(2, 4))  # (N, size, size, C)
+    return pooled.reshape(n, -1)
+
+
+def scene_attributes(source: dict[str, Any]) -> list[str]:
+    """Attribute strings of a synthetic scene's `source`: background colour and pattern; each object's colour,
+    shape and texture (what `SceneFeatures` learns to tell)."""
+    bg = source.get("background", {})
+    out = [f"bg:{bg.get('colour')}", f"bg-pattern:{bg.get('pattern')}"]
+    for o in source["objects"]:
+        out += [f"colour:{o['colour']}", f"shape:{o['shape']}",
+                f"texture:{o.get('pattern', {}).get('pattern', 'plain')}"]
+    return sorted(set(out))
+
+
+def frechet_feature_distance(features: SceneFeatures, images: np.ndarray, reference: np.ndarray) -> float:
+    """Fréchet distance between the features of `images` and of `reference` (both (N, H, W, 3) uint8)."""
+    from model.evaluation.metrics import FeatureStats, frechet_distance_stats
+
+    return frechet_distance_stats(FeatureStats.from_features(features.features(images)),
+                                  FeatureStats.from_features(features.features(reference)))

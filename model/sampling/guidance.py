@@ -9,9 +9,10 @@ the predictions to these functions. Conventions:
   ᾱ for latents (B, L, C, h, w) (trailing singleton axes are added here);
 * masks are in [0, 1] with one channel, broadcast over the latent channels.
 
-Self-mask guidance combines with CFG in the SAG manner (DESIGN.md): the degraded latent is built from the
-*base* branch (unconditional under CFG), run through the UNet with the base text, and
-`ε̃ = ε_cfg + s·(ε_base − ε_degraded)`. With s = 0 nothing changes.
+Self-mask guidance has several readings of the paper (§4.2, Eqs. 6–9); `SMGConfig` names one of each choice:
+which side of the mask is blurred, a plain or a mask-normalised blur, which branch's prediction gives the
+blurred x̂_0, the degraded pass and the masks, and the SAG-style or the paper's literal combination. With
+s = 0 nothing changes under any of them. Which one is the default, and why, is in docs/learn_bench.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from mlcid.schema import BACKGROUND_PROMPT
 
 BlurSide = Literal["inside", "outside"]
 BLUR_SIDES: tuple[str, ...] = ("inside", "outside")
+BlurKind = Literal["plain", "normalized"]
+BLUR_KINDS: tuple[str, ...] = ("plain", "normalized")
+Branch = Literal["uncond", "negative", "cond"]
+BRANCHES: tuple[str, ...] = ("uncond", "negative", "cond")
+MASK_SOURCES: tuple[str, ...] = ("cfg", *BRANCHES)  # "cfg": the guided prediction
+Combine = Literal["sag", "paper"]
+COMBINES: tuple[str, ...] = ("sag", "paper")
+NORMALIZE_MIN_WEIGHT = 1e-3  # below this blurred mask weight a normalised blur keeps x̂_0 (nothing to average)
 SMG_KERNEL, SMG_SIGMA = 31, 3.0  # Appendix A
 SAG_KERNEL, SAG_SIGMA = 9, 1.0  # SAG's defaults (diffusers' StableDiffusionSAGPipeline)
 SAG_ATTENTION_THRESHOLD = 1.0  # SAG: a query position is "attended to" when its summed attention exceeds 1
@@ -126,6 +135,16 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ SMG / SAG
 
 
+def normalized_blur(x: torch.Tensor, weight: torch.Tensor, kernel: int = SMG_KERNEL,
+                    sigma: float = SMG_SIGMA) -> torch.Tensor:
+    """Mask-normalised blur G(x·w) / G(w): a blur that averages only where `weight` (broadcasts against x,
+    e.g. (B, L, 1, h, w) in [0, 1]) is set, so what lies outside the region never leaks in. A flat region stays
+    flat at its own value; only its variation is concealed. Where G(w) < NORMALIZE_MIN_WEIGHT x is kept."""
+    w = weight.to(x.dtype).expand_as(x)
+    num, den = gaussian_blur(x * w, kernel, sigma), gaussian_blur(w, kernel, sigma)
+    return torch.where(den > NORMALIZE_MIN_WEIGHT, num / den.clamp_min(NORMALIZE_MIN_WEIGHT), x)
+
+
 def blur_degrade(
     z_t: torch.Tensor,
     eps: torch.Tensor,
@@ -135,21 +154,74 @@ def blur_degrade(
     sigma: float,
     side: BlurSide = "inside",
     noise: torch.Tensor | None = None,
+    blur: BlurKind = "plain",
 ) -> torch.Tensor:
     """Conceal information on one side of `masks`: Eqs. 6–9.
 
     x̂_0 from (z_t, ε) (Eq. 6), blurred (Eq. 7), re-noised to the same level with `noise` (default ε, as SAG
     does; Eq. 8), and merged with z_t (Eq. 9). side="inside": blurred where mask = 1 and z_t kept outside (the
     paper's text); side="outside": z_t kept where mask = 1 and blurred outside (Eq. 9 as printed).
+    blur="plain": G(x̂_0) (what lies across the mask edge is pulled in); "normalized": G(x̂_0·r)/G(r) over the
+    blurred region r (only the region's own content is averaged).
     """
     if side not in BLUR_SIDES:
         raise ValueError(f"blur side must be one of {BLUR_SIDES}, got {side!r}")
-    x0 = predict_x0(z_t, eps, alpha_bar)  # Eq. 6
-    x0_blur = gaussian_blur(x0, kernel, sigma)  # Eq. 7
-    z_blur = add_noise(x0_blur, eps if noise is None else noise, alpha_bar)  # Eq. 8
+    if blur not in BLUR_KINDS:
+        raise ValueError(f"blur must be one of {BLUR_KINDS}, got {blur!r}")
     m = masks.to(z_t.dtype)
     blurred_where = m if side == "inside" else 1 - m
+    x0 = predict_x0(z_t, eps, alpha_bar)  # Eq. 6
+    if blur == "plain":
+        x0_blur = gaussian_blur(x0, kernel, sigma)  # Eq. 7
+    else:
+        x0_blur = normalized_blur(x0, blurred_where, kernel, sigma)
+    z_blur = add_noise(x0_blur, eps if noise is None else noise, alpha_bar)  # Eq. 8
     return blurred_where * z_blur + (1 - blurred_where) * z_t  # Eq. 9
+
+
+@dataclass(frozen=True)
+class SMGConfig:
+    """One self-mask guidance variant (the scale is a separate sampling argument).
+
+    side        "inside": blur where the layer's mask is set (the paper's text); "outside": Eq. 9 as printed.
+    blur        "plain" Gaussian G(x̂_0), or "normalized" G(x̂_0·r)/G(r) over the blurred region r.
+    degrade_from  the branch whose ε gives the blurred x̂_0 and whose prompts run the degraded pass: "uncond"
+                (empty prompts; one more UNet call per step), "negative" (the CFG base with the paper's negatives)
+                or "cond". Without CFG there is no negative branch and the conditional one stands in.
+    masks_from  the prediction whose mask x̂_0 gives the layer masks: "cfg" (guided) or one of the branches.
+    combine     "sag": ε̃ = ε_cfg + s·(ε_src − ε̂_src) (ε_src: that branch on z_t, ε̂_src: on the degraded
+                latent); "paper": ε̃ = ε̂ + (1 + s)(ε_cfg − ε̂) literally, ε̂ = the degraded pass.
+    kernel, sigma  the Gaussian (Appendix A: 31 / 3).
+    """
+
+    side: BlurSide = "inside"
+    blur: BlurKind = "normalized"
+    degrade_from: Branch = "negative"
+    masks_from: str = "cfg"
+    combine: Combine = "sag"
+    kernel: int = SMG_KERNEL
+    sigma: float = SMG_SIGMA
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("side", self.side, BLUR_SIDES), ("blur", self.blur, BLUR_KINDS),
+                                     ("degrade_from", self.degrade_from, BRANCHES),
+                                     ("masks_from", self.masks_from, MASK_SOURCES),
+                                     ("combine", self.combine, COMBINES)):
+            if value not in allowed:
+                raise ValueError(f"SMGConfig.{name} must be one of {allowed}, got {value!r}")
+        gaussian_kernel1d(self.kernel, self.sigma)  # raises on a bad kernel / sigma
+
+    @property
+    def needs_uncond(self) -> bool:
+        """True when the empty-prompt branch must be predicted (one more UNet call per step)."""
+        return "uncond" in (self.degrade_from, self.masks_from)
+
+    @property
+    def name(self) -> str:
+        """Short label, e.g. "in-norm-neg-cfg-sag" (side, blur, degrade_from, masks_from, combine)."""
+        short = {"inside": "in", "outside": "out", "plain": "plain", "normalized": "norm", "uncond": "unc",
+                 "negative": "neg", "cond": "cond", "cfg": "cfg", "sag": "sag", "paper": "paper"}
+        return "-".join(short[v] for v in (self.side, self.blur, self.degrade_from, self.masks_from, self.combine))
 
 
 def smg_degrade(
@@ -161,18 +233,28 @@ def smg_degrade(
     sigma: float = SMG_SIGMA,
     side: BlurSide = "inside",
     noise: torch.Tensor | None = None,
+    blur: BlurKind = "plain",
 ) -> torch.Tensor:
     """Self-mask guidance input: each layer's image latent z_t (B, L, 4, h, w) blurred on one side of its own
     predicted mask (B, L, 1, h, w) (Eqs. 6–9, kernel 31 / sigma 3 by default)."""
     if masks.shape[:2] != z_t.shape[:2] or masks.shape[-2:] != z_t.shape[-2:]:
         raise ValueError(f"masks {tuple(masks.shape)} must be (B, L, 1, h, w) for latents {tuple(z_t.shape)}")
-    return blur_degrade(z_t, eps, alpha_bar, masks, kernel, sigma, side, noise)
+    return blur_degrade(z_t, eps, alpha_bar, masks, kernel, sigma, side, noise, blur)
 
 
-def smg_combine(eps_cfg: torch.Tensor, eps_base: torch.Tensor, eps_degraded: torch.Tensor,
-                scale: float) -> torch.Tensor:
-    """SAG-manner combination: ε̃ = ε_cfg + s·(ε_base − ε_degraded) (ε_base: the unconditional prediction)."""
-    return eps_cfg + scale * (eps_base - eps_degraded)
+def smg_combine(eps_cfg: torch.Tensor, eps_source: torch.Tensor, eps_degraded: torch.Tensor,
+                scale: float, combine: Combine = "sag") -> torch.Tensor:
+    """Push the guided ε away from the degraded pass.
+
+    "sag": ε̃ = ε_cfg + s·(ε_source − ε_degraded), ε_source = the degrading branch on the undegraded latent (only
+    what the blur concealed is amplified); "paper": ε̃ = ε̂ + (1 + s)(ε_cfg − ε̂) with ε̂ = ε_degraded (the
+    paper's formula taken literally: the CFG direction is amplified by s too unless ε̂ comes from the same
+    guided prediction)."""
+    if combine == "sag":
+        return eps_cfg + scale * (eps_source - eps_degraded)
+    if combine == "paper":
+        return eps_degraded + (1 + scale) * (eps_cfg - eps_degraded)
+    raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
 
 
 def sag_attention_mask(attn_probs: torch.Tensor, heads: int, map_size: tuple[int, int],

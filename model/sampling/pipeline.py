@@ -4,9 +4,9 @@
     out = pipe("a dog on the grass", ["the background", "a dog"], generator=torch.Generator().manual_seed(0))
     out.composites[0].save("composite.png")
 
-Per step: one batched UNet call for the conditional and the negative-prompt branches (CFG, paper negatives),
-then — with self-guidance — one call on the degraded latents (it depends on the first call's output, so it
-cannot join it). The model predicts, the scheduler steps, `model.sampling.guidance` combines, this file loops.
+Per step: one batched UNet call for the conditional and negative-prompt branches (CFG, paper negatives; plus
+empty prompts when the SMG variant reads them), then — with self-guidance — one call on the degraded latents
+(it depends on the first call's output, so it cannot join it). The model predicts, the scheduler steps, `model.sampling.guidance` combines, this file loops.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from PIL import Image
 from mlcid.composite import composite as composite_eq4
 from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
-from model.sampling.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
+from model.sampling.guidance import KeepLayers, SMGConfig, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
 from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
 
@@ -226,7 +226,7 @@ class LayerDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
-                     smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
+                     smg, height, width, num_images, strength, output_type,
                      latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1,
                      callback_tensor_inputs=("latents",), smg_start=0.0, smg_end=1.0) -> None:
         """Raise ValueError naming the first bad argument (before any model runs)."""
@@ -246,9 +246,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         G.check_scale("eta", eta)
         if guidance not in SELF_GUIDANCE:
             raise ValueError(f"guidance must be one of {sorted(SELF_GUIDANCE)}, got {guidance!r}")
-        if smg_blur_side not in G.BLUR_SIDES:
-            raise ValueError(f"smg_blur_side must be one of {G.BLUR_SIDES}, got {smg_blur_side!r}")
-        G.gaussian_kernel1d(smg_kernel, smg_sigma)  # raises on a bad kernel/sigma
+        if not isinstance(smg, SMGConfig):
+            raise ValueError(f"smg must be a model.sampling.guidance.SMGConfig, got {type(smg).__name__}")
         for name, value in (("num_inference_steps", num_inference_steps), ("num_images", num_images),
                             ("smg_mask_interval", smg_mask_interval), ("intermediate_every", intermediate_every),
                             ("max_batch", 1 if max_batch is None else max_batch)):
@@ -303,25 +302,28 @@ class LayerDiffPipeline(DiffusionPipeline):
         pixels = self.decode_latents(x0, chunk)  # (B, L, 3, H, W)
         return G.resize_masks(G.layer_masks_from_x0(pixels), tuple(mask_latents.shape[-2:])).float()
 
-    def _smg_latents(self, x, eps, base_eps, alpha, step, state, opts) -> torch.Tensor:
-        """Self-mask guidance input: image latents blurred on one side of each layer's predicted mask."""
-        c = self.latent_channels
+    def _smg_latents(self, x, preds, alpha, step, state, opts) -> torch.Tensor:
+        """Self-mask guidance input: image latents blurred on one side of each layer's predicted mask.
+        `preds`: ε (B, L, 8, h, w) by source ("cfg", "cond", "negative", "uncond" where predicted)."""
+        c, smg = self.latent_channels, opts["smg"]
         if state.masks is None or step % opts["smg_mask_interval"] == 0:
-            state.masks = self._predicted_masks(x[:, :, c:], eps[:, :, c:], alpha, opts["vae_chunk"])
-        degraded = G.smg_degrade(x[:, :, :c], base_eps[:, :, :c], alpha, state.masks, opts["smg_kernel"],
-                                 opts["smg_sigma"], opts["smg_blur_side"])
+            mask_eps = preds[smg.masks_from][:, :, c:]
+            state.masks = self._predicted_masks(x[:, :, c:], mask_eps, alpha, opts["vae_chunk"])
+        degraded = G.smg_degrade(x[:, :, :c], preds[smg.degrade_from][:, :, :c], alpha, state.masks, smg.kernel,
+                                 smg.sigma, smg.side, blur=smg.blur)
         return torch.cat([degraded, x[:, :, c:]], dim=2)  # (B, L, 8, h, w)
 
-    def _sag_latents(self, x, eps, base_eps, alpha, step, state, opts) -> torch.Tensor:
+    def _sag_latents(self, x, preds, alpha, step, state, opts) -> torch.Tensor:
         """SAG ablation input: image latents blurred where the mid-block self-attention of the base branch is set."""
         c, B, L = self.latent_channels, x.shape[0], x.shape[1]
         probs = torch.cat(state.store.probs)  # (N·L·heads, Q, K) for the whole first call
         heads = self._sag_attention().heads
         per_sample = probs.shape[0] // (opts["branches"] * B)
-        base = probs[(opts["branches"] - 1) * B * per_sample:]  # base branch = last B samples of the call
+        k = opts["sag_branch"]
+        base = probs[k * B * per_sample:(k + 1) * B * per_sample]  # the negative (CFG base) branch's B samples
         masks = G.sag_attention_mask(base, heads, state.map_size, tuple(x.shape[-2:]))  # (B·L, 1, h, w)
         masks = rearrange(masks, "(b l) c h w -> b l c h w", b=B, l=L)
-        degraded = G.sag_degrade(x[:, :, :c], base_eps[:, :, :c], alpha, masks)
+        degraded = G.sag_degrade(x[:, :, :c], preds["negative"][:, :, :c], alpha, masks)
         return torch.cat([degraded, x[:, :, c:]], dim=2)
 
     def _sag_attention(self) -> Attention:
@@ -341,9 +343,7 @@ class LayerDiffPipeline(DiffusionPipeline):
         guidance_scale: float = 3.0,
         smg_scale: float = 3.0,
         guidance: str = "cfg+smg",
-        smg_blur_side: str = "inside",
-        smg_kernel: int = G.SMG_KERNEL,
-        smg_sigma: float = G.SMG_SIGMA,
+        smg: SMGConfig | None = None,
         smg_mask_interval: int = 1,
         smg_start: float = 0.0,
         smg_end: float = 1.0,
@@ -369,9 +369,10 @@ class LayerDiffPipeline(DiffusionPipeline):
 
         layer_prompts[0] is the background ("the background"), then foregrounds back→front. Guidance: CFG with
         the paper's negatives (override with `negative_prompt` / `negative_layer_prompts`), plus self-mask
-        guidance ("cfg+smg", blur `smg_blur_side` of each layer's predicted mask; masks re-decoded every
-        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`, on the steps i with smg_start <=
-        i / steps < smg_end (default all, as the paper; a window trades quality for speed, see BENCHMARKS.md). `latents` (B, L, 8, h, w) are
+        guidance ("cfg+smg", the variant `smg` (default `SMGConfig()`); masks re-decoded every
+        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`, on the steps i with
+        smg_start <= i / steps < smg_end (default all, as the paper; a window trades quality for speed, see
+        BENCHMARKS.md). `latents` (B, L, 8, h, w) are
         the start at the first kept timestep (`strength` < 1: SDEdit); `keep` pins known layers' x0
         (applications). `max_batch` caps samples per UNet call. After every step `callback_on_step_end(pipe,
         step, t, {name: tensor})` gets the `callback_on_step_end_tensor_inputs` (`CALLBACK_TENSOR_INPUTS`) and
@@ -380,8 +381,9 @@ class LayerDiffPipeline(DiffusionPipeline):
         # 1. Check inputs (nothing has run yet).
         height = height or self.default_size
         width = width or self.default_size
+        smg = SMGConfig() if smg is None else smg
         self.check_inputs(global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
-                          smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
+                          smg, height, width, num_images, strength, output_type,
                           latents, smg_mask_interval, max_batch, eta, intermediate_every,
                           tuple(callback_on_step_end_tensor_inputs), smg_start, smg_end)
         neg_global, neg_layers = paper_negatives(list(layer_prompts))
@@ -392,11 +394,17 @@ class LayerDiffPipeline(DiffusionPipeline):
         B, L, c = num_images, len(layer_prompts), self.latent_channels
         device = self._execution_device
 
-        # 2. Text: conditional first, then the negatives (the CFG base branch); skipped when CFG is off.
+        # 2. Text per branch: conditional, the negatives (the CFG base; skipped when CFG is off), and empty
+        #    prompts when the SMG variant reads the unconditional branch; one batched UNet call runs them all.
         do_cfg = guidance_scale != 1.0
-        g_text, l_text = self.encode_text([global_prompt] * B + [neg_global] * B * do_cfg,
-                                          [list(layer_prompts)] * B + [neg_layers] * B * do_cfg)
-        base_g, base_l = g_text[-B:], l_text[-B:]  # unconditional under CFG, else conditional
+        self_guided = SELF_GUIDANCE[guidance] is not None and smg_scale > 0
+        uncond = self_guided and guidance == "cfg+smg" and smg.needs_uncond
+        branches = ["cond"] + ["negative"] * do_cfg + ["uncond"] * uncond  # branch order in a call
+        prompts = {"cond": (global_prompt, list(layer_prompts)), "negative": (neg_global, neg_layers), "uncond": ("", [""] * L)}
+        g_text, l_text = self.encode_text([prompts[b][0] for b in branches for _ in range(B)],
+                                          [prompts[b][1] for b in branches for _ in range(B)])
+        branch_text = {b: (g_text[k * B:(k + 1) * B], l_text[k * B:(k + 1) * B]) for k, b in enumerate(branches)}
+        branch_text.setdefault("negative", branch_text["cond"])  # no CFG: the conditional branch stands in
 
         # 3. Timesteps and initial latents (B, L, 8, h, w).
         timesteps = self.prepare_timesteps(num_inference_steps, strength)
@@ -406,13 +414,12 @@ class LayerDiffPipeline(DiffusionPipeline):
             latents = latents * self.scheduler.init_noise_sigma
         latents = latents.to(device, torch.float32)
 
-        # 4. Self-guidance setup.
-        self_guided = SELF_GUIDANCE[guidance] is not None and smg_scale > 0
+        # 4. Self-guidance setup (SAG reads the negative branch's attention: branch index 1 under CFG, else 0).
         degrade = getattr(self, SELF_GUIDANCE[guidance]) if self_guided else None
+        degrade_from = smg.degrade_from if guidance == "cfg+smg" else "negative"
         state = _LoopState()
-        opts = dict(smg_kernel=smg_kernel, smg_sigma=smg_sigma, smg_blur_side=smg_blur_side,
-                    smg_mask_interval=smg_mask_interval, vae_chunk=(max_batch * L if max_batch else None),
-                    branches=1 + do_cfg)
+        opts = dict(smg=smg, smg_mask_interval=smg_mask_interval, vae_chunk=(max_batch * L if max_batch else None),
+                    branches=len(branches), sag_branch=branches.index("negative") if do_cfg else 0)
         original_processor = None
         if self_guided and guidance == "cfg+sag":
             attn = self._sag_attention()
@@ -427,19 +434,23 @@ class LayerDiffPipeline(DiffusionPipeline):
             with self.progress_bar(total=len(timesteps)) as progress:
                 for i, t in enumerate(timesteps):
                     alpha = self.alpha_bar(t)
-                    # 5a. conditional + negative branches in one batched call
+                    # 5a. every branch in one batched call
                     if state.store is not None:
                         state.store.probs.clear()  # keep only this call's attention maps
-                    x_in = torch.cat([latents] * (1 + do_cfg))  # ((1+cfg)·B, L, 8, h, w)
+                    x_in = torch.cat([latents] * len(branches))  # (branches·B, L, 8, h, w)
                     eps_all = self._predict(x_in, t, g_text, l_text, max_batch)
-                    eps_cond, base_eps = eps_all[:B], eps_all[-B:]
-                    eps = G.cfg(base_eps, eps_cond, guidance_scale) if do_cfg else eps_cond
-                    # 5b. self-guidance: degraded latents through the base branch, pushed away from
+                    preds = {b: eps_all[k * B:(k + 1) * B] for k, b in enumerate(branches)}
+                    preds.setdefault("negative", preds["cond"])
+                    eps = G.cfg(preds["negative"], preds["cond"], guidance_scale) if do_cfg else preds["cond"]
+                    preds["cfg"] = eps
+                    # 5b. self-guidance (on the steps of its window): degraded latents through one branch, the
+                    # guided ε pushed away from it
                     if degrade is not None and smg_start <= i / len(timesteps) < smg_end:
-                        x_deg = degrade(latents, eps, base_eps, alpha, i, state, opts)
-                        eps_deg = self._predict(x_deg, t, base_g, base_l, max_batch)
-                        eps = torch.cat([G.smg_combine(eps[:, :, :c], base_eps[:, :, :c], eps_deg[:, :, :c],
-                                                       smg_scale), eps[:, :, c:]], dim=2)
+                        x_deg = degrade(latents, preds, alpha, i, state, opts)
+                        eps_deg = self._predict(x_deg, t, *branch_text[degrade_from], max_batch)
+                        combine = smg.combine if guidance == "cfg+smg" else "sag"
+                        eps = torch.cat([G.smg_combine(eps[:, :, :c], preds[degrade_from][:, :, :c],
+                                                       eps_deg[:, :, :c], smg_scale, combine), eps[:, :, c:]], dim=2)
                     # 5c. the scheduler steps; known layers get their x0 back (Song et al. Eq. 12)
                     out = self.scheduler.step(eps, t, latents, **extra)
                     latents = out.prev_sample

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.sampling.guidance import SMGConfig
 from model.sampling.pipeline import SELF_GUIDANCE, LayerDiffPipeline
 
 log = logging.getLogger("model.sampling.sample")
@@ -100,7 +101,7 @@ def run(config: SampleConfig) -> list[Path]:
     pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
-                  guidance=config.guidance, smg_blur_side=config.blur_side, height=config.height,
+                  guidance=config.guidance, smg=SMGConfig(side=config.blur_side), height=config.height,
                   width=config.width, num_images=config.num_images, generator=generator, max_batch=config.max_batch,
                   return_intermediates=config.previews > 0, intermediate_every=max(config.previews, 1),
                   output_type="np")

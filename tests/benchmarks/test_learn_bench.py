@@ -3,12 +3,14 @@ produces the table and grid, then resumes without redoing finished stages."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from mlcid.reader import MLCIDReader
 from benchmarks import learn_bench as lb
@@ -64,15 +66,20 @@ def test_smoke_run_trains_through_the_trainer_and_scores_every_condition(smoke_r
     assert json.loads((out / "run" / "model_index.json").read_text())["_class_name"] == "LayerDiffPipeline"
     steps = [json.loads(ln)["step"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, cfg.train_steps + 1))
-    # Samples of every condition and group; the report covers all of them plus the ground truth.
-    for condition in lb.CONDITIONS:
+    # Samples of every condition and group (sweep points equal to a main condition are not sampled twice);
+    # the report covers all of them plus the ground truth.
+    conditions = cfg.conditions()
+    for condition, spec in conditions.items():
+        if cfg.sample_source(condition)[0] != condition:
+            assert not (out / "samples" / condition).exists()
+            continue
         for group in lb.GROUPS:
             data = np.load(out / "samples" / condition / f"{group}.npz")
             n_layers = int(group[-2])
-            assert data["images"].shape == (cfg.per_group, n_layers, cfg.size, cfg.size, 3)
-            assert data["masks"].shape == (cfg.per_group, n_layers, cfg.size, cfg.size)
+            assert data["images"].shape == (spec.per_group, n_layers, cfg.size, cfg.size, 3)
+            assert data["masks"].shape == (spec.per_group, n_layers, cfg.size, cfg.size)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["table"]) == {"ground-truth", *lb.CONDITIONS}
+    assert set(results["table"]) == {"ground-truth", f"ground-truth@{cfg.sweep_per_group}", *conditions}
     gt = results["table"]["ground-truth"]
     for group in lb.GROUPS:  # the metric itself is right on the truth
         assert gt[group]["colour_acc"] == 1.0 and gt[group]["background_acc"] == 1.0
@@ -90,7 +97,8 @@ def test_rerun_skips_finished_stages(smoke_run, caplog):
     with caplog.at_level("INFO", logger="benchmarks.learn_bench"):
         lb.run_bench(cfg, out)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done.json") if p.name != "report.done.json"}
-    assert before == after and len(before) == 4 + len(lb.CONDITIONS)
+    sampled = [c for c in cfg.conditions() if cfg.sample_source(c)[0] == c]
+    assert before == after and len(before) == 5 + len(sampled)
     assert (out / "run" / "metrics.jsonl").read_text() == metrics
     assert "stage train: done earlier, skipped" in caplog.text
 
@@ -105,3 +113,38 @@ def test_more_steps_resume_the_run_and_resample(smoke_run):
     assert steps == list(range(1, longer.train_steps + 1)) and stages["train"]["steps"] == longer.train_steps
     assert "--resume" in stages["train"]["command"]
     assert (out / "sample-step0-cfg.done.json").stat().st_mtime_ns == step0  # the step-0 samples stay valid
+
+
+def test_sweep_points_equal_to_a_main_condition_reuse_its_samples():
+    cfg = lb.BenchConfig()
+    conditions = cfg.conditions()
+    assert cfg.sample_source("smg-default@3") == ("cfg+smg", cfg.sweep_per_group)  # same variant, scale, seeds
+    assert cfg.sample_source("cfg@sweep") == ("cfg", cfg.sweep_per_group)  # the sweep's scale 0
+    assert cfg.sample_source("smg-outside@3") == ("smg-outside@3", cfg.sweep_per_group)
+    assert cfg.sample_source("cfg+smg") == ("cfg+smg", cfg.per_group)
+    assert conditions["smg-uncond@5"].smg.needs_uncond and conditions["cfg+smg"].smg == lb.SMG_VARIANTS["default"]
+    # the sweep's prompts are the first test prompts of each group (same scenes, same seeds)
+    few = lb.test_scenes(cfg, "seen-2L", 3)
+    assert [s.global_prompt for s in few] == [s.global_prompt for s in lb.test_scenes(cfg, "seen-2L")[:3]]
+
+
+def test_machine_readable_results_have_the_issue_shape(smoke_run):
+    cfg, out, _ = smoke_run
+    data = json.loads((out / "learn_bench_results.json").read_text())
+    for condition in ("cfg", "cfg+smg", "step0-cfg", "shuffled-cfg"):
+        for group in ("seen_2l", "heldout_2l", "seen_3l", "heldout_3l"):
+            entry = data["conditions"][condition][group]
+            assert 0.0 <= entry["colour"] <= 1.0 and 0.0 <= entry["shape"] <= 1.0
+        assert 0.0 <= data["background_colour"][condition] <= 1.0 and data["fid"][condition] >= 0.0
+    assert "cfg+smg-uncond" in data["conditions"]  # the other variants under their own names
+    assert data["default_smg"] == dataclasses.asdict(lb.SMG_VARIANTS["default"])
+    assert set(data["sweep"]) == set(cfg.sweep_variants)
+    for points in data["sweep"].values():
+        assert list(points) == ["0"] + [f"{s:g}" for s in cfg.sweep_scales]
+        assert points["0"] == data["sweep"]["default"]["0"]  # one CFG baseline for every variant
+    # the text encoder LayerDiff keeps frozen is the caption-trained one, not the random preset
+    trained = load_file(out / "sd" / "text_encoder" / "model.safetensors")
+    saved = load_file(out / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in trained.items())
+    random = lb._scratch_sd(cfg).text_encoder.state_dict()
+    assert any(not torch.allclose(v, random[k]) for k, v in trained.items() if k in random)

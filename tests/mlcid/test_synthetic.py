@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import re
@@ -318,3 +319,27 @@ def test_cli_small_run(tmp_path, capsys):
         assert _synthetic_cli(["--out", str(tmp_path / "bad"), "--samples", "2", *bad]) == 2
     assert not (tmp_path / "bad").exists()
     assert "mauve" in capsys.readouterr().err
+
+
+def test_object_textures_are_two_tone_of_the_named_hue_and_leave_plain_scenes_alone():
+    plain_cfg = SceneConfig(size=64, max_foregrounds=2)
+    textured_cfg = SceneConfig(size=64, max_foregrounds=2, object_patterns=("stripes", "checks", "dots"))
+    for index in range(6):
+        plain, textured = make_scene(plain_cfg, 3, index), make_scene(textured_cfg, 3, index)
+        # own RNG stream: layout, colours and background are those of the plain scene
+        assert plain.global_prompt == textured.global_prompt
+        assert np.array_equal(plain.background, textured.background)
+        assert "pattern" not in plain.source["objects"][0]
+        for obj, fg, mask in zip(textured.source["objects"], textured.foregrounds, textured.masks):
+            assert obj["pattern"]["pattern"] in ("stripes", "checks", "dots")
+            inside = fg[..., :3][mask > 127].astype(np.float32)  # (N, 3)
+            rgb = np.asarray(obj["rgb"], np.float32)
+            gain = inside.sum(1) / rgb.sum()  # brightness relative to the named colour
+            dark = gain < 0.8
+            assert 0.05 < dark.mean() < 0.95, "a texture has both tones inside the visible shape"
+            # both tones are the named colour scaled: the same hue (up to rounding and clipping at 255)
+            hue = lambda c: colorsys.rgb_to_hsv(*(np.asarray(c, float) / 255))[0] * 360  # noqa: E731
+            diffs = [abs((hue(px) - hue(rgb) + 180) % 360 - 180) for px in np.unique(inside, axis=0)]
+            assert max(diffs) < 6.0
+    with pytest.raises(ValueError, match="object_patterns"):
+        SceneConfig(object_patterns=("zigzag",))

@@ -1,4 +1,5 @@
-"""model.sampling.guidance: CFG, x0 prediction, blur, one-hot masks, SMG degrade/combine (Eqs. 6–9), SAG mask, x0 swap."""
+"""model.sampling.guidance: CFG, x0 prediction, blur, one-hot masks, SMG variants (Eqs. 6–9: sides, plain /
+mask-normalised blur, SAG / paper combination), SAG mask, x0 swap."""
 
 from __future__ import annotations
 
@@ -141,6 +142,95 @@ def test_smg_combine_identities():
     # the paper's stand-alone form ε̂ + (1+s)(ε − ε̂) is the same rule with ε_cfg = ε_base = ε
     s = 2.0
     assert torch.allclose(G.smg_combine(e_base, e_base, e_deg, s), e_deg + (1 + s) * (e_base - e_deg), atol=1e-6)
+
+
+def _flat_layer(texture: bool = False, size: int = 8):
+    """A layer's x̂_0 (1, 1, 4, s, s): a flat colour (or a two-tone checkerboard of it) inside a centred square
+    mask, grey fill (0) outside — what a flat synthetic object's layer latent looks like."""
+    colour = torch.tensor([1.0, -0.5, 0.3, 0.8]).view(1, 1, 4, 1, 1)
+    mask = torch.zeros(1, 1, 1, size, size)
+    mask[..., 2:size - 2, 2:size - 2] = 1.0
+    x0 = colour.expand(1, 1, 4, size, size).clone()
+    if texture:
+        check = (torch.arange(size)[:, None] + torch.arange(size)[None, :]) % 2  # (s, s) 0/1
+        x0 = x0 * (1 + 0.5 * (2 * check - 1))  # ±50 % around the colour, mean = the colour
+    return x0 * mask, mask, colour
+
+
+def _degrade_x0(x0, mask, **kw):
+    """Blurred x̂_0 as the degraded latent carries it: ᾱ = 1 makes z_t = x̂_0 (no noise to strip)."""
+    return G.smg_degrade(x0, torch.zeros_like(x0), 1.0, mask, 31, 3.0, **kw)
+
+
+def test_normalized_blur_keeps_a_flat_layer_and_plain_blur_pulls_the_fill_in():
+    x0, mask, colour = _flat_layer()
+    inside = mask.bool().expand_as(x0)
+    normalized = _degrade_x0(x0, mask, side="inside", blur="normalized")
+    plain = _degrade_x0(x0, mask, side="inside", blur="plain")
+    # mask-normalised: only the layer's own (flat) content is averaged → nothing changes, colour included
+    assert torch.allclose(normalized, x0, atol=1e-5)
+    # plain: the grey fill outside is pulled in; the colour inside shrinks toward 0 (what SMG then pushes away)
+    shrink = plain[inside].abs().sum() / x0[inside].abs().sum()
+    assert shrink < 0.8
+    assert torch.equal(plain[~inside], x0[~inside])  # outside kept (Eq. 9)
+    # the mean colour inside: kept by the normalised blur, lost by the plain one
+    mean_in = lambda z: (z * mask).sum(dim=(-2, -1)) / mask.sum()  # noqa: E731  (1, 1, 4)
+    assert torch.allclose(mean_in(normalized), colour.view(1, 1, 4), atol=1e-5)
+    assert not torch.allclose(mean_in(plain), colour.view(1, 1, 4), atol=0.1)
+
+
+def test_normalized_blur_conceals_texture_but_keeps_its_mean():
+    x0, mask, colour = _flat_layer(texture=True)
+    inside = mask.bool()[0, 0, 0]  # (s, s)
+    out = _degrade_x0(x0, mask, side="inside", blur="normalized")
+    spread = lambda z: z[0, 0][:, inside].std(dim=1)  # noqa: E731  per channel, inside the mask
+    assert (spread(out) < 0.3 * spread(x0)).all()  # the checkerboard is mostly gone
+    mean = out[0, 0][:, inside].mean(dim=1)
+    assert torch.allclose(mean, x0[0, 0][:, inside].mean(dim=1), atol=0.05)  # …its colour is not
+    assert torch.allclose(mean, colour.view(4), atol=0.05)
+
+
+def test_normalized_blur_outside_averages_only_the_outside():
+    x0, mask, colour = _flat_layer()
+    x0 = x0 + (1 - mask) * torch.tensor([-1.0, 0.0, 0.5, 0.2]).view(1, 1, 4, 1, 1)  # flat fill of another value
+    outside = _degrade_x0(x0, mask, side="outside", blur="normalized")
+    assert torch.allclose(outside, x0, atol=1e-5)  # both regions flat: nothing to conceal on either side
+    plain = _degrade_x0(x0, mask, side="outside", blur="plain")
+    out_region = ~mask.bool().expand_as(x0)
+    assert torch.equal(plain[~out_region], x0[~out_region])  # the layer itself kept (Eq. 9 as printed)
+    assert not torch.allclose(plain[out_region], x0[out_region], atol=0.05)  # the colour leaks out
+
+
+def test_normalized_blur_with_an_empty_region_keeps_x0():
+    x = rand(1, 1, 4, 8, 8, seed=20)
+    assert torch.equal(G.normalized_blur(x, torch.zeros(1, 1, 1, 8, 8)), x)
+
+
+def test_smg_config_validates_and_names():
+    assert G.SMGConfig().name == "in-norm-neg-cfg-sag"
+    assert G.SMGConfig(degrade_from="uncond").needs_uncond and G.SMGConfig(masks_from="uncond").needs_uncond
+    assert not G.SMGConfig(degrade_from="cond", masks_from="negative").needs_uncond
+    for bad, match in ((dict(side="both"), "side"), (dict(blur="box"), "blur"), (dict(degrade_from="cfg"),
+                       "degrade_from"), (dict(masks_from="x"), "masks_from"), (dict(combine="sum"), "combine"),
+                       (dict(kernel=4), "odd"), (dict(sigma=0.0), "sigma")):
+        with pytest.raises(ValueError, match=match):
+            G.SMGConfig(**bad)
+
+
+def test_smg_combine_sag_and_paper_rules():
+    e_cfg, e_src, e_deg = rand(B, L, C, H, W, seed=21), rand(B, L, C, H, W, seed=22), rand(B, L, C, H, W, seed=23)
+    s = 3.0
+    paper = G.smg_combine(e_cfg, e_src, e_deg, s, "paper")
+    assert torch.allclose(paper, e_deg + (1 + s) * (e_cfg - e_deg), atol=1e-5)
+    assert torch.allclose(G.smg_combine(e_cfg, e_src, e_deg, s, "sag"), e_cfg + s * (e_src - e_deg), atol=1e-5)
+    # the two differ unless the degraded branch is the guided prediction itself; both are ε_cfg at s = 0
+    assert not torch.allclose(paper, G.smg_combine(e_cfg, e_src, e_deg, s, "sag"), atol=1e-3)
+    assert torch.allclose(G.smg_combine(e_cfg, e_cfg, e_deg, s, "paper"), G.smg_combine(e_cfg, e_cfg, e_deg, s),
+                          atol=1e-5)
+    for rule in G.COMBINES:
+        assert torch.allclose(G.smg_combine(e_cfg, e_src, e_deg, 0.0, rule), e_cfg, atol=1e-6)
+    with pytest.raises(ValueError, match="combine"):
+        G.smg_combine(e_cfg, e_src, e_deg, s, "sum")  # type: ignore[arg-type]
 
 
 def test_sag_attention_mask_and_degrade():

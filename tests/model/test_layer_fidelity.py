@@ -109,3 +109,31 @@ def test_composite_eq4_and_summary(classifier):
     assert s["n"] == 2 and s["colour_acc"] == 1.0 and s["background_acc"] == 1.0
     with pytest.raises(ValueError, match="labelled"):
         score_sample(images[:1], masks[:1], scene.composite, labels, classifier)
+
+
+TEXTURED = SceneConfig(size=64, min_foregrounds=1, max_foregrounds=2, colours=("red", "green", "blue", "yellow"),
+                       shapes=SHAPES, background_patterns=("plain", "stripes", "checks"),
+                       object_patterns=("plain", "stripes", "checks"),
+                       background_colours=("purple", "orange", "cyan", "pink"), min_radius=0.2, max_radius=0.32)
+
+
+def test_scene_feature_frechet_distance_ranks_real_above_blurred_and_recoloured():
+    from PIL import Image, ImageFilter
+
+    from model.evaluation.layer_fidelity import SceneFeatures, frechet_feature_distance, scene_attributes
+
+    fit = [make_scene(TEXTURED, 0, i) for i in range(300)]
+    features = SceneFeatures(seed=0).fit(np.stack([s.composite for s in fit]), [scene_attributes(s.source) for s in fit])
+    reference = np.stack([make_scene(TEXTURED, 1, i).composite for i in range(150)])
+    real = np.stack([make_scene(TEXTURED, 2, i).composite for i in range(60)])
+    blurred = np.stack([np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(2))) for im in real])
+    recoloured = real[..., ::-1].copy()  # RGB → BGR: every hue moves
+    assert "texture:stripes" in features.labels and "bg-pattern:checks" in features.labels
+    labels = [scene_attributes(make_scene(TEXTURED, 2, i).source) for i in range(60)]
+    all_absent = 1 - np.mean([len(x) for x in labels]) / len(features.labels)  # accuracy of "no label ever"
+    assert features.label_accuracy(real, labels) > all_absent + 0.05
+    d_real = frechet_feature_distance(features, real, reference)
+    assert frechet_feature_distance(features, blurred, reference) > 1.5 * d_real  # textures concealed: worse
+    assert frechet_feature_distance(features, recoloured, reference) > 1.5 * d_real
+    with pytest.raises(RuntimeError, match="before fit"):
+        SceneFeatures().features(real)

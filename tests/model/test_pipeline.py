@@ -118,7 +118,7 @@ def test_self_guidance_identities_and_effects(pipe):
     cfg = sample(pipe, guidance="cfg", output_type="latent").latents
     assert torch.equal(sample(pipe, guidance="cfg+smg", smg_scale=0.0, output_type="latent").latents, cfg)
     smg = sample(pipe, guidance="cfg+smg", output_type="latent").latents
-    outside = sample(pipe, guidance="cfg+smg", smg_blur_side="outside", output_type="latent").latents
+    outside = sample(pipe, guidance="cfg+smg", smg=G.SMGConfig(side="outside"), output_type="latent").latents
     sag = sample(pipe, guidance="cfg+sag", output_type="latent").latents
     assert not torch.allclose(smg, cfg, atol=1e-4)
     assert not torch.allclose(smg, outside, atol=1e-4)
@@ -161,6 +161,69 @@ def test_smg_masks_come_from_decoded_mask_x0(pipe, monkeypatch):
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("branch", ["uncond", "negative", "cond"])
+def test_smg_degraded_pass_runs_the_chosen_branch(pipe, branch):
+    """The degraded pass uses the chosen branch's prompts; "uncond" adds an empty-prompt branch to the batched
+    call; the blurred x̂_0 and the SAG-style push come from that branch's own prediction."""
+    spy = UNetSpy(pipe)
+    try:
+        sample(pipe, smg=G.SMGConfig(degrade_from=branch), num_inference_steps=1)
+    finally:
+        spy.close()
+    (first, g1, l1), (second, g2, l2) = spy.calls
+    assert (first, second) == ((3 if branch == "uncond" else 2), 1)
+    neg_global, neg_layers = paper_negatives(PROMPTS)
+    texts = {"cond": ("a dog with a red ball", PROMPTS), "negative": (neg_global, neg_layers),
+             "uncond": ("", [""] * len(PROMPTS))}
+    enc = encode_prompts(pipe.tokenizer, pipe.text_encoder, [texts[branch][0]] + list(texts[branch][1]))
+    assert torch.allclose(g2[0], enc[0], atol=1e-5) and torch.allclose(l2[0], enc[1:], atol=1e-5)
+    if branch == "uncond":  # the empty-prompt branch rides in the first call, after cond and negative
+        assert torch.allclose(g1[2], enc[0], atol=1e-5) and torch.allclose(l1[2], enc[1:], atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["cfg", "cond", "negative", "uncond"])
+def test_smg_masks_come_from_the_chosen_prediction(pipe, monkeypatch, source):
+    outputs, seen = [], []
+    handle = pipe.unet.register_forward_hook(lambda _m, _a, out: outputs.append(out.sample.detach().clone()))
+    real = pipe._predicted_masks
+
+    def spy(mask_latents, mask_eps, alpha, chunk):
+        seen.append(mask_eps.clone())
+        return real(mask_latents, mask_eps, alpha, chunk)
+
+    monkeypatch.setattr(pipe, "_predicted_masks", spy)
+    try:
+        sample(pipe, smg=G.SMGConfig(masks_from=source), num_inference_steps=1, guidance_scale=3.0)
+    finally:
+        handle.remove()
+    first = outputs[0][:, :, 4:]  # mask-noise channels of the batched call: cond, negative[, uncond]
+    expected = {"cond": first[0:1], "negative": first[1:2], "cfg": G.cfg(first[1:2], first[0:1], 3.0)}
+    if source == "uncond":
+        expected["uncond"] = first[2:3]
+    assert torch.allclose(seen[0], expected[source], atol=1e-5)
+
+
+def test_smg_variants_differ_and_paper_combination_is_literal(pipe, monkeypatch):
+    base = sample(pipe, output_type="latent").latents
+    for variant in (G.SMGConfig(blur="plain"), G.SMGConfig(combine="paper"), G.SMGConfig(degrade_from="cond")):
+        assert not torch.allclose(sample(pipe, smg=variant, output_type="latent").latents, base, atol=1e-4)
+    # "paper": ε̃ = ε̂ + (1 + s)(ε_cfg − ε̂), checked on the ε handed to the scheduler at the one step
+    calls, steps = [], []
+    pipe.unet.register_forward_hook(lambda _m, _a, out: calls.append(out.sample.detach().clone()))
+    real_step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda eps, t, x, **kw: steps.append(eps.clone()) or
+                        real_step(eps, t, x, **kw))
+    try:
+        sample(pipe, smg=G.SMGConfig(combine="paper"), smg_scale=2.0, num_inference_steps=1)
+    finally:
+        pipe.unet._forward_hooks.clear()
+    first, degraded = calls
+    e_cfg = G.cfg(first[1:2], first[0:1], 3.0)
+    expected = degraded[:, :, :4] + 3.0 * (e_cfg[:, :, :4] - degraded[:, :, :4])
+    assert torch.allclose(steps[0][:, :, :4], expected, atol=1e-5)
+    assert torch.allclose(steps[0][:, :, 4:], e_cfg[:, :, 4:], atol=1e-5)  # mask noise: CFG only
+
+
 def test_intermediates_and_callback(pipe):
     steps_seen = []
 
@@ -194,8 +257,7 @@ BAD_INPUTS = [
     (dict(guidance_scale=-1.0), "guidance_scale"),
     (dict(smg_scale=float("nan")), "smg_scale"),
     (dict(guidance="cfg+xyz"), "guidance must be one of"),
-    (dict(smg_blur_side="left"), "smg_blur_side"),
-    (dict(smg_kernel=4), "odd"),
+    (dict(smg="inside"), "SMGConfig"),
     (dict(height=30), "multiple of 8"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(strength=0.0), "strength"),
