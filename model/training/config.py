@@ -31,6 +31,7 @@ class DataConfig:
     trim_padding: bool = True  # collate drops layer slots that are padding in every sample of the batch
     min_area_frac: float = 0.01  # reader validation limits on each foreground mask
     max_area_frac: float = 0.80
+    check_samples: int = 256  # before step 1: fail (exit 2) unless one of the first N items is usable (0 = off)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from model.training import checkpoint as ckpt
-from model.training.trainer import main
+from cluster.train import main
 from tests.model.test_data import write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
