@@ -83,6 +83,7 @@ class RunFolder:
                 return []
             names = [p.name for p in self.local.iterdir() if (p / COMPLETE).is_file()]
         else:
+            self.fs.invalidate_cache()  # other processes write here: never trust a cached listing
             markers = self.fs.glob(f"{self.root}/checkpoint-*/{COMPLETE}")
             names = [m.rstrip("/").split("/")[-2] for m in markers]
         found = [n for n in names if checkpoint_step(n) is not None]
@@ -99,6 +100,7 @@ class RunFolder:
             return _local_path(location)
         fs, path = url_to_fs(str(location))
         path = path.rstrip("/")
+        fs.invalidate_cache()
         if not fs.exists(f"{path}/{COMPLETE}"):
             from model.training.checkpoint import CheckpointError
 
@@ -112,6 +114,7 @@ class RunFolder:
         if not self.remote:
             shutil.rmtree(self.local / name, ignore_errors=True)
             return
+        self.fs.invalidate_cache()
         self.fs.rm_file(f"{self.root}/{name}/{COMPLETE}")
         self.fs.rm(f"{self.root}/{name}", recursive=True)
 
@@ -140,6 +143,7 @@ class RunFolder:
         if not self.remote:
             return (self.local / name).exists()
         remote = f"{self.root}/{name}"
+        self.fs.invalidate_cache()
         if not self.fs.exists(remote):
             return False
         (self.local / name).parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,8 @@ class RunFolder:
     def remove(self, name: str) -> None:
         """Delete one file (locally and, for a remote run, in the run folder)."""
         (self.local / name).unlink(missing_ok=True)
+        if self.remote:
+            self.fs.invalidate_cache()
         if self.remote and self.fs.exists(f"{self.root}/{name}"):
             self.fs.rm_file(f"{self.root}/{name}")
 
@@ -188,6 +194,7 @@ def fetch_pipeline_folder(location: str | Path) -> Path:
         return _local_path(location)
     fs, root = url_to_fs(str(location))
     root = root.rstrip("/")
+    fs.invalidate_cache()
     if not fs.exists(f"{root}/{PIPELINE_INDEX}"):
         raise ValueError(f"{location} is not a LayerDiff run: {PIPELINE_INDEX} is missing (is training finished?)")
     digest = hashlib.sha256(str(location).encode()).hexdigest()[:16]
