@@ -40,6 +40,7 @@ from model.training.interrupt import StopRequest, TrainingInterrupted
 from model.training.outcome import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, run_with_exit_codes  # noqa: F401
 from model.training.run_folder import RunFolder, write_pipeline_folder
 from model.training.train_step import Generators, LayerDiffObjective
+from model.training import validation
 from model.network.unet import LayerDiffUNet
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class Trainer:
         self.dropped: Counter[str] = Counter()
         self._keys_file = None
         self._stop = StopRequest()
+        self.validation_prompts: list[validation.ValidationPrompt] = []
 
     @property
     def is_main(self) -> bool:
@@ -172,6 +174,10 @@ class Trainer:
         self.batches = OrderedBatches(loader, max(1, cfg.data.num_workers), first=self.batches_consumed)
         if self.is_main:
             self._open_logs()
+            if cfg.validation_every:
+                self.validation_prompts = (validation.prompts_from_config(cfg.validation_prompts)
+                                           or validation.prompts_from_data(self.data, cfg.validation_count,
+                                                                           cfg.data.max_layers))
         if cfg.record_keys:
             keys = f"keys-rank{self.rank}.txt"
             if self.step:
@@ -227,6 +233,8 @@ class Trainer:
             self.run.fetch(METRICS)  # a remote run's log as published with its checkpoint (truncated below)
         self._metrics = _open_truncated(self.out_dir / METRICS, self.step, lambda ln: json.loads(ln)["step"])
         self._tb = SummaryWriter(str(self.out_dir / TB), purge_step=self.step + 1 if self.step else None)
+        if not self.step:
+            validation.log_hparams(self._tb, config_to_dict(self.config))
 
     def publish_logs(self) -> None:
         """Flush this rank's logs and upload them to a remote run folder (rank 0: metrics and TensorBoard)."""
@@ -253,6 +261,8 @@ class Trainer:
                     result.losses.append(metrics["loss"])
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+                    if self.is_main and cfg.validation_every and self.step % cfg.validation_every == 0:
+                        self.validate()
                     if self.step % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
                     if metrics["stop_requested"]:  # every rank agreed (all-reduced): stop with a checkpoint
@@ -354,6 +364,25 @@ class Trainer:
                 self._tb.add_scalar(f"train/{k}", metrics[k], self.step)
             for reason, n in metrics["dropped"].items():
                 self._tb.add_scalar(f"data/dropped_{reason}", n, self.step)
+
+    def validate(self) -> Path | None:
+        """Rank 0: sample the validation prompts with the current (EMA) weights; grid → TensorBoard and PNG."""
+        if not self.validation_prompts:
+            return None
+        from PIL import Image
+
+        cfg, start = self.config, time.perf_counter()
+        image = validation.sample_grid(self.components, self.unet, self.ema, self.validation_prompts,
+                                       cfg.validation_size or cfg.data.resolution, cfg.validation_steps, cfg.seed,
+                                       autocast_dtype(cfg.mixed_precision, self.device))  # (H, W, 3) uint8
+        self._tb.add_image("validation/samples", image, self.step, dataformats="HWC")
+        name = f"{validation.FOLDER}/step-{self.step:06d}.png"
+        (self.out_dir / validation.FOLDER).mkdir(exist_ok=True)
+        Image.fromarray(image).save(self.out_dir / name)
+        self.run.publish(name)
+        log.info("validation samples at step %d: %s (%.1f s)", self.step, self.run.location(name),
+                 time.perf_counter() - start)
+        return self.out_dir / name
 
     # -- saving ------------------------------------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
