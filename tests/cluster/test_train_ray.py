@@ -109,6 +109,12 @@ def test_a_killed_worker_restarts_the_group_and_losses_match_an_uninterrupted_ru
     assert len(fs.glob("layerdiff-ray/killed/tb/events.out.tfevents.*")) == 2  # rank 0 was restarted once
     assert fs.exists("layerdiff-ray/killed/model_index.json")
     run.close()
+    from model.sampling.pipeline import LayerDiffPipeline  # the two-worker run samples from its URL
+
+    pipe = LayerDiffPipeline.from_pretrained(f"{bucket}/killed")
+    out = pipe("a box", ["the background", "a red box"], num_inference_steps=2, height=32, width=32,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.composites.shape == (1, 32, 32, 3)
     print(f"kill-a-worker test: two 2-worker fits in {seconds:.1f} s")
 
 
