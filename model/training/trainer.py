@@ -38,7 +38,7 @@ from model.training.ema import EMA
 from model.loading import load_sd_components, resolve_sd
 from model.training.interrupt import StopRequest, TrainingInterrupted
 from model.training.outcome import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, run_with_exit_codes  # noqa: F401
-from model.training.run_folder import RunFolder, write_pipeline_folder
+from model.training.run_folder import RunFolder, is_remote, write_pipeline_folder
 from model.training.train_step import Generators, LayerDiffObjective
 from model.training import validation
 from model.network.unet import LayerDiffUNet
@@ -209,7 +209,7 @@ class Trainer:
         try:
             state, rng = ckpt.load_checkpoint(path, self.unet, self.optimizer, self.lr_scheduler, self.scaler, self.ema)
         finally:
-            if str(path) != str(location):  # a downloaded copy
+            if is_remote(location):  # a downloaded copy, never the checkpoint itself
                 shutil.rmtree(path, ignore_errors=True)
         workers = max(1, self.config.data.num_workers)
         if state.world_size != self.world_size or state.loader_workers != workers:
@@ -273,6 +273,7 @@ class Trainer:
                 self.save_checkpoint()  # the last step too, so the run can be extended with --resume
             if self.is_main:
                 self.save_pipeline()
+                self.save_loss_curve()
         finally:
             bar.close()
             self.close()
@@ -365,24 +366,26 @@ class Trainer:
             for reason, n in metrics["dropped"].items():
                 self._tb.add_scalar(f"data/dropped_{reason}", n, self.step)
 
-    def validate(self) -> Path | None:
+    def validate(self) -> str | None:
         """Rank 0: sample the validation prompts with the current (EMA) weights; grid → TensorBoard and PNG."""
         if not self.validation_prompts:
             return None
-        from PIL import Image
-
         cfg, start = self.config, time.perf_counter()
         image = validation.sample_grid(self.components, self.unet, self.ema, self.validation_prompts,
                                        cfg.validation_size or cfg.data.resolution, cfg.validation_steps, cfg.seed,
                                        autocast_dtype(cfg.mixed_precision, self.device))  # (H, W, 3) uint8
         self._tb.add_image("validation/samples", image, self.step, dataformats="HWC")
-        name = f"{validation.FOLDER}/step-{self.step:06d}.png"
-        (self.out_dir / validation.FOLDER).mkdir(exist_ok=True)
-        Image.fromarray(image).save(self.out_dir / name)
+        name = validation.save_png(image, self.out_dir, self.step)
         self.run.publish(name)
         log.info("validation samples at step %d: %s (%.1f s)", self.step, self.run.location(name),
                  time.perf_counter() - start)
-        return self.out_dir / name
+        return name
+
+    def save_loss_curve(self) -> None:
+        """Rank 0: `loss.png` in the run folder, every logged step (for the model card)."""
+        self._metrics.flush()
+        validation.loss_curve_from(self.out_dir / METRICS).save(self.out_dir / validation.LOSS_CURVE)
+        self.run.publish(validation.LOSS_CURVE)
 
     # -- saving ------------------------------------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:

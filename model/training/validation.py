@@ -9,11 +9,14 @@ Training RNG is untouched (the sampler draws from its own generator inside `torc
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from mlcid.reader import MLCIDReader
 from mlcid.schema import BACKGROUND_PROMPT
@@ -108,6 +111,14 @@ def sample_grid(components: Any, unet: torch.nn.Module, ema: Any, prompts: list[
     return grid(comps, layers, masks)
 
 
+def save_png(image: np.ndarray, run_dir: Path, step: int) -> str:
+    """Write a grid as `validation/step-NNNNNN.png` under `run_dir`; returns that relative name."""
+    name = f"{FOLDER}/step-{step:06d}.png"
+    (run_dir / FOLDER).mkdir(exist_ok=True)
+    Image.fromarray(image).save(run_dir / name)
+    return name
+
+
 def log_hparams(writer: Any, config: dict[str, Any]) -> None:
     """The training config as TensorBoard hparams, in the run's own event file (nested keys dotted)."""
     from torch.utils.tensorboard.summary import hparams
@@ -124,3 +135,43 @@ def log_hparams(writer: Any, config: dict[str, Any]) -> None:
     walk("", config)
     for summary in hparams(flat, {"train/loss": float("nan")}):
         writer._get_file_writer().add_summary(summary)
+
+
+LOSS_CURVE = "loss.png"
+
+
+def loss_curve_from(metrics: Path) -> Image.Image:
+    """`loss_curve` of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return loss_curve([r["step"] for r in rows], [r["loss"] for r in rows])
+
+
+def loss_curve(steps: list[int], losses: list[float], size: tuple[int, int] = (640, 320)) -> Image.Image:
+    """The training loss against the step as a picture (raw values light, a running mean dark), for the card."""
+    from PIL import ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 10, 10, height - 30  # plot area
+    draw.rectangle((left, top, right, bottom), outline="black")
+    if not losses:
+        return image
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1e-6
+    first, last = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step: int, loss: float) -> tuple[float, float]:
+        return (left + (step - first) / (last - first) * (right - left),
+                bottom - (loss - lo) / (hi - lo) * (bottom - top))
+
+    window = max(1, len(losses) // 50)
+    mean = np.convolve(losses, np.ones(window) / window, mode="valid")  # (N - window + 1,)
+    draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(170, 190, 230), width=1)
+    draw.line([xy(s, float(v)) for s, v in zip(steps[window - 1:], mean)], fill=(20, 50, 140), width=2)
+    draw.text((4, top), f"{hi:.4g}", fill="black")
+    draw.text((4, bottom - 10), f"{lo:.4g}", fill="black")
+    draw.text((left, bottom + 8), f"step {first}", fill="black")
+    draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black")
+    draw.text((left + 8, top + 4), "training loss", fill="black")
+    return image

@@ -14,7 +14,7 @@ from PIL import Image
 
 from model.training.ema import EMA
 from model.training.trainer import main
-from model.training.validation import ema_weights, grid
+from model.training.validation import ema_weights, grid, loss_curve
 from tests.model.test_data import write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
@@ -62,6 +62,18 @@ def test_validation_grid_every_n_steps_to_png_and_tensorboard(tiny_models, tmp_p
     seconds = [float(s) for s in re.findall(r"validation samples at step \d+: .* \(([\d.]+) s\)", caplog.text)]
     assert len(seconds) == 2 and max(seconds) < 10, seconds  # ~1-2 s on an idle core
     print(f"validation grid seconds: {seconds}")
+    curve = Image.open(run / "loss.png")  # the loss curve for the model card
+    assert curve.size == (640, 320)
+
+
+def test_loss_curve_follows_the_losses():
+    steps = list(range(1, 201))
+    curve = np.asarray(loss_curve(steps, [2.0 - s / 100 for s in steps]))  # falls linearly from 2 to 0
+    dark = (curve[..., 2] > 100) & (curve[..., 0] < 60)  # the running-mean line's colour
+    rows, cols = np.nonzero(dark[:, 60:630])
+    assert rows.size > 0
+    left, right = rows[cols < 50].mean(), rows[cols > 520].mean()
+    assert left < 80 and right > 240  # high on the left, low on the right (image rows grow downwards)
 
 
 def test_ema_weights_are_swapped_in_and_restored():
