@@ -111,5 +111,6 @@ def check_training_data(shards: str | list[str], config: DataConfig) -> DataChec
         raise DataCheckError(
             f"--data {spec!r}: no usable training sample in the first {check.items} item(s) of {check.shards} of "
             f"{len(urls)} shard(s) (dropped — {counts}). Likely fix: {_likely_fix(check, config, spec)}"
+            + (" (or look further with --set data.check_samples=N)" if check.items >= config.check_samples else "")
         )
     return check

@@ -55,8 +55,10 @@ def test_check_counts_layer_policy_and_stops_at_the_first_usable_sample(tmp_path
     with pytest.raises(DataCheckError, match=r"too_many_layers: 3.*raise it or set data.too_many_layers=truncate"):
         check_training_data(str(data), DataConfig(max_layers=4))
     write_raw_shard(data / "mlcid-000001.tar", [make_sample("ok", 40, 1)])
-    found = check_training_data(str(data), DataConfig(max_layers=4, shuffle_shards=False))
+    found = check_training_data(str(data), DataConfig(max_layers=4))
     assert found.usable_key == "ok" and found.dropped == {"too_many_layers": 3} and found.items == 4
+    with pytest.raises(DataCheckError, match=r"first 2 item\(s\).*look further with --set data.check_samples"):
+        check_training_data(str(data), DataConfig(max_layers=4, check_samples=2))
 
 
 @pytest.fixture(scope="module")
