@@ -7,8 +7,9 @@ Layout of one checkpoint:
   ema.safetensors        EMA weights (when enabled)
   state.json             step, samples seen, world size, loader workers, per-rank data positions, drop counts,
                          the training config
-  complete.json          written last: a folder without it is never taken for a checkpoint (object storage has
-                         no rename; `model.training.run_folder` uploads it after every other file)
+  complete.json          written last. Locally the `.tmp` → rename makes a folder complete; on object storage
+                         (no rename) `model.training.run_folder` uploads this after every other file and lists
+                         only folders that have it
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PREFIX = "checkpoint-"
 UNET_DIR = "unet"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 COMPLETE = "complete.json"
-REQUIRED = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS}", "optimizer.pt", "rng.pt", "state.json", COMPLETE)
+REQUIRED = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS}", "optimizer.pt", "rng.pt", "state.json")
 
 
 class CheckpointError(RuntimeError):
@@ -67,11 +68,12 @@ def checkpoint_step(name: str) -> int | None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders (with `complete.json`) of a local run, oldest first."""
+    """Checkpoint folders of a local run, oldest first: locally the rename from `.tmp` is what makes one complete
+    (so folders written before `complete.json` existed still count)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if checkpoint_step(p.name) is not None and (p / COMPLETE).is_file()]
+    found = [p for p in run_dir.iterdir() if checkpoint_step(p.name) is not None and p.is_dir()]
     return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 

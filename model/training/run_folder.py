@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from model.training.checkpoint import COMPLETE, checkpoint_step
+from model.training.checkpoint import COMPLETE, checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +79,7 @@ class RunFolder:
     def checkpoints(self) -> list[str]:
         """Names of the complete checkpoints (those with `complete.json`), oldest first."""
         if not self.remote:
-            if not self.local.is_dir():
-                return []
-            names = [p.name for p in self.local.iterdir() if (p / COMPLETE).is_file()]
+            return [p.name for p in list_checkpoints(self.local)]  # local: complete once renamed from .tmp
         else:
             self.fs.invalidate_cache()  # other processes write here: never trust a cached listing
             markers = self.fs.glob(f"{self.root}/checkpoint-*/{COMPLETE}")

@@ -52,7 +52,7 @@ def test_s3_run_folder_trains_resumes_exactly_and_loads_as_a_pipeline(tiny_model
     assert fs.cat_file(f"{root}/keys-rank0.txt") == (tmp_path / "local" / "keys-rank0.txt").read_bytes()
     assert fs.glob(f"{root}/tb/events.out.tfevents.*")
     assert run_folder.checkpoints() == ["checkpoint-000002", "checkpoint-000004"]
-    for member in ckpt.REQUIRED:
+    for member in (*ckpt.REQUIRED, ckpt.COMPLETE):
         assert fs.exists(f"{root}/checkpoint-000004/{member}"), member
     assert fs.exists(f"{root}/model_index.json") and fs.exists(f"{root}/config.yaml")
 
