@@ -33,6 +33,7 @@ from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, SMGConfig, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
+from model.training.run_folder import fetch_pipeline_folder
 from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,12 @@ class LayerDiffPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "LayerDiffPipeline":
-        """Load a local run folder through diffusers (checked first; no remote code, no custom pipelines)."""
+        """Load a run folder through diffusers (checked first; no remote code, no custom pipelines). A URL
+        (`s3://bucket/runs/x`, any fsspec URL) is downloaded to the local cache first."""
         for forbidden in ("trust_remote_code", "custom_pipeline"):
             if kwargs.get(forbidden):
                 raise ValueError(f"{forbidden} is not supported by LayerDiffPipeline")
-        path = cls.check_run_folder(pretrained_model_name_or_path)
+        path = cls.check_run_folder(fetch_pipeline_folder(pretrained_model_name_or_path))
         return super().from_pretrained(str(path), **kwargs)
 
     @classmethod

@@ -7,6 +7,9 @@ Layout of one checkpoint:
   ema.safetensors        EMA weights (when enabled)
   state.json             step, samples seen, world size, loader workers, per-rank data positions, drop counts,
                          the training config
+  complete.json          written last. Locally the `.tmp` → rename makes a folder complete; on object storage
+                         (no rename) `model.training.run_folder` uploads this after every other file and lists
+                         only folders that have it
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ log = logging.getLogger(__name__)
 PREFIX = "checkpoint-"
 UNET_DIR = "unet"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+COMPLETE = "complete.json"
 REQUIRED = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS}", "optimizer.pt", "rng.pt", "state.json")
 
 
@@ -49,17 +53,28 @@ class TrainState:
     config: dict[str, Any] = field(default_factory=dict)
 
 
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / f"{PREFIX}{step:06d}"
+    return Path(run_dir) / checkpoint_name(step)
+
+
+def checkpoint_step(name: str) -> int | None:
+    """`checkpoint-000100` → 100; None for any other name (`.tmp` leftovers included)."""
+    tail = name[len(PREFIX):]
+    return int(tail) if name.startswith(PREFIX) and tail.isdigit() else None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders of a run, oldest first (`.tmp` leftovers ignored)."""
+    """Checkpoint folders of a local run, oldest first: locally the rename from `.tmp` is what makes one complete
+    (so folders written before `complete.json` existed still count)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in run_dir.iterdir() if checkpoint_step(p.name) is not None and p.is_dir()]
+    return sorted(found, key=lambda p: checkpoint_step(p.name))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -134,6 +149,7 @@ def save_checkpoint(
     if ema is not None:
         ema.save(tmp / "ema.safetensors")
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1, sort_keys=True))
+    (tmp / COMPLETE).write_text(json.dumps({"step": state.step}))  # last: vouches for every file above
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

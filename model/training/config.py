@@ -31,6 +31,7 @@ class DataConfig:
     trim_padding: bool = True  # collate drops layer slots that are padding in every sample of the batch
     min_area_frac: float = 0.01  # reader validation limits on each foreground mask
     max_area_frac: float = 0.80
+    check_samples: int = 256  # before step 1: fail (exit 2) unless one of the first N items is usable (0 = off)
 
 
 @dataclass
@@ -68,6 +69,12 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest N kept (0 = keep all)
     log_every: int = 1
     record_keys: bool = False  # write the sample keys each rank consumed to keys-rankN.txt (tests, audits)
+    # Validation samples (rank 0, EMA weights): a grid to TensorBoard and validation/step-NNNNNN.png
+    validation_every: int = 1000  # 0 = off
+    validation_prompts: list[dict[str, Any]] = field(default_factory=list)  # [{prompt, layers}]; [] = from the data
+    validation_count: int = 2  # prompts taken from the first shard when validation_prompts is empty
+    validation_steps: int = 10  # DDIM steps per sample
+    validation_size: int = 0  # pixels; 0 = data.resolution
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
@@ -91,6 +98,8 @@ class TrainConfig:
                 self.gradient_checkpointing in (False, True, "full", "layer_blocks"),
                 "gradient_checkpointing must be false, true/full or layer_blocks",
             ),
+            (self.validation_every >= 0 and self.validation_steps >= 1 and self.validation_count >= 1,
+             "validation_every must be ≥ 0, validation_steps and validation_count ≥ 1"),
             ("max_layers" not in self.unet_options, "set data.max_layers, not unet_options.max_layers"),
         ]
         for ok, message in checks:

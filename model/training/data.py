@@ -39,6 +39,7 @@ from mlcid.reader import MLCIDReader
 from mlcid.schema import MLCIDSample
 from mlcid.validate import ValidationConfig
 from model.training.config import DataConfig
+from model.training.interrupt import ignore_sigint
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +282,7 @@ class _Collate:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    ignore_sigint()
 
 
 def build_loader(

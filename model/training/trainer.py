@@ -1,9 +1,12 @@
 """LayerDiff trainer (paper §5.1–5.2) and its CLI: `python -m model.training.trainer --data SHARDS --out RUN [...]`.
 
-One process by default; with `--workers N > 1` the same `Trainer` runs in N DDP workers through Ray Train
-(`cluster.train`). The run folder holds `config.yaml`, `metrics.jsonl` (one line per optimiser step), `tb/`
-(TensorBoard), `checkpoint-NNNNNN/` folders and, at the end, a diffusers-style pipeline folder (`unet/` with the
-LayerDiff UNet, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`).
+One process here; `python -m cluster.train --workers N` runs the same `Trainer` in N DDP workers through Ray
+Train. The run folder (a path or any fsspec URL, see `model.training.run_folder`) holds `config.yaml`,
+`metrics.jsonl` (one line per optimiser step), `tb/` (TensorBoard), `checkpoint-NNNNNN/` folders (each vouched
+for by its `complete.json`) and, at the end, a diffusers-style pipeline folder (`unet/` with the LayerDiff UNet,
+`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json` last).
+Before step 1 the data is checked (`model.training.data_check`); Ctrl-C stops after the current step with a
+checkpoint. Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -30,26 +33,27 @@ from tqdm.auto import tqdm
 from model.training import checkpoint as ckpt
 from model.training.config import TrainConfig, config_to_dict, load_config, save_config
 from model.training.data import Batch, OrderedBatches, SlotPosition, build_loader
+from model.training.data_check import check_training_data
 from model.training.ema import EMA
 from model.loading import load_sd_components, resolve_sd
+from model.training.interrupt import StopRequest, TrainingInterrupted
+from model.training.outcome import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, run_with_exit_codes  # noqa: F401
+from model.training.run_folder import RunFolder, is_remote, write_pipeline_folder
 from model.training.train_step import Generators, LayerDiffObjective
+from model.training import validation
 from model.network.unet import LayerDiffUNet
 
 log = logging.getLogger(__name__)
 
-EXIT_DIVERGED = 3
-EXIT_BAD_INPUT = 2
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or gradient norm) stopped being finite."""
+RESUME_IF_ANY = "if-any"  # resume from the newest checkpoint when there is one, else start fresh (Ray retries)
+METRICS, TB, CONFIG = "metrics.jsonl", "tb", "config.yaml"
 
 
 @dataclass
 class RunResult:
     step: int
     losses: list[float] = field(default_factory=list)  # one per optimiser step run by this call
-    out_dir: Path | None = None
+    run: str | None = None  # the run folder's path or URL
 
 
 def pick_device() -> torch.device:
@@ -92,7 +96,9 @@ class Trainer:
         on_step: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         config.validate()
-        self.config, self.data, self.out_dir = config, data, Path(out_dir)
+        self.config, self.data = config, data
+        self.run = RunFolder.open(out_dir)
+        self.out_dir = self.run.local  # where this process writes; published to `self.run.url` when remote
         self.resume, self.on_step = resume, on_step
         self.rank, self.world_size = _dist()
         self.device = device or pick_device()
@@ -105,6 +111,8 @@ class Trainer:
         self.positions: dict[int, SlotPosition] = {}
         self.dropped: Counter[str] = Counter()
         self._keys_file = None
+        self._stop = StopRequest()
+        self.validation_prompts: list[validation.ValidationPrompt] = []
 
     @property
     def is_main(self) -> bool:
@@ -113,13 +121,16 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self) -> "Trainer":
         cfg = self.config
+        # 0. Fail fast: the data must give a usable sample (else training would wait at step 0 forever).
+        check_training_data(self.data, cfg.data)
         # 1. Seeds (model init draws from the global RNG) and the run folder.
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         resume_from = self._resume_path()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            save_config(cfg, self.out_dir / "config.yaml")
+            save_config(cfg, self.out_dir / CONFIG)
+            self.run.publish(CONFIG)
         # 2. Frozen SD parts and the LayerDiff UNet built from SD's UNet.
         amp = autocast_dtype(cfg.mixed_precision, self.device)
         frozen_dtype = amp or torch.float32
@@ -163,30 +174,43 @@ class Trainer:
         self.batches = OrderedBatches(loader, max(1, cfg.data.num_workers), first=self.batches_consumed)
         if self.is_main:
             self._open_logs()
+            if cfg.validation_every:
+                self.validation_prompts = (validation.prompts_from_config(cfg.validation_prompts)
+                                           or validation.prompts_from_data(self.data, cfg.validation_count,
+                                                                           cfg.data.max_layers))
         if cfg.record_keys:
-            self._keys_file = _open_truncated(self.out_dir / f"keys-rank{self.rank}.txt", self.step,
-                                              lambda ln: int(ln.split("\t", 1)[0]))
+            keys = f"keys-rank{self.rank}.txt"
+            if self.step:
+                self.run.fetch(keys)
+            self._keys_file = _open_truncated(self.out_dir / keys, self.step, lambda ln: int(ln.split("\t", 1)[0]))
         log.info("rank %d/%d on %s: %.1fM trainable parameters, micro-batch %d × accum %d, start step %d",
                  self.rank, self.world_size, self.device, sum(p.numel() for p in params) / 1e6, self.local_batch,
                  cfg.grad_accum, self.step)
         return self
 
-    def _resume_path(self) -> Path | None:
+    def _resume_path(self) -> str | None:
+        """The checkpoint location to resume from (None: a fresh run)."""
+        latest = self.run.latest()
+        if self.resume == RESUME_IF_ANY:
+            return latest
         if not self.resume:
-            existing = ckpt.latest_checkpoint(self.out_dir)
-            if existing is not None:
-                raise FileExistsError(f"{self.out_dir} already holds {existing.name}; pass --resume to continue it "
-                                      "or choose a new --out")
+            if latest is not None:
+                raise FileExistsError(f"{self.run.url} already holds {latest.rsplit('/', 1)[-1]}; pass --resume to "
+                                      "continue it or choose a new --out")
             return None
         if self.resume is True:
-            found = ckpt.latest_checkpoint(self.out_dir)
-            if found is None:
-                raise ckpt.CheckpointError(f"--resume: no checkpoint-* folder in {self.out_dir}")
-            return found
-        return Path(self.resume)
+            if latest is None:
+                raise ckpt.CheckpointError(f"--resume: no complete checkpoint-* folder in {self.run.url}")
+            return latest
+        return str(self.resume)
 
-    def _load(self, path: Path) -> None:
-        state, rng = ckpt.load_checkpoint(path, self.unet, self.optimizer, self.lr_scheduler, self.scaler, self.ema)
+    def _load(self, location: str) -> None:
+        path = self.run.fetch_checkpoint(location)
+        try:
+            state, rng = ckpt.load_checkpoint(path, self.unet, self.optimizer, self.lr_scheduler, self.scaler, self.ema)
+        finally:
+            if is_remote(location):  # a downloaded copy, never the checkpoint itself
+                shutil.rmtree(path, ignore_errors=True)
         workers = max(1, self.config.data.num_workers)
         if state.world_size != self.world_size or state.loader_workers != workers:
             raise ckpt.CheckpointError(
@@ -200,33 +224,56 @@ class Trainer:
         self.batches_consumed = int(mine["batches"])
         self.dropped = Counter(state.dropped[self.rank] if state.dropped else {})
         self.step, self.samples_seen = state.step, state.samples_seen
-        log.info("resumed from %s at step %d (%d samples seen)", path, self.step, self.samples_seen)
+        log.info("resumed from %s at step %d (%d samples seen)", location, self.step, self.samples_seen)
 
     def _open_logs(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._metrics = _open_truncated(self.out_dir / "metrics.jsonl", self.step, lambda ln: json.loads(ln)["step"])
-        self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        if self.step:
+            self.run.fetch(METRICS)  # a remote run's log as published with its checkpoint (truncated below)
+        self._metrics = _open_truncated(self.out_dir / METRICS, self.step, lambda ln: json.loads(ln)["step"])
+        self._tb = SummaryWriter(str(self.out_dir / TB), purge_step=self.step + 1 if self.step else None)
+        if not self.step:
+            validation.log_hparams(self._tb, config_to_dict(self.config))
+
+    def publish_logs(self) -> None:
+        """Flush this rank's logs and upload them to a remote run folder (rank 0: metrics and TensorBoard)."""
+        if self._keys_file is not None:
+            self._keys_file.flush()
+            self.run.publish(Path(self._keys_file.name).name)
+        if self.is_main and getattr(self, "_metrics", None) is not None and not self._metrics.closed:
+            self._metrics.flush()
+            self._tb.flush()
+            self.run.publish(METRICS)
+            self.run.publish(TB)
 
     # -- training ----------------------------------------------------------------------------------------------
     def train(self) -> RunResult:
         """Run optimiser steps until `max_steps`; checkpoints every `checkpoint_every`; final pipeline folder."""
         cfg = self.config
-        result = RunResult(step=self.step, out_dir=self.out_dir)
+        result = RunResult(step=self.step, run=self.run.url)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="train", unit="step",
                    dynamic_ncols=True)
         try:
-            while self.step < cfg.max_steps:
-                metrics = self._optimizer_step()
-                result.losses.append(metrics["loss"])
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
-                if self.step % cfg.checkpoint_every == 0:
-                    self.save_checkpoint()
+            with self._stop:
+                while self.step < cfg.max_steps:
+                    metrics = self._optimizer_step()
+                    result.losses.append(metrics["loss"])
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.1f}")
+                    if self.is_main and cfg.validation_every and self.step % cfg.validation_every == 0:
+                        self.validate()
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+                    if metrics["stop_requested"]:  # every rank agreed (all-reduced): stop with a checkpoint
+                        if self.step % cfg.checkpoint_every:
+                            self.save_checkpoint()
+                        raise TrainingInterrupted(self.step, self.run.location(ckpt.checkpoint_name(self.step)))
             if result.losses and self.step % cfg.checkpoint_every:
                 self.save_checkpoint()  # the last step too, so the run can be extended with --resume
             if self.is_main:
                 self.save_pipeline()
+                self.save_loss_curve()
         finally:
             bar.close()
             self.close()
@@ -258,10 +305,11 @@ class Trainer:
             total += loss.detach()
             parts += torch.stack([part["image"], part["mask"]])
         # 1. Mean loss over micro-batches and workers; stop every worker together if it is not finite.
-        stats = torch.cat([total[None], parts]) / cfg.grad_accum
+        stop = torch.tensor([float(self._stop.requested)], device=self.device)
+        stats = torch.cat([torch.cat([total[None], parts]) / cfg.grad_accum, stop])  # (loss, image, mask, stop)
         if self.world_size > 1:
             dist.all_reduce(stats)
-            stats /= self.world_size
+            stats[:3] /= self.world_size
         loss_value = float(stats[0])
         if not math.isfinite(loss_value):
             self._diverged(f"loss is {loss_value}")
@@ -291,14 +339,14 @@ class Trainer:
             "seconds": seconds, "dropped": dict(self.dropped),
         }  # fmt: skip
         self._log(metrics)
-        return metrics
+        return {**metrics, "stop_requested": bool(stats[3] > 0)}
 
     def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro-batch (hook for tests and subclasses)."""
         return self.objective.loss(self.model, batch, self.gens)
 
     def _diverged(self, what: str) -> None:
-        last = ckpt.latest_checkpoint(self.out_dir)
+        last = self.run.latest()
         raise TrainingDiverged(
             f"training diverged at step {self.step + 1}: {what}. Stopped without saving; last good checkpoint: "
             f"{last if last is not None else 'none (no checkpoint was written yet)'}. Lower the lr, enable "
@@ -318,6 +366,27 @@ class Trainer:
             for reason, n in metrics["dropped"].items():
                 self._tb.add_scalar(f"data/dropped_{reason}", n, self.step)
 
+    def validate(self) -> str | None:
+        """Rank 0: sample the validation prompts with the current (EMA) weights; grid → TensorBoard and PNG."""
+        if not self.validation_prompts:
+            return None
+        cfg, start = self.config, time.perf_counter()
+        image = validation.sample_grid(self.components, self.unet, self.ema, self.validation_prompts,
+                                       cfg.validation_size or cfg.data.resolution, cfg.validation_steps, cfg.seed,
+                                       autocast_dtype(cfg.mixed_precision, self.device))  # (H, W, 3) uint8
+        self._tb.add_image("validation/samples", image, self.step, dataformats="HWC")
+        name = validation.save_png(image, self.out_dir, self.step)
+        self.run.publish(name)
+        log.info("validation samples at step %d: %s (%.1f s)", self.step, self.run.location(name),
+                 time.perf_counter() - start)
+        return name
+
+    def save_loss_curve(self) -> None:
+        """Rank 0: `loss.png` in the run folder, every logged step (for the model card)."""
+        self._metrics.flush()
+        validation.loss_curve_from(self.out_dir / METRICS).save(self.out_dir / validation.LOSS_CURVE)
+        self.run.publish(validation.LOSS_CURVE)
+
     # -- saving ------------------------------------------------------------------------------------------------
     def _gather(self, obj: Any) -> list[Any]:
         if self.world_size == 1:
@@ -326,8 +395,9 @@ class Trainer:
         dist.all_gather_object(out, obj)
         return out
 
-    def save_checkpoint(self) -> Path | None:
-        """All ranks contribute their RNG and data state; rank 0 writes `checkpoint-NNNNNN/` (tmp → rename)."""
+    def save_checkpoint(self) -> str | None:
+        """All ranks contribute their RNG and data state; rank 0 writes `checkpoint-NNNNNN/` (tmp → rename; remote:
+        logs first, then the files, `complete.json` last) and returns its location."""
         mine = {"positions": {str(k): [v.epoch, v.index] for k, v in self.positions.items()},
                 "batches": self.batches_consumed}
         rng = self._gather(ckpt.capture_rng(self.gens.state()))
@@ -338,70 +408,63 @@ class Trainer:
             state = ckpt.TrainState(step=self.step, samples_seen=self.samples_seen, world_size=self.world_size,
                                     loader_workers=max(1, self.config.data.num_workers), data=data, dropped=dropped,
                                     config=config_to_dict(self.config))
-            path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.out_dir, self.step), self.unet, self.optimizer,
-                                        self.lr_scheduler, self.scaler, self.ema, state, rng)
-            ckpt.prune_checkpoints(self.out_dir, self.config.keep_checkpoints)
+            local = ckpt.save_checkpoint(ckpt.checkpoint_path(self.out_dir, self.step), self.unet, self.optimizer,
+                                         self.lr_scheduler, self.scaler, self.ema, state, rng)
+        self.publish_logs()  # before the checkpoint: a resumed run's log then always reaches its step
+        if self.is_main:
+            self.run.publish(local.name)
+            if self.run.remote:
+                shutil.rmtree(local, ignore_errors=True)  # staging keeps no checkpoint copies
+            self.run.prune(self.config.keep_checkpoints)
+            path = self.run.location(local.name)
             log.info("saved %s", path)
         if self.world_size > 1:
             dist.barrier()
         return path
 
-    def save_pipeline(self) -> Path:
+    def save_pipeline(self) -> str:
         """Write the final diffusers-style pipeline folder into the run folder (model_index.json last)."""
-        import diffusers
-
-        (self.out_dir / "model_index.json").unlink(missing_ok=True)  # never vouch for a half-updated folder
         if self.ema is not None:
             self.ema.copy_to(self.unet)  # the sampler gets the averaged weights
         c = self.components
-        parts = {"unet": self.unet, "vae": c.vae.to(torch.float32), "text_encoder": c.text_encoder.to(torch.float32),
-                 "tokenizer": c.tokenizer, "scheduler": c.scheduler}
-        index: dict[str, Any] = {"_class_name": "LayerDiffPipeline", "_diffusers_version": diffusers.__version__}
-        for name, obj in parts.items():  # each part: write to .NAME.tmp, then swap in
-            tmp, final = self.out_dir / f".{name}.tmp", self.out_dir / name
-            shutil.rmtree(tmp, ignore_errors=True)
-            if name in ("unet", "vae"):
-                obj.save_pretrained(tmp, safe_serialization=True)
-            else:
-                obj.save_pretrained(tmp)
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            module = type(obj).__module__.split(".")[0]
-            index[name] = [type(obj).__module__ if module == "model" else module, type(obj).__name__]
-        (self.out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
-        log.info("wrote pipeline folder %s (unet %s)", self.out_dir, "EMA" if self.ema else "last step")
-        return self.out_dir
+        write_pipeline_folder(self.run, {"unet": self.unet, "vae": c.vae.to(torch.float32),
+                                         "text_encoder": c.text_encoder.to(torch.float32), "tokenizer": c.tokenizer,
+                                         "scheduler": c.scheduler})
+        log.info("wrote pipeline folder %s (unet %s)", self.run.url, "EMA" if self.ema else "last step")
+        return self.run.url
 
     def close(self) -> None:
+        """Stop the data stream, publish and close the logs, remove a remote run's staging folder."""
         self.batches = None  # finish the data stream's generators now, not at interpreter shutdown
+        self.publish_logs()
         for f in (getattr(self, "_metrics", None), self._keys_file):
             if f is not None and not f.closed:
                 f.close()
         tb = getattr(self, "_tb", None)
         if tb is not None:
             tb.close()
+        self.run.close()
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m model.training.trainer") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m model.training.trainer",
-        description="Train LayerDiff on MLCID shards (paper recipe by default). One process unless --workers > 1 "
-        "(then DDP workers through Ray Train). Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN).",
+        prog=prog,
+        description="Train LayerDiff on MLCID shards (paper recipe by default) in one process; "
+        "`python -m cluster.train --workers N` runs N DDP workers through Ray Train. "
+        "Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN), 130 interrupted (Ctrl-C, checkpoint written).",
     )
     p.add_argument("--data", required=True, help="MLCID shards: brace pattern, folder, space-separated list or URLs")
-    p.add_argument("--out", required=True, type=Path, help="run folder (logs, checkpoints, final pipeline)")
+    p.add_argument("--out", required=True, help="run folder: a path or an fsspec URL such as s3://bucket/runs/x")
     p.add_argument("--config", type=Path, default=None, help="YAML config (default model/configs/layerdiff_sd15.yaml)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", help="SD 1.x hub id or local pipeline folder to start from")
     src.add_argument("--preset", choices=["real", "tiny"], help="registry preset for sd15 (tiny = offline test model)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its newest checkpoint (or from CHECKPOINT)")
-    p.add_argument("--workers", type=int, default=1, help="training processes (DDP through Ray Train when > 1)")
-    p.add_argument("--gpu", action="store_true", help="with --workers > 1: one GPU per worker (nccl)")
+                   help="continue the run in --out from its newest complete checkpoint (or from CHECKPOINT)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable, e.g. --set data.resolution=64 --set batch_size=4")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -420,25 +483,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_args(args)
-        if args.workers > 1:
-            from cluster.train import launch  # Ray lives in cluster/, imported only when asked for
 
-            launch(config, args.data, args.out, workers=args.workers, use_gpu=args.gpu, resume=args.resume)
-            return 0
-        Trainer(config, args.data, args.out, resume=args.resume).setup().train()
-    except TrainingDiverged as e:
-        log.error("%s", e)
-        return EXIT_DIVERGED
-    except (ckpt.CheckpointError, ValueError, FileNotFoundError, FileExistsError) as e:
-        log.error("%s: %s", type(e).__name__, e)
-        log.debug("traceback", exc_info=True)
-        return EXIT_BAD_INPUT
-    return 0
+    def train() -> None:
+        Trainer(config_from_args(args), args.data, args.out, resume=args.resume).setup().train()
+
+    return run_with_exit_codes(train, args.out, "python -m model.training.trainer", argv)
 
 
 if __name__ == "__main__":

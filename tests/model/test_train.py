@@ -143,7 +143,9 @@ def test_resume_continues_exactly(tiny_models, shards, tmp_path):
     loader = ["--set", "data.num_workers=2", "--set", "checkpoint_every=3", "--set", "record_keys=true"]
     assert run(shards, tmp_path / "full", 6, *loader) == 0
     assert run(shards, tmp_path / "part", 3, *loader) == 0
-    assert (tmp_path / "part" / "checkpoint-000003").is_dir()
+    assert (tmp_path / "part" / "checkpoint-000003" / ckpt.COMPLETE).is_file()
+    # a local folder is complete once renamed from .tmp: checkpoints from before complete.json still resume
+    (tmp_path / "part" / "checkpoint-000003" / ckpt.COMPLETE).unlink()
     assert run(shards, tmp_path / "part", 6, "--resume", *loader) == 0
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(full) == len(part) == 6
