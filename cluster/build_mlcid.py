@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlcid.shards import expand_urls
+from mlcid.wids_index import index_folder
 from mlcid.writer import is_complete
 from pipelines.build import config_from_args
 from pipelines.config import PRESETS, STAGE_ORDER, PipelineConfig
@@ -119,7 +120,8 @@ def build(config: BuildConfig) -> RunSummary:
             report = pool.run(tasks)
         finally:
             progress.close()
-    # 4. Totals.
+    # 4. The wids index over every complete shard in `out`, then the totals.
+    index_folder(out, config.pipeline.prefix)
     return summarize(report, len(complete), pool_cfg.workers, time.perf_counter() - t0)
 
 

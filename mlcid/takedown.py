@@ -249,6 +249,16 @@ def takedown_shard(url: str, config: TakedownConfig) -> ShardTakedown:
     return result
 
 
+def _refresh_index(urls: list[str], out: str) -> None:
+    """Rewrite `out/index.json` (wids) when the inputs or `out` had one: its sample counts just changed."""
+    from mlcid.wids_index import INDEX_NAME, index_folder
+
+    fs, root = fsspec.core.url_to_fs(out)
+    beside_input = urls[0].rsplit("/", 1)[0] + "/" + INDEX_NAME if "/" in urls[0] else INDEX_NAME
+    if fs.exists(f"{root.rstrip('/')}/{INDEX_NAME}") or _read_optional(beside_input) is not None:
+        index_folder(out, _basename(urls[0]).rsplit("-", 1)[0])
+
+
 def takedown(shards: str | Iterable[str], config: TakedownConfig) -> TakedownResult:
     """Rewrite every shard; a refused shard is reported with its reason and the others go on."""
     urls = expand_urls(shards)
@@ -265,6 +275,7 @@ def takedown(shards: str | Iterable[str], config: TakedownConfig) -> TakedownRes
         except (ValueError, OSError) as e:
             log.error("refused %s: %s", u, e)
             results.append(ShardTakedown(shard=u, error=str(e)))
+    _refresh_index(urls, config.out)
     found_keys = {r.key.rsplit("/", 1)[-1] for s in results for r in s.removed}
     found_urls = {r.url for s in results for r in s.removed}
     return TakedownResult(results, sorted(config.keys - found_keys), sorted(config.urls - found_urls))

@@ -14,6 +14,7 @@ import sys
 from tqdm import tqdm
 
 from mlcid.shards import expand_urls
+from mlcid.wids_index import index_folder
 from pipelines.config import PRESETS, STAGE_ORDER, PipelineConfig
 from pipelines.runner import ShardProcessor
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_bar.set_postfix(written=totals["written"], read=totals["read"])
             tqdm.write(f"{url}: {'skipped (complete)' if stats.get('skipped') else 'done'} — read {stats['read']}, "
                        f"written {stats['written']}, dropped {stats['dropped']}")
+    index_folder(args.out, config.prefix)  # index.json for wids.ShardListDataset
     print(json.dumps(totals))
     return 0
 
