@@ -6,21 +6,27 @@ PY := $(VENV)/bin/python
 WORK := $(CURDIR)/.work
 STAMP := $(VENV)/.installed
 
-# Keep every cache, temp dir and Ray file inside the repo's ignored work dir; never reach a model hub.
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export HF_HOME := $(WORK)/cache/hf
-export TORCH_HOME := $(WORK)/cache/torch
-export XDG_CACHE_HOME := $(WORK)/cache/xdg
-export MPLCONFIGDIR := $(WORK)/cache/mpl
-export TMPDIR := $(WORK)/tmp
-export RAY_TMPDIR := $(WORK)/ray
-export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
-export NO_ALBUMENTATIONS_UPDATE := 1
-export WANDB_MODE := disabled
-export LAYERDIFF_TINY_MODELS := $(WORK)/tiny-models
-export PYTHONUNBUFFERED := 1
+MLCID := $(VENV)/bin/mlcid
+LAYERDIFF := $(VENV)/bin/layerdiff
+
+# Defaults a user can override from the environment or the command line (`make train HF_HOME=~/.cache/hf`):
+# caches, temp dirs and Ray files stay inside the repo's ignored work dir. The demo and the tests never reach
+# a model hub (they set HF_HUB_OFFLINE=1 below); other targets may, to load real weights by hub id.
+export HF_HOME ?= $(WORK)/cache/hf
+export TORCH_HOME ?= $(WORK)/cache/torch
+export XDG_CACHE_HOME ?= $(WORK)/cache/xdg
+export MPLCONFIGDIR ?= $(WORK)/cache/mpl
+export TMPDIR ?= $(WORK)/tmp
+export RAY_TMPDIR ?= $(WORK)/ray
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export NO_ALBUMENTATIONS_UPDATE ?= 1
+export WANDB_MODE ?= disabled
+export LAYERDIFF_TINY_MODELS ?= $(WORK)/tiny-models
+export PYTHONUNBUFFERED ?= 1
+OFFLINE_TARGETS := demo test test-all learn-bench bench-io bench-train bench-loader bench-sample bench-orchestration
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
+$(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench
 help: ## list targets
@@ -38,33 +44,36 @@ $(STAMP): pyproject.toml
 env: $(STAMP) ## create .venv (idempotent)
 	@mkdir -p $(WORK)/tmp $(WORK)/ray
 
-tiny-models: env ## build the tiny random-weight model presets into .work/tiny-models
-	$(PY) -m model.tiny --out $(LAYERDIFF_TINY_MODELS)
-	$(PY) -m pipelines.tiny --out $(LAYERDIFF_TINY_MODELS)
+tiny-models: env ## (re)build the tiny random-weight model presets into $$LAYERDIFF_TINY_MODELS (.work/tiny-models)
+	$(LAYERDIFF) tiny-models
+
+# PRESET=tiny: build the tiny presets that are missing before a command that loads them.
+TINY_IF_NEEDED = $(if $(filter tiny,$(PRESET)),$(LAYERDIFF) tiny-models --missing-only &&)
 
 N ?= 1000
 NSHARDS ?= 4
 SEED ?= 0
 SIZE ?= 128
 synthetic: env ## make synthetic OUT=dir [N=1000 NSHARDS=4 SEED=0 SIZE=128]: raw img2dataset shards + ground-truth MLCID
-	$(PY) -m mlcid.synthetic --out $(OUT) --samples $(N) --shards $(NSHARDS) --seed $(SEED) --size $(SIZE)
+	$(MLCID) synthetic --out $(OUT) --samples $(N) --shards $(NSHARDS) --seed $(SEED) --size $(SIZE)
 
 PRESET ?= real
 build-mlcid-local: env ## make build-mlcid-local SHARDS='raw/{00000..00009}.tar' OUT=dir [PRESET=tiny] (sequential, no Ray)
-	$(PY) -m pipelines.build --shards $(SHARDS) --out $(OUT) --preset $(PRESET)
+	$(TINY_IF_NEEDED) $(MLCID) build-local --shards $(SHARDS) --out $(OUT) --preset $(PRESET)
 
 MODEL ?=
 DATA ?=
 EVAL_ARGS ?=
 eval-fid: env ## make eval-fid MODEL=run DATA='mlcid-{000000..000009}.tar' OUT=dir [PRESET=tiny EVAL_ARGS='--per-group 2 --steps 2']
-	$(PY) -m model.evaluation.evaluate --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
+	$(TINY_IF_NEEDED) $(LAYERDIFF) eval --model $(MODEL) --data '$(DATA)' --out $(OUT) --preset $(PRESET) $(EVAL_ARGS)
 
-CONFIG ?= model/configs/layerdiff_sd15.yaml
+CONFIG ?=
 WORKERS ?=
 PRETRAINED ?=
 MAX_STEPS ?=
+TRAIN_CONFIG = $(or $(CONFIG),$(if $(filter tiny,$(PRESET)),model/configs/tiny.yaml,model/configs/layerdiff_sd15.yaml))
 train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n] [RESUME=1] [GPU=1]
-	$(PY) -m model.training.trainer --data "$(DATA)" --out $(OUT) --config $(CONFIG) --workers $(or $(WORKERS),1) \
+	$(TINY_IF_NEEDED) $(LAYERDIFF) train --data "$(DATA)" --out $(OUT) --config $(TRAIN_CONFIG) --workers $(or $(WORKERS),1) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),--preset $(PRESET)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
 	  $(if $(RESUME),--resume) $(if $(GPU),--gpu)
 
@@ -72,7 +81,7 @@ bench-loader: env ## loader samples/s vs tiny-trainer consumption
 	$(PY) -m benchmarks.loader
 
 build-mlcid: env ## make build-mlcid SHARDS='raw/{00000..00099}.tar' OUT=mlcid/ [PRESET=tiny|real] [WORKERS=n] (Ray; joins RAY_ADDRESS if set)
-	$(PY) -m cluster.build_mlcid --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(WORKERS),--workers $(WORKERS))
+	$(TINY_IF_NEEDED) $(MLCID) build --shards $(SHARDS) --out $(OUT) --preset $(PRESET) $(if $(WORKERS),--workers $(WORKERS))
 
 IMG2DATASET_VENV := .venv-img2dataset
 img2dataset-env: ## img2dataset in its own venv (it pins webdataset<0.3, pandas<3, opencv<5)
@@ -81,13 +90,13 @@ img2dataset-env: ## img2dataset in its own venv (it pins webdataset<0.3, pandas<
 
 PARQUET ?=
 laion-shards: env img2dataset-env ## make laion-shards PARQUET=laion-part.parquet OUT=raw/ : img2dataset → input shards NNNNN.tar
-	$(PY) -m cluster.laion --url-list $(PARQUET) --out $(OUT) --venv $(IMG2DATASET_VENV)
+	$(MLCID) laion --url-list $(PARQUET) --out $(OUT) --venv $(IMG2DATASET_VENV)
 
 PROMPT ?=
 LAYERS ?=
 SAMPLE_ARGS ?=
 sample: env ## make sample MODEL=run PROMPT='global prompt' LAYERS='the background|a red ball|a dog' OUT=dir [SAMPLE_ARGS='--steps 50 --seed 0']
-	$(PY) -m model.sampling.sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
+	$(LAYERDIFF) sample --model $(MODEL) --prompt "$(PROMPT)" --layers "$(LAYERS)" --out $(OUT) $(SAMPLE_ARGS)
 
 bench-train: env ## LayerDiffUNet vs plain UNet forward+backward time and memory, L = 2, 3, 4 (CPU)
 	$(PY) -m benchmarks.train --layers 2 3 4 --threads 1
@@ -103,30 +112,29 @@ bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, fram
 
 LEARN_OUT ?= $(WORK)/learn-bench
 learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE → LayerDiff from scratch → layer fidelity (~40 min, 2 CPU cores; resumable)
-	$(PY) -m benchmarks.learn_bench --out $(LEARN_OUT)
+	$(LAYERDIFF) learn-bench --out $(LEARN_OUT)
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
 demo: env ## everything end to end, offline: synthetic + bundled photos → MLCID on in-process Ray → view → train → sample → eval
 	@echo "== 1. raw inputs: synthetic layered scenes (+ exact ground truth) and photos bundled with scikit-image/learn"
-	$(PY) -m mlcid.synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128 --quiet
-	$(PY) -m mlcid.photos --out $(DEMO)/raw --shard-id 90
+	$(MLCID) synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128 --quiet
+	$(MLCID) photos --out $(DEMO)/raw --shard-id 90
 	@echo "== 2. tiny model presets (random weights, each library's own format)"
-	$(PY) -m model.tiny --out $(DEMO_TINY)
-	$(PY) -m pipelines.tiny --out $(DEMO_TINY)
+	$(LAYERDIFF) tiny-models --out $(DEMO_TINY)
 	@echo "== 3. build MLCID from the raw shards with the tiny pipeline on in-process Ray (2 workers)"
-	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) $(PY) -m cluster.build_mlcid --shards $(DEMO)/raw --out $(DEMO)/mlcid \
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) $(MLCID) build --shards $(DEMO)/raw --out $(DEMO)/mlcid \
 	  --preset tiny --workers 2 --summary-json $(DEMO)/mlcid/summary.json
-	$(PY) -m mlcid.validate $(DEMO)/mlcid $(DEMO)/gt
-	$(PY) -m mlcid.view $(DEMO)/mlcid $(DEMO)/gt --out $(DEMO)/view
+	$(MLCID) validate $(DEMO)/mlcid $(DEMO)/gt
+	$(MLCID) view $(DEMO)/mlcid $(DEMO)/gt --out $(DEMO)/view
 	@echo "== 4. train the tiny LayerDiff for a few dozen steps on the built + ground-truth shards"
-	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.training.trainer --data "$(DEMO)/mlcid $(DEMO)/gt" \
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(LAYERDIFF) train --data "$(DEMO)/mlcid $(DEMO)/gt" \
 	  --out $(DEMO)/run --config model/configs/tiny.yaml --preset tiny --max-steps 30 --set checkpoint_every=10
 	@echo "== 5. sample a layered image (CFG + self-mask guidance) and export PNG/PSD/ORA"
-	$(PY) -m model.sampling.sample --model $(DEMO)/run --prompt "a red circle in front of a blue square on a striped green background" \
+	$(LAYERDIFF) sample --model $(DEMO)/run --prompt "a red circle in front of a blue square on a striped green background" \
 	  --layers "the background|a blue square|a red circle" --steps 10 --height 64 --width 64 --seed 0 --out $(DEMO)/sample --overwrite
 	@echo "== 6. evaluate (FID, CLIP score, layer CLIP score; tiny extractor and CLIP) on the ground-truth prompts"
-	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(PY) -m model.evaluation.evaluate --model $(DEMO)/run --data $(DEMO)/gt \
+	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(LAYERDIFF) eval --model $(DEMO)/run --data $(DEMO)/gt \
 	  --out $(DEMO)/eval --preset tiny --per-group 2 --steps 2 --size 64 --sd-size 64 --eval-size 64
 	@echo "demo done: gallery $(DEMO)/view/index.html, layered sample $(DEMO)/sample, metrics $(DEMO)/eval/metrics.md"
 
@@ -140,13 +148,13 @@ SHARDS ?=
 OUT ?=
 PER_PAGE ?= 50
 view: env ## make view SHARDS='dir/mlcid-{000000..000009}.tar' OUT=folder [PER_PAGE=50]
-	$(PY) -m mlcid.view $(SHARDS) --out $(OUT) --per-page $(PER_PAGE)
+	$(MLCID) view $(SHARDS) --out $(OUT) --per-page $(PER_PAGE)
 
 stats: env ## make stats SHARDS='...'  (kept/dropped by reason, layer counts, incomplete shards)
-	$(PY) -m mlcid.stats $(SHARDS)
+	$(MLCID) stats $(SHARDS)
 
 validate: env ## make validate SHARDS='...'
-	$(PY) -m mlcid.validate $(SHARDS)
+	$(MLCID) validate $(SHARDS)
 
 bench-io: env ## reader/writer throughput (numbers go to BENCHMARKS.md)
 	$(PY) -m benchmarks.shard_io

@@ -6,7 +6,6 @@ can run the MLCID pipeline on real photos next to the synthetic scenes without a
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -65,16 +64,3 @@ def write_photo_shard(out: str | os.PathLike, shard_id: int = 90) -> Path:
                 tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, path)
     return path
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mlcid.photos", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for the raw shard")
-    p.add_argument("--shard-id", type=int, default=90, help="shard number (file name {id:05d}.tar)")
-    args = p.parse_args(argv)
-    path = write_photo_shard(args.out, args.shard_id)
-    print(f"wrote {len(load_photos())} bundled photos to {path}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,10 +1,7 @@
-"""The `mlcid/1` invariants, checked by the writer, the reader and the CLI (`python -m mlcid.validate SHARDS…`)."""
+"""The `mlcid/1` invariants of one sample, checked by the writer, the reader and `mlcid validate` (via `mlcid.shard_check`)."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,57 +83,3 @@ def validate_sample(sample: MLCIDSample, config: ValidationConfig = ValidationCo
                 errors.MASK_AREA,
                 f"mask{i:02d} covers {frac:.4f} of the image, allowed {config.min_area_frac}..{config.max_area_frac}",
             )
-
-
-def validate_shard(path: str, config: ValidationConfig = ValidationConfig()) -> tuple[int, dict[str, int]]:
-    """Read every sample of one shard strictly; return (valid count, {reason: count})."""
-    from mlcid.reader import iter_shard_samples  # local import: reader imports this module
-
-    valid, bad = 0, {}
-    for item in iter_shard_samples(path, config=config):
-        if isinstance(item, SampleError):
-            bad[item.reason] = bad.get(item.reason, 0) + 1
-        else:
-            valid += 1
-    return valid, bad
-
-
-def _stats_written(url: str) -> int | None:
-    """The `written` count of the shard's stats file, or None when there is none (or it is unreadable)."""
-    from mlcid.stats import load_shard_stats  # local import: stats reads shards through this package
-
-    record = load_shard_stats(url)
-    return None if record.stats is None else record.stats.get("written")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlcid.validate",
-        description="Check MLCID shards against the mlcid/1 invariants. Exit 1 if any shard holds an invalid sample, "
-        "is truncated, or has no samples (unless its stats file records that every input was dropped).",
-    )
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns or fsspec URLs")
-    parser.add_argument("--max-layers", type=int, default=DEFAULT_MAX_LAYERS)
-    parser.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA_FRAC)
-    parser.add_argument("--max-area", type=float, default=DEFAULT_MAX_AREA_FRAC)
-    parser.add_argument("--json", action="store_true", help="print one JSON line per shard")
-    args = parser.parse_args(argv)
-    from mlcid.shards import expand_urls
-
-    config = ValidationConfig(args.max_layers, args.min_area, args.max_area)
-    failed = 0
-    for url in expand_urls(args.shards):
-        valid, bad = validate_shard(url, config)
-        empty_by_design = not valid and _stats_written(url) == 0  # every input dropped, recorded in its stats
-        ok = not bad and (valid > 0 or empty_by_design)
-        failed += not ok
-        if args.json:
-            print(json.dumps({"shard": url, "ok": ok, "valid": valid, "invalid": bad}))
-        else:
-            detail = ", ".join(f"{k}={v}" for k, v in sorted(bad.items())) or (("empty: its stats record every input dropped" if empty_by_design else "no samples") if not valid else "")
-            print(f"{'OK  ' if ok else 'FAIL'} {url}: {valid} valid" + (f"; {detail}" if detail else ""))
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,6 @@ ones. Folders under the tiny root (see `mlcid.registry`): `sd15/`, `sd15-inpaint
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -277,20 +276,3 @@ def build_tiny_models(root: Path, presets: TinyPresets | None = None, only: tupl
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         log.info("tiny preset %-14s -> %s (%.1f s)", name, final, time.perf_counter() - start)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m model.tiny",
-        description="Write tiny random-weight presets (SD 1.5, SD inpainting, CLIP, FID extractor) for offline "
-                    "tests and demos. Seeded: two runs give identical weights.")
-    parser.add_argument("--out", type=Path, required=True, help="tiny-model root, e.g. .work/tiny-models")
-    parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="build only these presets (sd15 sd15-inpaint clip fid-extractor)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    build_tiny_models(args.out, only=tuple(args.only) if args.only else None)
-
-
-if __name__ == "__main__":
-    main()

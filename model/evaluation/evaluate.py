@@ -6,7 +6,7 @@ with CFG and with CFG + self-mask guidance. FID: composites vs the real composit
 (torch-fidelity features, reference statistics cached per dataset); CLIP score: composite vs global prompt;
 layer CLIP score: each foreground over a neutral fill outside its mask vs its layer prompt.
 
-    python -m model.evaluation.evaluate --model RUN --data 'mlcid-{000000..000009}.tar' --out OUT [--preset tiny]
+    layerdiff eval --model RUN --data 'mlcid-{000000..000009}.tar' --out OUT [--preset tiny]
 
 Writes OUT/metrics.json, OUT/metrics.md (Table-1 layout) and OUT/rows/<method>/ (composites, per-sample
 records; a rerun with the same settings resumes there).
@@ -14,10 +14,8 @@ records; a rerun with the same settings resumes there).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -31,69 +29,11 @@ from mlcid.imageio import decode_rgb, encode_png
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
 from model.sampling.export import LayeredImage, as_layered, save_output
+from model.evaluation.config import METHODS, EvalConfig
 from model.evaluation.features import ALL, ClipEmbedder, FidFeatures, layer_on_fill, reference_stats, resize_rgb
 from model.evaluation.metrics import FeatureStats, clip_score, frechet_distance_stats
 
 log = logging.getLogger(__name__)
-
-LAYER_COUNTS = (2, 3, 4)  # paper Table 1 columns
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate and how. Paper defaults: DDIM 50 steps, CFG 3, SMG 3, LayerDiff at 256², SD at 512²→256²."""
-
-    model: str  # LayerDiff run folder
-    data: list[str]  # MLCID test shards (paths, brace patterns, fsspec URLs)
-    out: str
-    preset: str = "real"  # "real" | "tiny": where SD 1.5, CLIP RN50 and the FID extractor load from
-    rows: tuple[str, ...] = ("sd15", "layerdiff", "layerdiff+smg")
-    layer_counts: tuple[int, ...] = LAYER_COUNTS
-    per_group: int = 1000  # prompts per layer count (paper Table 3: 500/300/200 of a 1k set)
-    num_inference_steps: int = 50
-    guidance_scale: float = 3.0
-    smg_scale: float = 3.0
-    sd_guidance_scale: float = 7.5  # SD 1.5's own default
-    seed: int = 0
-    size: int | None = None  # LayerDiff sampling size; None: the run's default (256 for the paper's model)
-    sd_size: int | None = None  # SD baseline size; None: its native size (512 for SD 1.5)
-    eval_size: int = 256  # every composite (real and generated) is resized to this before FID and CLIP score
-    max_reference: int | None = None  # cap on real composites per group for the reference statistics
-    layer_fill: tuple[int, int, int] = (128, 128, 128)  # neutral fill outside a layer's mask (layer CLIP score)
-    sd_model: str | None = None  # SD 1.5 folder or hub id (default: the registry's, per preset)
-    clip_model: str | None = None  # open_clip folder / weights file (default: $LAYERDIFF_CLIP_RN50 or the preset)
-    fid_weights: str | None = None  # extractor weights (default: $LAYERDIFF_FID_WEIGHTS, torch hub cache, preset)
-    device: str = "cpu"
-    dtype: str = "float32"  # "float16" on GPUs
-    batch_size: int = 32  # feature / embedding batches
-    save_layers: bool = False  # also write every LayerDiff output as a layered folder (PNG + PSD + ORA)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.rows, self.layer_counts = tuple(self.rows), tuple(int(n) for n in self.layer_counts)
-        self.data = [url for spec in ([self.data] if isinstance(self.data, str) else self.data) for url in spec.split()]
-        self.layer_fill = tuple(self.layer_fill)
-        unknown = [r for r in self.rows if r not in ROWS]
-        if unknown or not self.rows:
-            raise ValueError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(ROWS)}")
-        if self.per_group < 2:
-            raise ValueError(f"per_group must be ≥ 2 (FID needs a covariance), got {self.per_group}")
-        if not self.layer_counts or any(n < 2 for n in self.layer_counts):
-            raise ValueError(f"layer_counts must be ≥ 2 (background + foregrounds), got {self.layer_counts}")
-        for name in ("num_inference_steps", "eval_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        for name in ("guidance_scale", "smg_scale", "sd_guidance_scale"):
-            value = getattr(self, name)
-            if not np.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
-
-    @property
-    def groups(self) -> list[str]:
-        return [str(n) for n in self.layer_counts] + [ALL]
-
 
 @dataclass
 class Prompt:
@@ -194,6 +134,7 @@ ROWS: dict[str, tuple[str, Callable[..., Any]]] = {
     "layerdiff+smg": ("LayerDiff+SMG",
                       lambda config, shared: LayerDiffMethod(config, "cfg+smg", "LayerDiff+SMG", shared)),
 }
+assert tuple(ROWS) == METHODS, "model.evaluation.config.METHODS names the rows defined here"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,84 +345,3 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     (out / "metrics.md").write_text(metrics_markdown(result), encoding="utf-8")
     log.info("wrote %s and %s (%.1f s)", out / "metrics.json", out / "metrics.md", result["seconds"])
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = EvalConfig(model="", data=[], out="")
-    parser = argparse.ArgumentParser(
-        prog="python -m model.evaluation.evaluate",
-        description="Evaluate LayerDiff like the paper's Table 1: FID, CLIP score and layer CLIP score per layer "
-                    "count, for SD 1.5, LayerDiff (CFG) and LayerDiff+SMG on the same MLCID test prompts. "
-                    "Real weights load from local files offline: CLIP RN50 via $LAYERDIFF_CLIP_RN50, Inception "
-                    "via $LAYERDIFF_FID_WEIGHTS (or --clip-model / --fid-weights); --preset tiny uses the tiny "
-                    "random models from `make tiny-models`.",
-        epilog="example (tiny, offline): python -m model.evaluation.evaluate --model runs/tiny --preset tiny "
-               "--data '.work/synthetic/mlcid/mlcid-{000000..000001}.tar' --out .work/eval --per-group 2 --steps 2",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="RUN", help="LayerDiff run folder (from `make train`)")
-    parser.add_argument("--data", required=True, nargs="+", metavar="SHARDS",
-                        help="MLCID test shards: paths, brace patterns (quote them), folders, fsspec URLs")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder: metrics.json, metrics.md, rows/ (resumable), cache/ (reference stats)")
-    parser.add_argument("--preset", default=d.preset, choices=("real", "tiny"),
-                        help="where SD 1.5, CLIP RN50 and the FID extractor load from")
-    parser.add_argument("--rows", nargs="+", default=list(d.rows), choices=list(ROWS), help="methods to run")
-    parser.add_argument("--layer-counts", nargs="+", type=int, default=list(d.layer_counts), metavar="L",
-                        help="layer counts to evaluate (Table 1 columns)")
-    parser.add_argument("--per-group", type=int, default=d.per_group, help="prompts per layer count")
-    parser.add_argument("--steps", type=int, default=d.num_inference_steps, help="DDIM steps (all methods)")
-    parser.add_argument("--cfg", type=float, default=d.guidance_scale, help="LayerDiff CFG scale")
-    parser.add_argument("--smg", type=float, default=d.smg_scale, help="LayerDiff self-mask guidance scale")
-    parser.add_argument("--sd-cfg", type=float, default=d.sd_guidance_scale, help="SD 1.5 CFG scale")
-    parser.add_argument("--seed", type=int, default=d.seed, help="prompt i is sampled with seed + i (all methods)")
-    parser.add_argument("--size", type=int, help="LayerDiff sampling size; unset: the run's default")
-    parser.add_argument("--sd-size", type=int, help="SD sampling size; unset: native (512 for SD 1.5)")
-    parser.add_argument("--eval-size", type=int, default=d.eval_size, help="size images are compared at")
-    parser.add_argument("--max-reference", type=int, help="cap on real composites per group; unset: all")
-    parser.add_argument("--sd-model", help="SD 1.5 folder or hub id; unset: the registry's, per preset")
-    parser.add_argument("--clip-model", help="open_clip RN50 folder or weights file; unset: $LAYERDIFF_CLIP_RN50, "
-                                             "else the preset's")
-    parser.add_argument("--fid-weights", help="torch-fidelity Inception weights file; unset: "
-                                              "$LAYERDIFF_FID_WEIGHTS, torch hub's cache, else the preset's")
-    parser.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, …")
-    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "float16", "bfloat16"),
-                        help="model dtype for sampling and scoring")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="feature/embedding batch size")
-    parser.add_argument("--save-layers", action="store_true", help="also export every LayerDiff sample (PSD/ORA)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    return EvalConfig(model=args.model, data=args.data, out=args.out, preset=args.preset, rows=tuple(args.rows),
-                      layer_counts=tuple(args.layer_counts), per_group=args.per_group,
-                      num_inference_steps=args.steps, guidance_scale=args.cfg, smg_scale=args.smg,
-                      sd_guidance_scale=args.sd_cfg, seed=args.seed, size=args.size, sd_size=args.sd_size,
-                      eval_size=args.eval_size, max_reference=args.max_reference, sd_model=args.sd_model,
-                      clip_model=args.clip_model, fid_weights=args.fid_weights, device=args.device,
-                      dtype=args.dtype, batch_size=args.batch_size, save_layers=args.save_layers,
-                      progress=not args.no_progress)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("__main__", "model", "mlcid"):  # our progress at INFO; libraries (open_clip logs to root) quieter
-        logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        config = config_from_args(args)
-        result = evaluate(config)
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
-    print(metrics_markdown(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

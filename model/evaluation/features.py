@@ -20,12 +20,12 @@ from PIL import Image
 
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
-from model.loading import ClipScorer, FidExtractor
+from model.evaluation.config import ALL
 from model.evaluation.metrics import FeatureStats
+from model.loading import ClipScorer, FidExtractor
 
 log = logging.getLogger(__name__)
 
-ALL = "all"  # group of every sample, whatever its layer count
 CACHE_VERSION = 1
 
 

@@ -29,10 +29,26 @@ def test_tiny_run_every_stage():
     assert all(r["s_per_sample"] > 0 for r in report["stages"])
 
 
-def test_tiny_caption_generates_a_fixed_number_of_tokens():
-    cfg = BenchConfig.tiny_profile(stages=("caption",), samples=2, caption_tokens=5)
-    report = run(cfg)
-    assert report["stages"][0]["stage"] == "caption" and report["stages"][0]["dropped"] == 0
+def test_tiny_caption_generates_a_fixed_number_of_tokens(monkeypatch):
+    """The benchmark times a fixed amount of decoding: every caption is exactly `caption_tokens` long."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    real_generate, lengths = InstructBlipForConditionalGeneration.generate, []
+
+    def recording_generate(self, *args, **kwargs):
+        out = real_generate(self, *args, **kwargs)  # (B, T) token ids
+        lengths.append(out.shape[-1])
+        return out
+
+    monkeypatch.setattr(InstructBlipForConditionalGeneration, "generate", recording_generate)
+    per_run = {}
+    for tokens in (5, 9):
+        lengths.clear()
+        report = run(BenchConfig.tiny_profile(stages=("caption",), samples=2, caption_tokens=tokens))
+        assert report["stages"][0]["stage"] == "caption" and report["stages"][0]["dropped"] == 0
+        assert len(set(lengths)) == 1, lengths  # warm-up and timed batches decode the same length
+        per_run[tokens] = lengths[0]
+    assert per_run[9] - per_run[5] == 4  # the output grows token for token with the setting (offsets cancel)
 
 
 def _params(module: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray
 
 from mlcid.synthetic import SceneConfig, write_dataset
 from mlcid.writer import read_stats, shard_name, stats_name
@@ -22,7 +23,6 @@ from pipelines.runner import ShardProcessor
 
 from cluster.pool import PoolConfig, PoolError, ShardOutcome, ShardPool, ShardTask, shard_lock
 
-ray = pytest.importorskip("ray")
 
 
 class Recorder:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import tarfile
 import zlib
@@ -19,7 +20,9 @@ from mlcid.imageio import decode_rgb, encode_png
 from mlcid.reader import MLCIDReader, iter_shard_samples
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.shards import expand_braces, expand_urls, split_for
-from mlcid.validate import ValidationConfig, main as validate_main, validate_sample, validate_shard
+from cli.main import mlcid_main
+from mlcid.shard_check import validate_shard
+from mlcid.validate import ValidationConfig, validate_sample
 from mlcid.writer import ShardWriter, is_complete, read_stats
 
 
@@ -91,6 +94,22 @@ def test_members_contiguous_and_stats_last(tmp_path):
     assert stats["read"] == stats["written"] + sum(stats["dropped"].values()) == 2
     assert stats["layer_counts"] == {"3": 2}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_stats_file_appears_only_after_the_finished_tar(tmp_path, monkeypatch):
+    """Readers take the stats file as the completion mark: it must become visible after the tar is in place."""
+    real_replace, visible = os.replace, []
+
+    def recording_replace(src, dst):
+        real_replace(src, dst)
+        visible.append(sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")))
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    write_shard(tmp_path, [make_sample("a"), make_sample("b")])
+    with_stats = [i for i, names in enumerate(visible) if "mlcid-000000_stats.json" in names]
+    with_tar = [i for i, names in enumerate(visible) if "mlcid-000000.tar" in names]
+    assert with_stats and with_tar, visible
+    assert with_tar[0] < with_stats[0]  # the tar was renamed into place in an earlier step than the stats
 
 
 def test_writer_counts_invalid_as_dropped(tmp_path):
@@ -265,10 +284,10 @@ def test_layer_count_limit_is_a_config_value():
 
 def test_validate_cli_exit_codes(tmp_path, capsys):
     good = write_shard(tmp_path, [make_sample("a")], shard_id=0)
-    assert validate_main([str(good)]) == 0
+    assert mlcid_main(["validate", str(good)]) == 0
     members = [m for m in sample_members(make_sample("x")) if not m[0].endswith("layer01.png")]
     bad = raw_tar(tmp_path / "mlcid-000001.tar", members)
-    assert validate_main([str(bad)]) == 1
+    assert mlcid_main(["validate", str(bad)]) == 1
     assert validate_shard(str(bad)) == (0, {errors.MISSING_MEMBER: 1})
     out = capsys.readouterr().out
     assert "OK" in out and "FAIL" in out
@@ -277,6 +296,6 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
 def test_validate_cli_accepts_an_empty_shard_only_when_its_stats_say_so(tmp_path):
     with ShardWriter(tmp_path, 4) as w:
         w.drop("no_detection", 3)
-    assert validate_main([str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
+    assert mlcid_main(["validate", str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
     raw_tar(tmp_path / "mlcid-000005.tar", [])
-    assert validate_main([str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained
+    assert mlcid_main(["validate", str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained

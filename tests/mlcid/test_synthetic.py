@@ -17,19 +17,20 @@ from PIL import Image, ImageFilter
 from mlcid.composite import composite
 from mlcid.reader import iter_shard_samples
 from mlcid.schema import BACKGROUND_PROMPT
+from cli.main import mlcid_main
 from mlcid.synthetic import (
     BACKGROUND_PATTERNS,
     COLOURS,
     SHAPES,
     SceneConfig,
     default_mlcid_out,
-    main,
     make_scene,
     shard_ranges,
     write_dataset,
 )
 from mlcid.synthetic_shapes import PlacedShape, dilate, paint_layers, visible_masks
-from mlcid.validate import ValidationConfig, validate_sample, validate_shard
+from mlcid.shard_check import validate_shard
+from mlcid.validate import ValidationConfig, validate_sample
 from mlcid.writer import read_stats
 
 SMALL = SceneConfig(size=64)
@@ -285,10 +286,16 @@ def test_worker_processes_write_the_same_shards(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
+def _synthetic_cli(argv: list[str]) -> int:
+    """Exit code of `mlcid synthetic ARGV` (argparse exits, the command returns)."""
+    try:
+        return mlcid_main(["synthetic", *argv])
+    except SystemExit as exc:
+        return exc.code
+
+
 def test_cli_help(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--help"])
-    assert exc.value.code == 0
+    assert _synthetic_cli(["--help"]) == 0
     text = capsys.readouterr().out
     for flag in ("--out", "--samples", "--seed", "--mlcid-out", "--shards", "--size", "--holdout"):
         assert flag in text
@@ -296,7 +303,7 @@ def test_cli_help(capsys):
 
 def test_cli_small_run(tmp_path, capsys):
     raw = tmp_path / "scenes"
-    code = main(["--out", str(raw), "--samples", "5", "--seed", "1", "--shards", "2", "--size", "64",
+    code = _synthetic_cli(["--out", str(raw), "--samples", "5", "--seed", "1", "--shards", "2", "--size", "64",
                  "--holdout", "red:circle,blue:star", "--quiet"])
     assert code == 0
     gt = default_mlcid_out(raw)
@@ -308,8 +315,6 @@ def test_cli_small_run(tmp_path, capsys):
     assert sample.pipeline["config"]["holdout_pairs"] == [["red", "circle"], ["blue", "star"]]
     assert "wrote 5 scenes" in capsys.readouterr().out
     for bad in (["--holdout", "redcircle"], ["--colours", "red,mauve"], ["--shards", "3"], ["--seed", "-1"]):
-        with pytest.raises(SystemExit) as exc:
-            main(["--out", str(tmp_path / "bad"), "--samples", "2", *bad])
-        assert exc.value.code == 2
+        assert _synthetic_cli(["--out", str(tmp_path / "bad"), "--samples", "2", *bad]) == 2
     assert not (tmp_path / "bad").exists()
     assert "mauve" in capsys.readouterr().err

@@ -13,16 +13,10 @@ from model.sampling.export import LayeredImage, save_output
 from model.sampling.pipeline import LayerDiffPipeline
 from tests.model.test_pipeline import UNetSpy, make_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 SIZE = 32
 PROMPTS = ["the background", "a red ball", "a dog"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +216,7 @@ def test_bad_input_refused_before_any_unet_call(pipe, source, call, message):
 
 
 def test_applications_cli(pipe, source, tmp_path):
+    from cli.main import layerdiff_main
     from model.sampling.export import load_output
 
     run_dir = tmp_path / "run"
@@ -229,13 +224,13 @@ def test_applications_cli(pipe, source, tmp_path):
     src = save_output(tmp_path / "src", LayeredImage.from_arrays(source.images, source.masks),
                       {"global_prompt": source.global_prompt, "layer_prompts": source.layer_prompts})
     common = ["--model", str(run_dir), "--steps", "2", "--device", "cpu"]
-    assert A.main(["inpaint", "--source", str(src), "--layer", "1=a blue cube", "--out", str(tmp_path / "a"),
+    assert layerdiff_main(["inpaint", "--source", str(src), "--layer", "1=a blue cube", "--out", str(tmp_path / "a"),
                    *common]) == 0
     edited = load_output(tmp_path / "a")
     assert edited.meta.layer_prompts == ["the background", "a blue cube", "a dog"]
     assert edited.meta.extra["application"] == "inpaint"
-    assert A.main(["iterative", "--prompt", "a park", "--add", "a tree", "--boxes", "0,0,16,32", "--source", str(src),
+    assert layerdiff_main(["iterative", "--prompt", "a park", "--add", "a tree", "--boxes", "0,0,16,32", "--source", str(src),
                    "--out", str(tmp_path / "b"), *common]) == 0
     assert load_output(tmp_path / "b").meta.layer_prompts == PROMPTS + ["a tree"]
-    assert A.main(["inpaint", "--source", str(src), "--layer", "cat", "--out", str(tmp_path / "c"), *common]) == 2
+    assert layerdiff_main(["inpaint", "--source", str(src), "--layer", "cat", "--out", str(tmp_path / "c"), *common]) == 2
     assert not (tmp_path / "c").exists()

@@ -9,21 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from model.evaluation.evaluate import EvalConfig, Generated, Prompt, collect_prompts, evaluate, main, score_sample
+from cli.main import layerdiff_main
+from model.evaluation.config import EvalConfig
+from model.evaluation.evaluate import Generated, Prompt, collect_prompts, evaluate, score_sample
 from model.sampling.export import LayeredImage
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 SIZE = 32  # sampling and eval size in these tests
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run ~20× faster on one thread when the 2 shared cores are oversubscribed (restored after)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -138,23 +131,19 @@ def test_refuses_missing_real_weights_offline(tiny, tmp_path, monkeypatch, capsy
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no cached Inception weights there
     out = tmp_path / "out"
     args = ["--model", str(tiny["run"]), "--data", str(tiny["data"]), "--out", str(out), "--no-progress"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
+    assert layerdiff_main(["eval", *args]) == 2
     assert "LAYERDIFF_FID_WEIGHTS" in capsys.readouterr().err
     # Inception found (here: the tiny extractor folder), CLIP RN50 still missing
     monkeypatch.setenv("LAYERDIFF_FID_WEIGHTS", str(tiny["tiny"] / "fid-extractor"))
-    with pytest.raises(SystemExit):
-        main(args)
+    assert layerdiff_main(["eval", *args]) == 2
     assert "LAYERDIFF_CLIP_RN50" in capsys.readouterr().err
     # both scorers found, SD 1.5 is a hub id that cannot load offline
     monkeypatch.setenv("LAYERDIFF_CLIP_RN50", str(tiny["tiny"] / "clip"))
-    with pytest.raises(SystemExit):
-        main(args)
+    assert layerdiff_main(["eval", *args]) == 2
     assert "cannot load SD pipeline 'stable-diffusion-v1-5/stable-diffusion-v1-5'" in capsys.readouterr().err
     assert not (out / "rows").exists() and not (out / "cache").exists()  # refused before any work
-    with pytest.raises(SystemExit):
-        main(["--model", str(tmp_path), "--data", str(tiny["data"]), "--out", str(out), "--preset", "tiny"])
+    assert layerdiff_main(["eval", "--model", str(tmp_path), "--data", str(tiny["data"]), "--out", str(out),
+                                  "--preset", "tiny"]) == 2
     assert "not a LayerDiff run" in capsys.readouterr().err
 
 
@@ -241,7 +230,7 @@ def test_evaluate_tiny_table1_all_rows_and_resume(tiny, tmp_path, monkeypatch):
             "--per-group", "2", "--steps", "2", "--size", str(SIZE), "--sd-size", str(SIZE), "--eval-size", str(SIZE),
             "--sd-model", str(tiny["tiny"] / "sd15"), "--clip-model", str(tiny["tiny"] / "clip"),
             "--fid-weights", str(tiny["tiny"] / "fid-extractor"), "--no-progress"]
-    assert main(args) == 0
+    assert layerdiff_main(["eval", *args]) == 0
     rows = ("sd15", "layerdiff", "layerdiff+smg")
     result = json.loads((out / "metrics.json").read_text())
     _check_run(result, out, rows, (2, 3, 4), 2)
@@ -251,7 +240,7 @@ def test_evaluate_tiny_table1_all_rows_and_resume(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(evaluate_mod.LayerDiffMethod, "__call__", lambda *a: pytest.fail("regenerated"))
     monkeypatch.setattr(evaluate_mod.SDBaseline, "__call__", lambda *a: pytest.fail("regenerated"))
-    assert main(args) == 0
+    assert layerdiff_main(["eval", *args]) == 0
     again = json.loads((out / "metrics.json").read_text())
     for name in rows:
         assert (out / "rows" / name / "records.jsonl").read_text() == records[name]

@@ -11,6 +11,8 @@ from PIL import Image
 
 from model.evaluation.metrics import FeatureStats, clip_score, frechet_distance, frechet_distance_stats
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 
 def _random_psd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
     a = rng.normal(size=(d, rank or d))
@@ -98,15 +100,6 @@ def test_clip_score():
 # ----------------------------------------------------------------------------------------------------------
 # With the registered tiny torch-fidelity extractor
 # ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run far faster on one thread when the 2 shared cores are oversubscribed (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

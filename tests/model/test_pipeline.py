@@ -16,17 +16,10 @@ from model.loading import encode_prompts
 from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
 from model.tiny import build_tiny_models
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 PROMPTS = ["the background", "a red ball", "a dog"]
 SIZE = 32  # px → 4×4 latents
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine's 2 cores are shared with other jobs: one torch thread keeps these tests fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_run(root, max_layers: int = 4):

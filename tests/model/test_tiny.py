@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.tiny import TinySDConfig, build_sd_pipeline, build_tiny_models, main
+from cli.main import layerdiff_main
+from model.tiny import TinySDConfig, build_sd_pipeline, build_tiny_models
 from model.tokenizer import build_clip_tokenizer
 
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -58,12 +59,23 @@ def test_unknown_preset_is_refused(tmp_path):
         build_tiny_models(tmp_path, only=("nope",))
 
 
-def test_cli_logs_one_line_per_preset(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="model.tiny"):
-        main(["--out", str(tmp_path / "root"), "--only", "clip", "fid-extractor"])
-    lines = [r.getMessage() for r in caplog.records if r.name == "model.tiny"]
+def test_cli_logs_one_line_per_preset_and_builds_only_missing_ones(tmp_path, caplog):
+    root = tmp_path / "root"
+    with caplog.at_level(logging.INFO, logger="cli.tiny_models"):
+        assert layerdiff_main(["tiny-models", "--out", str(root), "--only", "clip", "fid-extractor"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "cli.tiny_models"]
     assert len(lines) == 2 and "clip" in lines[0] and "fid-extractor" in lines[1]
-    assert (tmp_path / "root" / "clip" / "open_clip_config.json").is_file()
+    assert (root / "clip" / "open_clip_config.json").is_file()
+    weights = next((root / "clip").glob("*.safetensors"))
+    before = weights.stat().st_mtime_ns
+    (root / ".sd15.tmp").mkdir()  # a build interrupted earlier: never taken for a finished preset
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cli.tiny_models"):
+        assert layerdiff_main(["tiny-models", "--out", str(root), "--only", "clip", "sd15", "--missing-only"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "cli.tiny_models"]
+    assert len(lines) == 1 and "sd15" in lines[0]  # clip existed and was kept as it was
+    assert weights.stat().st_mtime_ns == before and not (root / ".sd15.tmp").exists()
+    assert (root / "sd15" / "model_index.json").is_file()
 
 
 def test_clip_tokenizer_is_the_real_one(tiny_models):

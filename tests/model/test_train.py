@@ -18,16 +18,9 @@ from model.training.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
 
 from tests.model.test_data import make_sample, write_raw_shard, write_shards
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
+
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, torch's spinning OpenMP threads slow tiny steps ~20×."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

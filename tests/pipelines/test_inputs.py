@@ -191,7 +191,7 @@ def test_unreadable_shard_raises(tmp_path):
 
 def test_bad_inputs_never_stop_the_shard(tmp_path):
     """Every odd input in one shard: the good ones are written, each bad one dropped with its reason."""
-    from mlcid.validate import validate_shard
+    from mlcid.shard_check import validate_shard
     from mlcid.writer import shard_name
     from pipelines.runner import ShardProcessor
     from tests.pipelines.test_runner import classical_config, raw_records

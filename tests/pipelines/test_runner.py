@@ -16,7 +16,7 @@ from PIL import Image
 
 from mlcid.reader import iter_shard_samples
 from mlcid.schema import MLCIDSample
-from mlcid.validate import validate_shard
+from mlcid.shard_check import validate_shard
 from mlcid.writer import read_stats, shard_name, stats_name
 from pipelines.base import STAGES, Detection, Item, alive, register_stage
 from pipelines.config import PipelineConfig
