@@ -1,6 +1,6 @@
 """Takedown: rewrite MLCID shards without the samples named by key or source URL, and keep a manifest.
 
-    python -m mlcid.takedown --keys keys.txt [--urls urls.txt] --out clean/ data/mlcid-{000000..000009}.tar
+    mlcid takedown --keys keys.txt [--urls urls.txt] --out clean/ data/mlcid-{000000..000009}.tar   (cli/takedown.py)
 
 Per shard, into `out` (a local folder or fsspec URL; it may be the shards' own folder):
   1. stream the tar, copying every member of a kept sample byte for byte (no re-encoding);
@@ -8,17 +8,15 @@ Per shard, into `out` (a local folder or fsspec URL; it may be the shards' own f
   3. extend the shard's removal manifest `NAME_takedown.json` (key, source URL, what matched, when);
   4. remove the old stats file, move tar / parquet / manifest into place (each written as `.tmp` first), then
      write the stats file LAST with `written` lowered, `dropped["takedown"]` raised and the layer counts fixed,
-     so `read == written + sum(dropped)` still holds and `python -m mlcid.validate` passes.
+     so `read == written + sum(dropped)` still holds and `mlcid validate` passes.
 A shard that is unreadable, truncated or has no stats file is refused (it would not validate); the others go on.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
-import sys
 import tarfile
 import time
 from collections import Counter
@@ -279,38 +277,3 @@ def takedown(shards: str | Iterable[str], config: TakedownConfig) -> TakedownRes
     found_keys = {r.key.rsplit("/", 1)[-1] for s in results for r in s.removed}
     found_urls = {r.url for s in results for r in s.removed}
     return TakedownResult(results, sorted(config.keys - found_keys), sorted(config.urls - found_urls))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mlcid takedown",
-        description="Rewrite MLCID shards without the samples listed by key and/or source URL. Kept samples are "
-        "copied byte for byte; stats are updated (dropped['takedown']); each shard gets a removal manifest "
-        "NAME_takedown.json. Exit 1 if any shard was refused.",
-    )
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns, folders or fsspec URLs")
-    parser.add_argument("--keys", help="file with one sample key per line ('#' comments allowed)")
-    parser.add_argument("--urls", help="file with one source image URL per line")
-    parser.add_argument("--out", required=True, help="output folder or fsspec URL (may be the shards' own folder)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = TakedownConfig(
-            out=args.out,
-            keys=frozenset(read_list(args.keys)) if args.keys else frozenset(),
-            urls=frozenset(read_list(args.urls)) if args.urls else frozenset(),
-        )
-        result = takedown(args.shards, config)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    for s in result.shards:
-        print(f"{'FAIL' if s.error else 'OK  '} {s.shard}: " + (s.error or f"{s.kept} kept, {len(s.removed)} removed"))
-    print(f"removed {result.removed} sample(s) from {len(result.shards)} shard(s)")
-    for what, missing in (("keys", result.unmatched_keys), ("urls", result.unmatched_urls)):
-        if missing:
-            print(f"not found ({len(missing)} {what}): " + ", ".join(missing[:20]) + (" …" if len(missing) > 20 else ""))
-    return 1 if result.failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

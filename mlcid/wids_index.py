@@ -1,6 +1,6 @@
 """A wids shard index (`index.json`) beside MLCID shards, so `wids.ShardListDataset("…/index.json")` reads them.
 
-    python -m mlcid.wids_index data/            # writes data/index.json from the shards' stats files
+    mlcid wids-index data/            # writes data/index.json from the shards' stats files (cli/wids_index.py)
 
 The sample counts come from each shard's stats file (`written`); a shard without one (unfinished) or with
 no samples is left out and reported. Shards in the index's own folder are listed by relative name (the folder
@@ -9,10 +9,8 @@ can be moved or mirrored to object storage as a whole); others by their full URL
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -91,24 +89,3 @@ def index_folder(out_dir: str, prefix: str = "mlcid") -> WidsIndex | None:
     except ValueError as e:
         log.warning("no wids index written in %s: %s", out_dir, e)
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mlcid.wids_index",
-                                     description="Write a wids shard index (index.json) for MLCID shards.")
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns, folders or fsspec URLs")
-    parser.add_argument("--out", default=None, help="index file (default: index.json beside the first shard)")
-    parser.add_argument("--name", default=None, help="dataset name stored in the index (default: the folder name)")
-    args = parser.parse_args(argv)
-    try:
-        index = write_wids_index(args.shards, args.out, args.name)
-    except ValueError as e:
-        parser.error(str(e))
-    for url, why in index.left_out.items():
-        print(f"left out {url}: {why}")
-    print(f"wrote {index.url}: {len(index.shards)} shard(s), {index.nsamples} samples")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

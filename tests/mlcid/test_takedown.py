@@ -12,8 +12,10 @@ from tests.mlcid.test_view import make_sample, write_shard
 
 from mlcid.shards import iter_tar_groups
 from mlcid.stats import load_shard_stats
-from mlcid.takedown import TakedownConfig, main, takedown
-from mlcid.validate import main as validate_main
+from cli.main import mlcid_main
+from mlcid.shard_check import check_shard
+from mlcid.shards import expand_urls
+from mlcid.takedown import TakedownConfig, takedown
 from mlcid.writer import shard_name, stats_name
 
 
@@ -35,6 +37,11 @@ def data(tmp_path: Path) -> Path:
                                  "reason": [None if k else "no_foreground" for k in kept],
                                  "detail": [None] * len(keys)}), d / f"mlcid-{sid:06d}.parquet")
     return d
+
+
+def all_valid(folder_or_shard: Path) -> bool:
+    """What `mlcid validate` says (exit 0): every shard valid, empty ones only when their stats say why."""
+    return all(check_shard(u).ok for u in expand_urls(str(folder_or_shard)))
 
 
 def _members(url: Path) -> dict[str, dict[str, bytes]]:
@@ -67,7 +74,7 @@ def test_removes_by_key_and_url_and_validates(data: Path, tmp_path: Path) -> Non
     # nothing half-written left, the source untouched, and the result passes the validator
     assert not list(out.glob("*.tmp"))
     assert sorted(_members(data / shard_name(0))) == ["a0", "a1", "a2", "a3"]
-    assert validate_main([str(out)]) == 0
+    assert all_valid(out)
 
 
 def test_in_place_repeat_accumulates(data: Path) -> None:
@@ -80,7 +87,7 @@ def test_in_place_repeat_accumulates(data: Path) -> None:
     assert stats["written"] == 2 and stats["dropped"] == {"takedown": 2} and stats["takedown"]["removed"] == 2
     manifest = json.loads((data / "mlcid-000000_takedown.json").read_text())
     assert [e["key"] for e in manifest["removed"]] == ["a0", "a3"]
-    assert validate_main([str(data)]) == 0
+    assert all_valid(data)
 
 
 def test_removing_every_sample_leaves_a_valid_empty_shard(data: Path, tmp_path: Path) -> None:
@@ -88,7 +95,7 @@ def test_removing_every_sample_leaves_a_valid_empty_shard(data: Path, tmp_path: 
     takedown(str(data / shard_name(1)), TakedownConfig(out=str(out), keys=frozenset({"b0", "b1", "b2"})))
     stats = load_shard_stats(str(out / shard_name(1))).stats
     assert stats["written"] == 0 and stats["layer_counts"] == {}
-    assert validate_main([str(out / shard_name(1))]) == 0  # empty, and its stats say why
+    assert all_valid(out / shard_name(1))  # empty, and its stats say why
 
 
 def test_refuses_unfinished_and_cut_shards_but_goes_on(data: Path, tmp_path: Path) -> None:
@@ -137,10 +144,11 @@ def test_cli(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     urls = tmp_path / "urls.txt"
     urls.write_text("http://img.example/missing.jpg\n")
     out = tmp_path / "clean"
-    assert main(["--keys", str(keys), "--urls", str(urls), "--out", str(out), str(data / "mlcid-{000000..000001}.tar")]) == 0
+    argv = ["takedown", "--keys", str(keys), "--urls", str(urls), "--out", str(out), str(data / "mlcid-{000000..000001}.tar")]
+    assert mlcid_main(argv) == 0
     text = capsys.readouterr().out
     assert "removed 2 sample(s) from 2 shard(s)" in text and "not found (1 urls): http://img.example/missing.jpg" in text
     (out / stats_name(0)).unlink()
-    assert main(["--keys", str(keys), "--out", str(tmp_path / "again"), str(out)]) == 1
-    with pytest.raises(SystemExit):
-        main(["--out", str(out), str(data)])  # neither --keys nor --urls
+    assert mlcid_main(["takedown", "--keys", str(keys), "--out", str(tmp_path / "again"), str(out)]) == 1
+    assert mlcid_main(["takedown", "--out", str(out), str(data)]) == 2  # neither --keys nor --urls
+    assert "at least one key or source URL" in capsys.readouterr().err

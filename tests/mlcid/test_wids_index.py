@@ -9,7 +9,8 @@ import pytest
 from tests.mlcid.test_view import make_sample, write_shard
 
 from mlcid.takedown import TakedownConfig, takedown
-from mlcid.wids_index import INDEX_NAME, index_folder, main, write_wids_index
+from cli.main import mlcid_main
+from mlcid.wids_index import INDEX_NAME, index_folder, write_wids_index
 from mlcid.writer import shard_name, stats_name
 
 
@@ -58,7 +59,7 @@ def test_errors_and_cli(folder: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     with pytest.raises(ValueError, match="nothing to index"):
         write_wids_index([str(folder / shard_name(2))])
     out = tmp_path / "elsewhere.json"
-    assert main([str(folder / "mlcid-{000000..000001}.tar"), "--out", str(out), "--name", "demo"]) == 0
+    assert mlcid_main(["wids-index", str(folder / "mlcid-{000000..000001}.tar"), "--out", str(out), "--name", "demo"]) == 0
     doc = json.loads(out.read_text())
     assert doc["name"] == "demo" and doc["shardlist"][0]["url"] == f"file://{folder / shard_name(0)}"  # not beside
     assert "2 shard(s), 5 samples" in capsys.readouterr().out
