@@ -350,6 +350,8 @@ class Trainer:
         """Write the final diffusers-style pipeline folder into the run folder (model_index.json last)."""
         import diffusers
 
+        from model.hub import card_info_from_training, write_run_files
+
         (self.out_dir / "model_index.json").unlink(missing_ok=True)  # never vouch for a half-updated folder
         if self.ema is not None:
             self.ema.copy_to(self.unet)  # the sampler gets the averaged weights
@@ -369,6 +371,7 @@ class Trainer:
             module = type(obj).__module__.split(".")[0]
             index[name] = [type(obj).__module__ if module == "model" else module, type(obj).__name__]
         (self.out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+        write_run_files(self.out_dir, card_info_from_training(self.config, self.data, self.step, self.out_dir))
         log.info("wrote pipeline folder %s (unet %s)", self.out_dir, "EMA" if self.ema else "last step")
         return self.out_dir
 
