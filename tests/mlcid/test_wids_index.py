@@ -75,3 +75,11 @@ def test_plain_webdataset_pilrgba(folder: Path) -> None:
     fg, mask = sample["layer01.png"], sample["mask01.png"]
     assert fg.mode == "RGBA" and np.array_equal(np.asarray(fg)[..., 3], np.asarray(mask)[..., 0])
     assert sample["json"]["key"] == "a0"
+    # the README's numpy route: raw members (no .decode) through mlcid's own decoder
+    from mlcid.codec import decode_sample
+    from mlcid.validate import validate_sample
+
+    raw = next(iter(wds.WebDataset(str(folder / shard_name(0)), shardshuffle=False)))
+    decoded = decode_sample(raw["__key__"], {k: v for k, v in raw.items() if not k.startswith("__")})
+    validate_sample(decoded)
+    assert np.array_equal(decoded.foregrounds[0], np.asarray(fg)) and decoded.masks[0].ndim == 2
