@@ -17,6 +17,7 @@ from mlcid.shard_check import check_shard
 from mlcid.shards import expand_urls
 from mlcid.takedown import TakedownConfig, takedown
 from mlcid.writer import shard_name, stats_name
+from tests.s3_server import s3_server  # noqa: F401 (fixture)
 
 
 def _sample(key: str, n_fg: int = 1):
@@ -152,3 +153,23 @@ def test_cli(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert mlcid_main(["takedown", "--keys", str(keys), "--out", str(tmp_path / "again"), str(out)]) == 1
     assert mlcid_main(["takedown", "--out", str(out), str(data)]) == 2  # neither --keys nor --urls
     assert "at least one key or source URL" in capsys.readouterr().err
+
+
+def test_takedown_on_s3(data: Path, s3_server) -> None:
+    """In place on a real S3-compatible server (moto on 127.0.0.1): shards, sidecars and stats rewritten there."""
+    import fsspec
+
+    from tests.s3_server import s3_bucket
+
+    bucket = s3_bucket("takedown")
+    fs = fsspec.filesystem("s3")
+    for name in (shard_name(0), stats_name(0), "mlcid-000000.parquet"):
+        fs.put_file(str(data / name), f"takedown/data/{name}")
+    result = takedown(f"{bucket}/data/{shard_name(0)}", TakedownConfig(out=f"{bucket}/data", keys=frozenset({"a0"})))
+    assert result.removed == 1 and not result.failed
+    fs.invalidate_cache()
+    assert [k for k, _ in iter_tar_groups(f"{bucket}/data/{shard_name(0)}")] == ["a1", "a2", "a3"]
+    assert json.loads(fs.cat(f"takedown/data/{stats_name(0)}"))["dropped"] == {"takedown": 1}
+    assert json.loads(fs.cat("takedown/data/mlcid-000000_takedown.json"))["removed"][0]["key"] == "a0"
+    assert not [p for p in fs.ls("takedown/data", detail=False) if p.endswith(".tmp")]
+    assert check_shard(f"{bucket}/data/{shard_name(0)}").ok
