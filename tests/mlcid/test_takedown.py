@@ -9,15 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tests.mlcid.test_view import make_sample, write_shard
+from tests.s3_server import s3_server  # noqa: F401 (fixture)
 
-from mlcid.shards import iter_tar_groups
-from mlcid.stats import load_shard_stats
 from cli.main import mlcid_main
 from mlcid.shard_check import check_shard
-from mlcid.shards import expand_urls
+from mlcid.shards import expand_urls, iter_tar_groups
+from mlcid.stats import load_shard_stats
 from mlcid.takedown import TakedownConfig, takedown
 from mlcid.writer import shard_name, stats_name
-from tests.s3_server import s3_server  # noqa: F401 (fixture)
 
 
 def _sample(key: str, n_fg: int = 1):
