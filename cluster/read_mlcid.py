@@ -1,7 +1,9 @@
 """`read_mlcid(urls) -> ray.data.Dataset`: one row per MLCID sample, whatever its layer count.
 
 Ray Data's `read_webdataset` turns tar members into columns, so shards whose samples have different layer
-counts (`layer03.png` in some, not others) break its schema. Here each shard is read by one Ray task through
+counts (`layer03.png` in some, not others) give NaN-filled columns, and batched reading (`iter_batches`,
+`map_batches`) fails on them (Ray 2.60: "TypeError: Expected a well-typed ndarray … unsupported element of type
+numpy.float64 (value: nan)"). Here each shard is read by one Ray task through
 the MLCID reader (validation included; a bad sample is dropped and its reason logged by the task) and every
 sample becomes one row with a fixed set of columns:
 

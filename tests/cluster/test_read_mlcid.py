@@ -37,6 +37,10 @@ def test_mixed_layer_counts_one_row_per_sample(tmp_path: Path, ray_cpus) -> None
         assert np.array_equal(layers[1:, ..., 3], masks)  # foreground alpha is the (undilated) mask here
         assert (layers[0, ..., 3] == 255).all() and list(r["layer_prompts"])[0] == "the background"
     assert rows[4]["shard"].endswith(shard_name(1))
+    # batched reading (map_batches, training loops) works across layer counts; read_webdataset's breaks here
+    batches = list(ds.iter_batches(batch_size=3, batch_format="numpy"))
+    assert sum(len(b["key"]) for b in batches) == 5
+    assert sorted(int(n) for b in batches for n in b["num_layers"]) == [2, 2, 3, 4, 4]
     # the exact pixels of one sample survive the trip through Ray
     expected = make_sample("a2", n_fg=3, seed=2)
     assert np.array_equal(np.asarray(rows[2]["layers"])[3], expected.foregrounds[2])
