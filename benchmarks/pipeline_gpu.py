@@ -197,27 +197,31 @@ def make_items(cfg: BenchConfig, n: int, seed: int = 0) -> list[Item]:
 
 def build_stage(kind: str, cfg: BenchConfig, device: torch.device, dtype: str):
     """The real stage class for `kind` with its full-size (or tiny) random-weight model handed over."""
-    from pipelines.caption import GlobalCaption, ObjectCaption
-    from pipelines.detect import Owlv2Detector
-    from pipelines.inpaint import StableDiffusionInpainter
+    from pipelines.caption import CaptionOptions, GlobalCaption, ObjectCaption, ObjectCaptionOptions
+    from pipelines.detect import DetectOptions, Owlv2Detector
+    from pipelines.devices import ModelStageConfig
+    from pipelines.inpaint import SDInpaintOptions, StableDiffusionInpainter
     from pipelines.segment import SamSegmenter
 
-    common = dict(model="<random weights>", device=str(device), dtype=dtype, batch_size=cfg.batch_sizes[kind])
+    common = ModelStageConfig(model="<random weights>", device=str(device), dtype=dtype,
+                              batch_size=cfg.batch_sizes[kind])
     if kind in ("caption", "object_caption"):
-        tokens = cfg.caption_tokens if kind == "caption" else cfg.object_tokens
-        cls = GlobalCaption if kind == "caption" else ObjectCaption
-        stage = cls(max_new_tokens=tokens, **common)
+        if kind == "caption":
+            stage = GlobalCaption(common, CaptionOptions(max_new_tokens=cfg.caption_tokens))
+        else:
+            stage = ObjectCaption(common, ObjectCaptionOptions(max_new_tokens=cfg.object_tokens))
         model, processor = instructblip(cfg, device)
-        model.generation_config.min_new_tokens = tokens  # a fixed amount of decoding work
+        model.generation_config.min_new_tokens = stage.options.max_new_tokens  # a fixed amount of decoding work
         stage.captioner.use(model, processor)
     elif kind == "detect":
-        stage = Owlv2Detector(score_threshold=0.0, max_detections=20, **common)
+        stage = Owlv2Detector(common, DetectOptions(score_threshold=0.0, max_detections=20))
         stage.use(*owlv2(cfg, device))
     elif kind == "segment":
-        stage = SamSegmenter(**common)
+        stage = SamSegmenter(common)
         stage.use(sam(cfg, device))
     elif kind == "inpaint":
-        stage = StableDiffusionInpainter(num_inference_steps=cfg.sd_steps, resolution=cfg.sd_resolution, **common)
+        stage = StableDiffusionInpainter(common, SDInpaintOptions(num_inference_steps=cfg.sd_steps,
+                                                                  resolution=cfg.sd_resolution))
         stage.use(sd_inpaint(cfg, device))
     else:
         raise KeyError(f"unknown stage {kind!r}; choose from {', '.join(STAGES)}")

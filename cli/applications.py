@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from model.sampling import applications as A
-    from model.sampling.export import OutputMeta, save_output
+    from model.sampling.export import OutputMeta, load_layers, save_output
     from model.sampling.sample import load_pipeline, parse_boxes
 
     app = args.command
@@ -70,21 +70,22 @@ def _run(args: argparse.Namespace) -> int:
     boxes = None
     if app == "iterative" and args.boxes:
         boxes = [None if part.strip() == "-" else parse_boxes(part)[0] for part in args.boxes.split(";")]
+    source = load_layers(args.source) if args.source else None
     pipe = load_pipeline(args.model, args.device)
     common = dict(num_inference_steps=args.steps, guidance_scale=args.cfg, smg_scale=args.smg,
                   generator=torch.Generator().manual_seed(args.seed))
     if app == "inpaint":
         hold = {} if args.mask_hold is None else {"mask_hold_steps": args.mask_hold}
-        result = A.layer_inpaint(pipe, args.source, new_prompts, output_type="np", **hold, **common)
+        result = A.layer_inpaint(pipe, source, new_prompts, output_type="np", **hold, **common)
     elif app == "style":
         strength = {} if args.strength is None else {"strength": args.strength}
-        result = A.layer_style_transfer(pipe, args.source, args.targets, style=args.style, output_type="np",
+        result = A.layer_style_transfer(pipe, source, args.targets, style=args.style, output_type="np",
                                         **strength, **common)
     else:
-        result = A.iterative_generation(pipe, args.prompt, args.add, boxes=boxes, start=args.source, **common).layers
-    meta = OutputMeta(global_prompt=result.global_prompt, layer_prompts=list(result.layer_prompts), seed=args.seed,
-                      num_inference_steps=args.steps, guidance_scale=args.cfg, smg_scale=args.smg,
+        result = A.iterative_generation(pipe, args.prompt, args.add, boxes=boxes, start=source, **common).layers
+    layers = result if app == "iterative" else result.layered(0)
+    meta = OutputMeta(seed=args.seed, num_inference_steps=args.steps, guidance_scale=args.cfg, smg_scale=args.smg,
                       guidance="cfg+smg", model=args.model,
                       extra={"application": app, "source": str(args.source) if args.source else None})
-    save_output(args.out, result, meta, index=0 if app != "iterative" else None)
+    save_output(args.out, layers, meta)
     return 0

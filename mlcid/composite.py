@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from mlcid.schema import MLCIDSample
@@ -72,3 +73,16 @@ def alpha_over(stack: list[np.ndarray]) -> np.ndarray:
         a = layer[..., 3:4].astype(np.float32) / 255.0
         out = layer[..., :3].astype(np.float32) * a + out * (1.0 - a)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def dilate(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
+    """Binary dilation with a kernel×kernel square (the paper's 5×5 cut-out dilation). (H, W) bool → (H, W) bool.
+
+    OpenCV's dilation; pixels outside the image count as unset. The one dilation of the project: synthetic
+    scenes, cut-outs and inpainting holes use it.
+    """
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"dilation kernel must be odd and ≥ 1, got {kernel}")
+    mask = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)  # (H, W) 0/1, no copy for a bool mask
+    grown = cv2.dilate(mask, np.ones((kernel, kernel), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return grown > 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlcid.composite import dilate  # noqa: F401 (one dilation for the synthetic scenes and the pipeline)
 # Saturated, well-separated hues: a dominant-colour classifier tells them apart (nearest-RGB or hue).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -179,32 +180,6 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     if cols.size == 0:
         raise ValueError("mask_box of an empty mask")
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
-
-
-def dilate(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
-    """Binary dilation with a kernel×kernel square (the paper's 5×5 cut-out dilation). (H, W) bool → (H, W) bool.
-
-    Separable max over shifted views, computed only around the mask's bounding box.
-    """
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"dilation kernel must be odd and ≥ 1, got {kernel}")
-    out = np.zeros_like(mask, dtype=bool)
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return out
-    r, (h, w) = kernel // 2, mask.shape
-    y0, y1 = max(rows[0] - r, 0), min(rows[-1] + r + 1, h)
-    x0, x1 = max(cols[0] - r, 0), min(cols[-1] + r + 1, w)
-    crop = np.pad(mask[y0:y1, x0:x1], r)  # (h' + 2r, w' + 2r)
-    ch, cw = y1 - y0, x1 - x0
-    horiz = np.zeros((ch + 2 * r, cw), dtype=bool)
-    for k in range(kernel):
-        horiz |= crop[:, k : k + cw]
-    dil = np.zeros((ch, cw), dtype=bool)
-    for k in range(kernel):
-        dil |= horiz[k : k + ch, :]
-    out[y0:y1, x0:x1] = dil
-    return out
 
 
 def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,12 @@
 """`PipelineConfig`: one typed profile for the MLCID construction pipeline, with presets `real` and `tiny`.
 
 A preset is a complete profile (backends, models, thresholds, sizes, batch sizes). `from_preset(name, **overrides)`
-starts from it; dict-valued fields given as overrides are merged one level deep (e.g.
-`stage_options={"detect": {"score_threshold": 0.2}}` changes only that key of the detect options).
+starts from it; dict-valued fields given as overrides are merged one level deep, and a stage's options are typed:
+`stage_options={"detect": {"score_threshold": 0.2}}` replaces only that field of the preset's `DetectOptions`
+(an unknown field is an error). `make_stage(kind, config)` builds a stage from the registry entry of its backend:
+model-backed stages get one shared `ModelStageConfig` plus their options dataclass, the others their options.
+Pipeline-wide settings (Appendix B thresholds, the dilation kernel, the cut-out fill) are `PipelineConfig` fields
+and reach the options named in each options class's `PIPELINE_FIELDS`; options that disagree with them are refused.
 
 Why `tiny` has its own thresholds: the tiny presets carry random weights, so detector scores, SAM logits and
 depth maps decide nothing. To make the synthetic scenes (`python -m mlcid.synthetic`) still YIELD SAMPLES through
@@ -15,18 +19,30 @@ stage runs its model and the rules filter what comes out.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mlcid.imageio import DEFAULT_MAX_PIXELS
+from mlcid.registry import PRESETS as MODEL_PRESETS
 from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MAX_LAYERS, DEFAULT_MIN_AREA_FRAC
 from mlcid.validate import ValidationConfig
+from pipelines.base import STAGES, Stage, stage_entry
+from pipelines.caption import CaptionOptions, ObjectCaptionOptions
+from pipelines.detect import DetectOptions
+from pipelines.filters import DEFAULT_CONTAINMENT, DEFAULT_MIN_SALIENCY_OVERLAP
+from pipelines.inpaint import SDInpaintOptions
+from pipelines.segment import SegmentOptions
+
+log = logging.getLogger(__name__)
 
 # DESIGN.md "Construction pipeline decisions": the paper's order, costly per-object work last.
 STAGE_ORDER = ("caption", "detect", "segment", "saliency", "mask_rules", "object_caption", "cutout", "inpaint")
 # Kinds that may be switched off (backend None): the global prompt then falls back to the source caption and a
 # layer prompt to its detection label. Every other kind is needed to make a sample.
 OPTIONAL_KINDS = ("caption", "object_caption")
+# Kinds with model-backed backends: their micro-batch comes from `batch_sizes`.
+MODEL_KINDS = ("caption", "detect", "segment", "saliency", "object_caption", "inpaint")
 
 
 @dataclass
@@ -35,8 +51,8 @@ class PipelineConfig:
 
     preset: str = "real"  # model preset for `mlcid.registry.resolve`: "real" (hub ids) or "tiny"
     backends: dict[str, str | None] = field(default_factory=dict)  # stage kind → registered backend
-    stage_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind → extra constructor kwargs
-    batch_sizes: dict[str, int] = field(default_factory=dict)  # kind → micro-batch size inside the stage
+    stage_options: dict[str, Any] = field(default_factory=dict)  # kind → its backend's options dataclass
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # kind → micro-batch (segment: 0 = from free memory)
     models: dict[str, str] = field(default_factory=dict)  # registry name → override (hub id or local folder)
     device: str = "auto"  # "auto" → cuda if available else cpu
     dtype: str = "auto"  # "auto" → float16 on cuda, float32 on cpu
@@ -50,8 +66,8 @@ class PipelineConfig:
 
     # Mask rules (Appendix B) and layer limits.
     max_layers: int = DEFAULT_MAX_LAYERS  # background + at most max_layers - 1 foregrounds
-    min_saliency_overlap: float = 0.10  # keep a mask m iff |m ∩ s| / |m| > this (s = salient foreground)
-    containment: float = 0.90  # drop a mask if ≥ this fraction of it lies inside a larger kept mask
+    min_saliency_overlap: float = DEFAULT_MIN_SALIENCY_OVERLAP  # keep m iff |m ∩ s| / |m| > this (s = salient)
+    containment: float = DEFAULT_CONTAINMENT  # drop a mask if ≥ this fraction of it lies inside a larger kept mask
     min_area_frac: float = DEFAULT_MIN_AREA_FRAC
     max_area_frac: float = DEFAULT_MAX_AREA_FRAC
 
@@ -62,14 +78,18 @@ class PipelineConfig:
     prefix: str = "mlcid"  # output shards are {prefix}-{shard_id:06d}.tar
 
     def __post_init__(self) -> None:
-        if self.preset not in ("real", "tiny"):
-            raise ValueError(f"preset must be 'real' or 'tiny', got {self.preset!r}")
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(MODEL_PRESETS)}, got {self.preset!r}")
         for kind in STAGE_ORDER:
             if self.backends.get(kind) is None and kind not in OPTIONAL_KINDS:
                 raise ValueError(f"PipelineConfig.backends needs a backend for stage kind {kind!r}")
         unknown = set(self.backends) - set(STAGE_ORDER)
         if unknown:
             raise ValueError(f"unknown stage kinds {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
+        unknown = set(self.batch_sizes) - set(MODEL_KINDS)
+        if unknown:
+            raise ValueError(f"batch_sizes for {sorted(unknown)}: only model-backed kinds batch "
+                             f"({', '.join(MODEL_KINDS)})")
         if not 2 <= self.max_layers:
             raise ValueError(f"max_layers must be ≥ 2 (background + one foreground), got {self.max_layers}")
         if not (0 < self.min_side <= self.max_side) or self.max_side % 8:
@@ -78,6 +98,17 @@ class PipelineConfig:
             raise ValueError(f"bad area range {self.min_area_frac}..{self.max_area_frac}")
         if self.dilate_kernel < 1 or self.dilate_kernel % 2 == 0:
             raise ValueError(f"dilate_kernel must be odd and ≥ 1, got {self.dilate_kernel}")
+        for kind, options in self.stage_options.items():
+            if kind not in STAGE_ORDER:
+                raise ValueError(f"stage_options for unknown stage kind {kind!r}; known: {', '.join(STAGE_ORDER)}")
+            if not dataclasses.is_dataclass(options) or isinstance(options, type):
+                raise TypeError(f"stage_options[{kind!r}] must be an options dataclass instance, got "
+                                f"{type(options).__name__} (from_preset turns dicts into the preset's options)")
+            for name, attr in getattr(type(options), "PIPELINE_FIELDS", {}).items():
+                mine, theirs = getattr(options, name), getattr(self, attr)
+                if tuple_if_list(mine) != tuple_if_list(theirs):
+                    raise ValueError(f"stage_options[{kind!r}].{name}={mine!r} disagrees with PipelineConfig.{attr}="
+                                     f"{theirs!r}; set PipelineConfig.{attr} (one value for the whole pipeline)")
 
     @property
     def max_foregrounds(self) -> int:
@@ -92,7 +123,8 @@ class PipelineConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "PipelineConfig":
-        """The named profile (`real` or `tiny`) with `overrides` applied (dicts merged one level deep)."""
+        """The named profile (`real` or `tiny`) with `overrides` applied (dicts merged one level deep; a dict for
+        a stage's options replaces those fields of the preset's options dataclass)."""
         if name not in PRESETS:
             raise ValueError(f"unknown pipeline preset {name!r}; choose one of {', '.join(PRESETS)}")
         base = PRESETS[name]()
@@ -100,17 +132,102 @@ class PipelineConfig:
         bad = set(overrides) - fields
         if bad:
             raise TypeError(f"unknown PipelineConfig fields {sorted(bad)}")
-        values = base.to_dict()
+        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls)}
         for key, value in overrides.items():
+            if key == "stage_options":
+                continue
             if isinstance(values.get(key), dict) and isinstance(value, dict):
-                merged = dict(values[key])
-                for k, v in value.items():
-                    merged[k] = {**merged[k], **v} if isinstance(merged.get(k), dict) and isinstance(v, dict) else v
-                values[key] = merged
+                values[key] = {**values[key], **value}
             else:
                 values[key] = value
         values["cutout_fill"] = tuple(values["cutout_fill"])
+
+        def pipeline_value(attr: str) -> Any:
+            return values["max_layers"] - 1 if attr == "max_foregrounds" else values[attr]
+
+        # The preset's options belong to the preset's backends: a kind switched to a backend with another options
+        # class starts from that backend's defaults. They follow the (overridden) pipeline-wide fields; options
+        # the caller gives do not: if those disagree, `__post_init__` says so.
+        kept = {}
+        for kind, options in values["stage_options"].items():
+            entry = STAGES.get(kind, {}).get(values["backends"].get(kind) or "")
+            if values["backends"].get(kind) != base.backends.get(kind) and (
+                    entry is None or entry.options is None or not isinstance(options, entry.options)):
+                log.info("backend %s/%s: the %s preset's %s do not apply; using the backend's defaults", kind,
+                         values["backends"].get(kind), name, type(options).__name__)
+                continue
+            kept[kind] = mirror_pipeline_fields(options, pipeline_value)
+        values["stage_options"] = kept
+        if "stage_options" in overrides:
+            values["stage_options"] = merge_stage_options(values["stage_options"], overrides["stage_options"],
+                                                          values["backends"], pipeline_value)
         return cls(**values)
+
+
+def tuple_if_list(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def merge_stage_options(preset: dict[str, Any], overrides: dict[str, Any], backends: dict[str, str | None],
+                        pipeline_value: Callable[[str], Any]) -> dict[str, Any]:
+    """Preset options with overrides: an options instance replaces; a dict replaces fields of the preset's options
+    (or of the backend's defaults when the preset has none); an unknown field is a TypeError."""
+    merged = dict(preset)
+    for kind, value in overrides.items():
+        if not isinstance(value, dict):
+            merged[kind] = value
+            continue
+        base = merged.get(kind)
+        if base is None:
+            entry = STAGES.get(kind, {}).get(backends.get(kind) or "")
+            if entry is None or entry.options is None:
+                raise TypeError(f"stage_options[{kind!r}] given as a dict, but backend {backends.get(kind)!r} has no "
+                                "registered options class (import its module, or pass the options dataclass)")
+            base = mirror_pipeline_fields(entry.options(), pipeline_value)
+        try:
+            merged[kind] = dataclasses.replace(base, **value)
+        except TypeError as e:
+            raise TypeError(f"stage_options[{kind!r}]: {e}") from e
+    return merged
+
+
+def mirror_pipeline_fields(options: Any, pipeline_value: Callable[[str], Any]) -> Any:
+    """`options` with the fields its class mirrors from `PipelineConfig` (`PIPELINE_FIELDS`) set from it.
+
+    `from_preset` applies it, so overriding e.g. `dilate_kernel` reaches the cut-out and inpaint options too.
+    """
+    mirrored = getattr(type(options), "PIPELINE_FIELDS", {})
+    return dataclasses.replace(options, **{name: pipeline_value(attr) for name, attr in mirrored.items()}) \
+        if mirrored else options
+
+
+def make_stage(kind: str, config: PipelineConfig) -> Stage:
+    """Build the configured backend of `kind` from its registry entry (backend modules must be imported)."""
+    backend = config.backends.get(kind)
+    if backend is None:
+        raise ValueError(f"stage kind {kind!r} is switched off in this config")
+    entry = stage_entry(kind, backend)
+    options = config.stage_options.get(kind)
+    if entry.options is None:
+        if options is not None:
+            log.warning("backend %s/%s takes no options; ignoring stage_options[%r] (%s)", kind, backend, kind,
+                        type(options).__name__)
+        args: tuple = ()
+    else:
+        if options is None:
+            options = mirror_pipeline_fields(entry.options(), lambda attr: getattr(config, attr))
+        elif not isinstance(options, entry.options):
+            raise TypeError(f"stage_options[{kind!r}] is a {type(options).__name__}, but backend {backend!r} takes "
+                            f"{entry.options.__name__}")
+        args = (options,)
+    if entry.model_backed:
+        from pipelines.devices import ModelStageConfig
+
+        batch = config.batch_sizes.get(kind)
+        model = ModelStageConfig(preset=config.preset, model_overrides=dict(config.models), device=config.device,
+                                 dtype=config.dtype, **({} if batch is None else {"batch_size": batch}))
+        args = (model, *args)
+    return entry.cls(*args)
 
 
 def real_preset() -> PipelineConfig:
@@ -128,12 +245,12 @@ def real_preset() -> PipelineConfig:
             "inpaint": "sd",
         },
         stage_options={
-            "detect": {"score_threshold": 0.1, "max_detections": 20},
+            "detect": DetectOptions(score_threshold=0.1, max_detections=20),
+            "inpaint": SDInpaintOptions(),  # DPM-Solver++ at 20 steps (its docstring says why)
         },
-        batch_sizes={
-            "caption": 16, "detect": 16, "segment": 16, "saliency": 32,
-            "mask_rules": 64, "object_caption": 32, "cutout": 64, "inpaint": 8,
-        },
+        # Segment 0: sized from the free GPU memory at the first call (pipelines.sam_efficient; per GPU class
+        # in cluster/configs/ray-cluster.yaml).
+        batch_sizes={"caption": 16, "detect": 16, "segment": 0, "saliency": 32, "object_caption": 32, "inpaint": 8},
     )
 
 
@@ -154,12 +271,12 @@ def tiny_preset() -> PipelineConfig:
         stage_options={
             # Random weights: keep every box (threshold 0) and the top-k; clip SAM masks to their boxes;
             # short captions (a random language model would otherwise babble up to its token cap).
-            "detect": {"score_threshold": 0.0, "max_detections": 8},
-            "segment": {"clip_to_box": True},
-            "caption": {"max_new_tokens": 8},
-            "object_caption": {"max_new_tokens": 6},
+            "detect": DetectOptions(score_threshold=0.0, max_detections=8),
+            "segment": SegmentOptions(clip_to_box=True),
+            "caption": CaptionOptions(max_new_tokens=8),
+            "object_caption": ObjectCaptionOptions(max_new_tokens=6),
         },
-        batch_sizes={kind: 4 for kind in STAGE_ORDER},
+        batch_sizes={kind: 4 for kind in MODEL_KINDS},
         device="cpu",
         dtype="float32",
         max_side=128,

@@ -7,18 +7,13 @@ dilated: `obj.mask` stays the undilated mask, so the stored masks remain pairwis
 
 from __future__ import annotations
 
-import cv2
+from dataclasses import dataclass
+from typing import ClassVar
+
 import numpy as np
 
+from mlcid.composite import dilate
 from pipelines.base import Item, alive, register_stage
-
-
-def dilate(mask: np.ndarray, kernel: int = 5) -> np.ndarray:
-    """Binary dilation of an (H, W) mask with a kernel×kernel square (odd kernel; 1 = identity)."""
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError(f"dilation kernel must be odd and ≥ 1, got {kernel}")
-    m = np.asarray(mask, dtype=np.uint8)
-    return cv2.dilate(m, np.ones((kernel, kernel), np.uint8), borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
 
 
 def cutout_rgba(image: np.ndarray, mask: np.ndarray, kernel: int = 5,
@@ -33,14 +28,26 @@ def cutout_rgba(image: np.ndarray, mask: np.ndarray, kernel: int = 5,
     return rgba
 
 
-@register_stage("cutout", "dilate5")
+@dataclass(frozen=True)
+class CutoutOptions:
+    """The cut-out's dilation kernel and the RGB outside it; both are `PipelineConfig` fields (one truth)."""
+
+    PIPELINE_FIELDS: ClassVar[dict[str, str]] = {"kernel": "dilate_kernel", "fill": "cutout_fill"}
+
+    kernel: int = 5
+    fill: tuple[int, int, int] = (0, 0, 0)
+
+    def __post_init__(self) -> None:
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"dilation kernel must be odd and ≥ 1, got {self.kernel}")
+
+
+@register_stage("cutout", "dilate5", CutoutOptions)
 class DilatedCutout:
     """Stage: set `obj.rgba` for every object of every alive item."""
 
-    def __init__(self, kernel: int = 5, fill: tuple[int, int, int] = (0, 0, 0)) -> None:
-        if kernel < 1 or kernel % 2 == 0:
-            raise ValueError(f"dilation kernel must be odd and ≥ 1, got {kernel}")
-        self.kernel, self.fill = kernel, tuple(int(v) for v in fill)
+    def __init__(self, options: CutoutOptions = CutoutOptions()) -> None:
+        self.kernel, self.fill = options.kernel, tuple(int(v) for v in options.fill)
 
     def setup(self) -> None:
         pass

@@ -13,14 +13,14 @@ score. An image without a detection is dropped with reason `no_detection`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlcid.registry import resolve
 from pipelines.base import Detection, Item, alive, register_stage
-from pipelines.devices import check_model_location, device_and_dtype
+from pipelines.devices import ModelStageConfig, check_model_location
 
 VOCAB_FILE = Path(__file__).resolve().parent / "data" / "objects365.txt"
 NO_DETECTION = "no_detection"
@@ -85,34 +85,37 @@ def select(
     ]
 
 
+@dataclass(frozen=True)
+class DetectOptions:
+    """Box selection per image (both detector backends); `query_template` is OWLv2's text query."""
+
+    score_threshold: float = 0.1  # Appendix B: detector score ≥ 0.1
+    max_detections: int = 20
+    nms_iou: float = 0.5
+    min_box_side: float = 1.0
+    narrow_by_caption: bool = False  # score only the names that occur in the global caption
+    vocabulary: tuple[str, ...] | None = None  # default: the 365 Objects365 names
+    query_template: str = "a photo of a {}"
+
+    def __post_init__(self) -> None:
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections must be ≥ 1, got {self.max_detections}")
+
+
 class _Detector:
     """Shared config and the stage loop; backends implement `setup()` and `raw(images, allowed)`."""
 
     model_name: str
 
-    def __init__(
-        self,
-        preset: str = "real",
-        model: str | None = None,
-        model_overrides: dict[str, str] | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 16,
-        score_threshold: float = 0.1,
-        max_detections: int = 20,
-        nms_iou: float = 0.5,
-        min_box_side: float = 1.0,
-        narrow_by_caption: bool = False,
-        vocabulary: list[str] | None = None,
-    ) -> None:
-        self.model_id = resolve(self.model_name, preset, model or (model_overrides or {}).get(self.model_name))
-        self.device, self.dtype = device_and_dtype(device, dtype)
-        self.batch_size = max(1, int(batch_size))
-        if max_detections < 1:
-            raise ValueError(f"max_detections must be ≥ 1, got {max_detections}")
-        self.score_threshold, self.max_detections, self.nms_iou = score_threshold, max_detections, nms_iou
-        self.narrow_by_caption, self.min_box_side = narrow_by_caption, min_box_side
-        self.names = list(vocabulary) if vocabulary else load_objects365()
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: DetectOptions = DetectOptions()
+                 ) -> None:
+        self.model_id, self.options = model.location(self.model_name), options
+        self.device, self.dtype = model.torch_device_dtype()
+        self.batch_size = max(1, model.batch_size)
+        self.score_threshold, self.max_detections, self.nms_iou = (options.score_threshold, options.max_detections,
+                                                                   options.nms_iou)
+        self.narrow_by_caption, self.min_box_side = options.narrow_by_caption, options.min_box_side
+        self.names = list(options.vocabulary) if options.vocabulary else load_objects365()
         self.model = self.processor = None
 
     def allowed(self, item: Item) -> np.ndarray:
@@ -144,15 +147,16 @@ class _Detector:
         return batch
 
 
-@register_stage("detect", "owlv2")
+@register_stage("detect", "owlv2", DetectOptions, model_backed=True)
 class Owlv2Detector(_Detector):
     """OWLv2: all 365 queries at once; their text embeddings are computed once in `setup` and cached."""
 
     model_name = "owlv2"
 
-    def __init__(self, *args, query_template: str = "a photo of a {}", **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.query_template = query_template
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: DetectOptions = DetectOptions()
+                 ) -> None:
+        super().__init__(model, options)
+        self.query_template = options.query_template
         self.query_embeds = None
 
     def setup(self) -> None:
@@ -162,11 +166,15 @@ class Owlv2Detector(_Detector):
             return
         check_model_location(self.model_id, "OWLv2")
         processor = Owlv2Processor.from_pretrained(self.model_id)
-        self.use(Owlv2ForObjectDetection.from_pretrained(self.model_id, dtype=self.dtype), processor)
+        model = Owlv2ForObjectDetection.from_pretrained(self.model_id, dtype=self.dtype)
+        self._adopt(model.to(self.device), processor)  # device only: from_pretrained set the precision
 
     def use(self, model, processor) -> None:
         """Take an already built model + processor (benchmarks pass random-weight ones); caches the queries."""
-        self.model, self.processor = model.to(self.device, self.dtype).eval(), processor
+        self._adopt(model.to(self.device, self.dtype), processor)
+
+    def _adopt(self, model, processor) -> None:
+        self.model, self.processor = model.eval(), processor
         self.cache_queries()
 
     def cache_queries(self) -> None:
@@ -204,7 +212,7 @@ class Owlv2Detector(_Detector):
         return out
 
 
-@register_stage("detect", "grounding-dino")
+@register_stage("detect", "grounding-dino", DetectOptions, model_backed=True)
 class GroundingDinoDetector(_Detector):
     """Grounding DINO: the vocabulary as "a. b. c." prompts, chunked to fit the text encoder's token limit."""
 

@@ -26,11 +26,16 @@ Drop reasons: `no_mask` (nothing to filter), `no_salient_mask` (all removed by t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MAX_LAYERS, DEFAULT_MIN_AREA_FRAC
 from pipelines.base import Item, ObjectLayer, alive, register_stage
+
+DEFAULT_MIN_SALIENCY_OVERLAP = 0.10  # Appendix B: more than 10% of the mask is salient
+DEFAULT_CONTAINMENT = 0.90  # Appendix B: a mask 90% inside a larger one is dropped
 
 NO_MASK = "no_mask"
 NO_SALIENT_MASK = "no_salient_mask"
@@ -152,11 +157,11 @@ def apply_rules(
     scores: list[float],
     saliency: np.ndarray | None,
     *,
-    min_saliency_overlap: float = 0.10,
-    containment_ratio: float = 0.90,
-    min_area_frac: float = 0.01,
-    max_area_frac: float = 0.80,
-    max_foregrounds: int = 3,
+    min_saliency_overlap: float = DEFAULT_MIN_SALIENCY_OVERLAP,
+    containment_ratio: float = DEFAULT_CONTAINMENT,
+    min_area_frac: float = DEFAULT_MIN_AREA_FRAC,
+    max_area_frac: float = DEFAULT_MAX_AREA_FRAC,
+    max_foregrounds: int = DEFAULT_MAX_LAYERS - 1,
 ) -> RuleResult:
     """All Appendix B rules in order (see the module docstring)."""
     if len(masks) != len(scores):
@@ -193,27 +198,34 @@ def apply_rules(
     return RuleResult(layers)
 
 
-@register_stage("mask_rules", "appendix_b")
+@dataclass(frozen=True)
+class MaskRulesOptions:
+    """The Appendix B thresholds. All are `PipelineConfig` fields (the validator reads the same limits)."""
+
+    PIPELINE_FIELDS: ClassVar[dict[str, str]] = {
+        "min_saliency_overlap": "min_saliency_overlap", "containment": "containment",
+        "min_area_frac": "min_area_frac", "max_area_frac": "max_area_frac", "max_foregrounds": "max_foregrounds",
+    }
+
+    min_saliency_overlap: float = DEFAULT_MIN_SALIENCY_OVERLAP
+    containment: float = DEFAULT_CONTAINMENT
+    min_area_frac: float = DEFAULT_MIN_AREA_FRAC
+    max_area_frac: float = DEFAULT_MAX_AREA_FRAC
+    max_foregrounds: int = DEFAULT_MAX_LAYERS - 1
+
+    def __post_init__(self) -> None:
+        if self.max_foregrounds < 1:
+            raise ValueError(f"max_foregrounds must be ≥ 1, got {self.max_foregrounds}")
+
+
+@register_stage("mask_rules", "appendix_b", MaskRulesOptions)
 class MaskRules:
     """Stage: `item.masks` (+ detections, saliency) → `item.objects` back→front, or drop with the rule's reason."""
 
-    def __init__(
-        self,
-        min_saliency_overlap: float = 0.10,
-        containment: float = 0.90,
-        min_area_frac: float = 0.01,
-        max_area_frac: float = 0.80,
-        max_foregrounds: int = 3,
-    ) -> None:
-        if max_foregrounds < 1:
-            raise ValueError(f"max_foregrounds must be ≥ 1, got {max_foregrounds}")
-        self.params = dict(
-            min_saliency_overlap=min_saliency_overlap,
-            containment_ratio=containment,
-            min_area_frac=min_area_frac,
-            max_area_frac=max_area_frac,
-            max_foregrounds=max_foregrounds,
-        )
+    def __init__(self, options: MaskRulesOptions = MaskRulesOptions()) -> None:
+        params = asdict(options)
+        params["containment_ratio"] = params.pop("containment")
+        self.params = params
 
     def setup(self) -> None:
         pass

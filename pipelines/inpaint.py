@@ -1,39 +1,47 @@
 """Stage `inpaint`: the background layer — the image with its foreground objects filled in (`sd`, `opencv`).
 
-The hole is the union of the objects' masks, dilated by a `dilate_kernel`² square. Backend `sd` (the paper's
-choice) runs diffusers' `StableDiffusionInpaintPipeline` (`sd15-inpaint`) with an empty prompt and the object
-terms (layer prompts, else labels) joined as the negative prompt (Appendix B), batched over items that share a
-working size; backend `opencv` is `cv2.inpaint` (Telea). Both paste the source back outside the hole, so those
-pixels are kept exactly.
+The hole is the union of the objects' masks, dilated by a `dilate_kernel`² square (the cut-outs' dilation,
+`mlcid.composite.dilate`). Backend `sd` (the paper's choice) runs diffusers' `StableDiffusionInpaintPipeline`
+(`sd15-inpaint`) with an empty prompt and the object terms — the detection labels, as the paper says, not the
+object captions — joined as the negative prompt, batched over items that share a working size; backend `opencv`
+is `cv2.inpaint` (Telea). Both paste the source back outside the hole, so those pixels are kept exactly.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
+from typing import ClassVar
 
 import cv2
 import numpy as np
 import torch
 from PIL import Image
 
-from mlcid.registry import resolve
+from mlcid.composite import dilate
 from pipelines.base import Item, alive, register_stage
-from pipelines.devices import check_model_location, device_and_dtype
+from pipelines.devices import ModelStageConfig, check_model_location
 
 MODEL_NAME = "sd15-inpaint"
+# Scheduler names → (diffusers class name, extra config). "default" keeps the checkpoint's own (PNDM for SD 1.5).
+SCHEDULERS: dict[str, tuple[str, dict] | None] = {
+    "default": None,
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
 
 
 def hole_mask(item: Item, kernel: int) -> np.ndarray:
     """(H, W) bool: union of `item.objects` masks, dilated by a `kernel`×`kernel` square (1 = no dilation)."""
     h, w = item.image.shape[:2]
-    union = np.zeros((h, w), dtype=np.uint8)
+    union = np.zeros((h, w), dtype=bool)
     for obj in item.objects:
         if obj.mask.shape != (h, w):
             raise ValueError(f"{item.key}: object mask {obj.mask.shape} does not match image {(h, w)}")
-        union |= obj.mask.astype(np.uint8)
-    if kernel > 1:
-        union = cv2.dilate(union, np.ones((kernel, kernel), np.uint8))
-    return union.astype(bool)
+        union |= obj.mask.astype(bool)
+    return dilate(union, kernel)
 
 
 def paste_back(source: np.ndarray, filled: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -43,10 +51,26 @@ def paste_back(source: np.ndarray, filled: np.ndarray, hole: np.ndarray) -> np.n
     return out
 
 
+def object_terms(label: str) -> list[str]:
+    """A detection label as lower-case terms; Objects365 "/" alternatives become separate terms ("Moniter/TV")."""
+    return [t for t in (part.strip().lower() for part in label.split("/")) if t]
+
+
 def negative_prompt(item: Item) -> str:
-    """The object terms of an item, joined: each object's prompt, else its detection label."""
-    terms = [(obj.prompt or obj.label or "").strip() for obj in item.objects]
-    return ", ".join(dict.fromkeys(t for t in terms if t))
+    """The object terms of an item — its detection labels, never the object captions — deduplicated, joined."""
+    return ", ".join(dict.fromkeys(t for obj in item.objects for t in object_terms(obj.label or "")))
+
+
+def make_scheduler(name: str, current):
+    """The scheduler `name` (see `SCHEDULERS`) built from `current`'s config (same betas and timestep spacing)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown inpainting scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if SCHEDULERS[name] is None:
+        return current
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(current.config, **extra)
 
 
 def work_size(h: int, w: int, resolution: int) -> tuple[int, int]:
@@ -55,12 +79,61 @@ def work_size(h: int, w: int, resolution: int) -> tuple[int, int]:
     return max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8)
 
 
+@dataclass(frozen=True)
+class OpenCVInpaintOptions:
+    """`cv2.inpaint` settings; `dilate_kernel` is the `PipelineConfig` field (the hole = the cut-outs' alpha)."""
+
+    PIPELINE_FIELDS: ClassVar[dict[str, str]] = {"dilate_kernel": "dilate_kernel"}
+
+    dilate_kernel: int = 5
+    radius: int = 5
+    method: str = "telea"  # or "ns" (Navier–Stokes)
+
+    def __post_init__(self) -> None:
+        _check_kernel(self.dilate_kernel)
+        if self.method not in ("telea", "ns"):
+            raise ValueError(f"unknown OpenCV inpaint method {self.method!r}; choose one of telea, ns")
+
+
+@dataclass(frozen=True)
+class SDInpaintOptions:
+    """SD 1.5 inpainting settings.
+
+    Default sampler: DPM-Solver++ (2M) at 20 steps. Lu et al. (2022, "DPM-Solver++: Fast Solver for Guided
+    Sampling of Diffusion Probabilistic Models") show the second-order multistep solver reaching, at 15–20
+    steps and guidance 7.5, the sample quality that first-order/PNDM samplers need 50+ steps for; diffusers
+    recommends 20–25 steps for it. The background hole is filled from its surroundings with an empty prompt, so
+    it needs no more steps than text-to-image: 20 DPM-Solver++ steps cost 0.4× the SD reference's 50 PNDM steps
+    and 0.8× the 25 this stage used before. `scheduler="default"` with `num_inference_steps=50` restores the
+    checkpoint's own PNDM sampling.
+    """
+
+    PIPELINE_FIELDS: ClassVar[dict[str, str]] = {"dilate_kernel": "dilate_kernel"}
+
+    dilate_kernel: int = 5
+    num_inference_steps: int = 20
+    scheduler: str = "dpmsolver++"  # one of SCHEDULERS
+    guidance_scale: float = 7.5
+    resolution: int = 512  # working size: the shorter side
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_kernel(self.dilate_kernel)
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown inpainting scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be ≥ 1, got {self.num_inference_steps}")
+
+
+def _check_kernel(kernel: int) -> None:
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"dilate_kernel must be odd and ≥ 1, got {kernel}")
+
+
 class _Inpainter:
     """Shared loop: compute each item's hole, fill it (`fill(items, holes)`), paste the source back."""
 
-    def __init__(self, dilate_kernel: int = 5, batch_size: int = 8) -> None:
-        if dilate_kernel < 1 or dilate_kernel % 2 == 0:
-            raise ValueError(f"dilate_kernel must be odd and ≥ 1, got {dilate_kernel}")
+    def __init__(self, dilate_kernel: int, batch_size: int) -> None:
         self.dilate_kernel, self.batch_size = dilate_kernel, max(1, int(batch_size))
 
     def __call__(self, batch: list[Item]) -> list[Item]:
@@ -79,18 +152,16 @@ class _Inpainter:
         return batch
 
 
-@register_stage("inpaint", "opencv")
+@register_stage("inpaint", "opencv", OpenCVInpaintOptions)
 class OpenCVInpainter(_Inpainter):
-    """Classical inpainting: `cv2.inpaint` with Telea's fast marching method (or Navier–Stokes)."""
+    """Classical inpainting: `cv2.inpaint` with Telea's fast marching method (or Navier–Stokes), item by item."""
 
     model_id = "opencv:cv2.inpaint"
 
-    def __init__(self, dilate_kernel: int = 5, radius: int = 5, method: str = "telea", batch_size: int = 64) -> None:
-        super().__init__(dilate_kernel, batch_size)
-        methods = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
-        if method not in methods:
-            raise ValueError(f"unknown OpenCV inpaint method {method!r}; choose one of {', '.join(methods)}")
-        self.radius, self.flag = radius, methods[method]
+    def __init__(self, options: OpenCVInpaintOptions = OpenCVInpaintOptions()) -> None:
+        super().__init__(options.dilate_kernel, batch_size=64)  # per item anyway: the chunking changes nothing
+        self.radius = options.radius
+        self.flag = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}[options.method]
 
     def setup(self) -> None:
         pass
@@ -100,7 +171,7 @@ class OpenCVInpainter(_Inpainter):
                 for it, hole in zip(items, holes)]
 
 
-@register_stage("inpaint", "sd")
+@register_stage("inpaint", "sd", SDInpaintOptions, model_backed=True)
 class StableDiffusionInpainter(_Inpainter):
     """SD 1.5 inpainting at a working size whose shorter side is `resolution`; output resized to the item size.
 
@@ -108,25 +179,13 @@ class StableDiffusionInpainter(_Inpainter):
     running its items one by one.
     """
 
-    def __init__(
-        self,
-        preset: str = "real",
-        model: str | None = None,
-        model_overrides: dict[str, str] | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 8,
-        dilate_kernel: int = 5,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        resolution: int = 512,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(dilate_kernel, batch_size)
-        self.model_id = resolve(MODEL_NAME, preset, model or (model_overrides or {}).get(MODEL_NAME))
-        self.device, self.dtype = device_and_dtype(device, dtype)
-        self.steps, self.guidance_scale = int(num_inference_steps), float(guidance_scale)
-        self.resolution, self.seed = int(resolution), int(seed)
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: SDInpaintOptions = SDInpaintOptions()
+                 ) -> None:
+        super().__init__(options.dilate_kernel, model.batch_size)
+        self.model_id, self.options = model.location(MODEL_NAME), options
+        self.device, self.dtype = model.torch_device_dtype()
+        self.steps, self.guidance_scale = options.num_inference_steps, options.guidance_scale
+        self.resolution, self.seed = options.resolution, options.seed
         self.pipe = None
 
     def setup(self) -> None:
@@ -140,8 +199,9 @@ class StableDiffusionInpainter(_Inpainter):
         ))
 
     def use(self, pipe) -> None:
-        """Take an already built inpainting pipeline (benchmarks pass a random-weight SD 1.5 one)."""
+        """Take an already built inpainting pipeline (benchmarks pass a random-weight SD 1.5 one); set the sampler."""
         self.pipe = pipe.to(self.device) if pipe.dtype == self.dtype else pipe.to(self.device, self.dtype)
+        self.pipe.scheduler = make_scheduler(self.options.scheduler, self.pipe.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
 
     def generator(self, key: str) -> torch.Generator:

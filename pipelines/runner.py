@@ -15,8 +15,8 @@ The processor holds no global state, so a Ray actor can own one and call `proces
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 import logging
 import os
 import time
@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from mlcid.errors import SampleError
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.writer import ShardWriter, is_complete, read_stats
-from pipelines.base import Item, Stage, alive, build_stage, STAGES
-from pipelines.config import STAGE_ORDER, PipelineConfig
+from pipelines.base import Item, Stage, alive, prompt_source_keys, prompt_sources
+from pipelines.config import STAGE_ORDER, PipelineConfig, make_stage
 from pipelines.inputs import DecodeOptions, Drop, RawRecord, ReadStats, decode_record, input_shard_id, iter_raw_records
 
 log = logging.getLogger(__name__)
@@ -63,21 +63,6 @@ def import_backends() -> None:
             if e.name != name:  # the module exists but one of ITS imports is missing: a real error
                 raise
             log.debug("backend module %s not present", name)
-
-
-def accepted_kwargs(cls: type) -> set[str] | None:
-    """Keyword names `cls(...)` accepts, following `**kwargs` up the MRO; None if it takes anything."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        if klass is object:  # a `**kwargs` that no base class consumes: anything goes
-            return None
-        params = inspect.signature(klass.__init__).parameters.values()
-        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            return names
-    return None
 
 
 def _chunks(it: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -110,26 +95,6 @@ class ShardProcessor:
         self.pipeline_meta: dict[str, Any] = {}
 
     # -- setup ----------------------------------------------------------------------------------------------
-    def stage_kwargs(self, kind: str, cls: type) -> dict[str, Any]:
-        """Constructor kwargs: shared settings the class accepts, this runner's own thresholds, then overrides."""
-        cfg = self.config
-        accepted = accepted_kwargs(cls)
-        common = {
-            "preset": cfg.preset, "device": cfg.device, "dtype": cfg.dtype,
-            "batch_size": cfg.batch_sizes.get(kind), "model_overrides": dict(cfg.models) or None,
-            "dilate_kernel": cfg.dilate_kernel,  # inpaint holes = the cut-outs' dilated alpha
-        }
-        own = {  # the typed config fields that belong to one kind
-            "mask_rules": dict(min_saliency_overlap=cfg.min_saliency_overlap, containment=cfg.containment,
-                               min_area_frac=cfg.min_area_frac, max_area_frac=cfg.max_area_frac,
-                               max_foregrounds=cfg.max_foregrounds),
-            "cutout": dict(kernel=cfg.dilate_kernel, fill=tuple(cfg.cutout_fill)),
-        }
-        kwargs = {k: v for k, v in common.items() if v is not None and (accepted is None or k in accepted)}
-        kwargs.update(own.get(kind, {}))
-        kwargs.update(cfg.stage_options.get(kind, {}))
-        return kwargs
-
     def setup(self) -> "ShardProcessor":
         """Build every configured stage (DESIGN.md order) and load its models once."""
         import_backends()
@@ -138,14 +103,7 @@ class ShardProcessor:
             backend = self.config.backends.get(kind)
             if backend is None:
                 continue
-            cls = STAGES.get(kind, {}).get(backend)
-            if cls is None:
-                build_stage(kind, backend)  # raises a KeyError listing the known backends
-            try:
-                stage = cls(**self.stage_kwargs(kind, cls))
-            except TypeError as e:
-                raise TypeError(f"cannot build stage {kind}/{backend}: {e}") from e
-            stages.append((kind, stage))
+            stages.append((kind, make_stage(kind, self.config)))  # unknown backends: KeyError listing the known
         for kind, stage in stages:
             t0 = time.perf_counter()
             stage.setup()
@@ -161,7 +119,7 @@ class ShardProcessor:
                 "min_saliency_overlap": cfg.min_saliency_overlap, "containment": cfg.containment,
                 "min_area_frac": cfg.min_area_frac, "max_area_frac": cfg.max_area_frac,
                 "max_layers": cfg.max_layers, "dilate_kernel": cfg.dilate_kernel,
-                "stage_options": cfg.stage_options,
+                "stage_options": {k: dataclasses.asdict(o) for k, o in cfg.stage_options.items()},
             },
             "max_side": cfg.max_side,
         }
@@ -222,7 +180,7 @@ class ShardProcessor:
             masks=[obj.mask.astype(np.uint8) * 255 for obj in item.objects],  # (H, W) 0/255
             layers=layers,
             source=dict(item.source),
-            pipeline=self.pipeline_meta,
+            pipeline={**self.pipeline_meta, "prompt_sources": prompt_sources(item)},
         )
 
     # -- writer thread --------------------------------------------------------------------------------------
@@ -247,6 +205,7 @@ class ShardProcessor:
                     before = Counter(writer.dropped)
                     if writer.write(sample):
                         row.update(kept=True, num_layers=sample.num_layers)
+                        self.prompt_counts.update(prompt_source_keys(sample.pipeline["prompt_sources"]))
                     else:
                         reason = next(iter(Counter(writer.dropped) - before), "invalid_sample")
                         row.update(reason=reason, detail="rejected by the mlcid/1 validator")
@@ -273,6 +232,7 @@ class ShardProcessor:
             log.info("shard %06d already complete in %s; skipping", shard_id, out_dir)
             return read_stats(out_dir, shard_id, cfg.prefix) | {"skipped": True}
         opts = DecodeOptions(cfg.max_side, cfg.min_side, cfg.max_pixels, input_url, shard_id)
+        self.prompt_counts: Counter[str] = Counter()  # written samples by prompt source (caption fallbacks)
         read = ReadStats()
         rows: list[dict[str, Any]] = []
         seconds: Counter[str] = Counter()  # main thread: stages, decode_wait
@@ -325,6 +285,7 @@ class ShardProcessor:
             stats = writer.close({
                 "input_url": input_url, "preset": cfg.preset, "outcomes": outcomes_name(shard_id, cfg.prefix),
                 "late_members": read.late_members, "input_truncated": read.truncated, "skipped": False,
+                "prompt_sources": dict(self.prompt_counts),
             })
         except BaseException:
             writer.abort()

@@ -21,10 +21,13 @@ Both set `item.saliency`, (H, W) bool. A flat map (constant image) gives an all-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from pipelines.base import Item, alive, register_stage
+from pipelines.devices import ModelStageConfig, check_model_location
 
 
 # -- classical maps -----------------------------------------------------------------------------------------
@@ -83,12 +86,17 @@ def classical_saliency(image: np.ndarray, centre_weight: float = 0.3) -> np.ndar
     return otsu_mask(sal * centre_prior(h, w, weight=centre_weight))
 
 
-@register_stage("saliency", "classical")
+@dataclass(frozen=True)
+class ClassicalSaliencyOptions:
+    centre_weight: float = 0.3  # weight of the Gaussian centre prior
+
+
+@register_stage("saliency", "classical", ClassicalSaliencyOptions)
 class ClassicalSaliency:
     """CPU saliency: colour contrast + spectral residual, centre prior, Otsu."""
 
-    def __init__(self, centre_weight: float = 0.3) -> None:
-        self.centre_weight = centre_weight
+    def __init__(self, options: ClassicalSaliencyOptions = ClassicalSaliencyOptions()) -> None:
+        self.centre_weight = options.centre_weight
         self.model_id = "classical:ft+spectral-residual+centre-prior+otsu"
 
     def setup(self) -> None:
@@ -101,33 +109,26 @@ class ClassicalSaliency:
 
 
 # -- learned: depth ------------------------------------------------------------------------------------------
-@register_stage("saliency", "depth")
+@dataclass(frozen=True)
+class DepthSaliencyOptions:
+    model_name: str = "depth-saliency"  # `mlcid.registry` name of the depth model
+
+
+@register_stage("saliency", "depth", DepthSaliencyOptions, model_backed=True)
 class DepthSaliency:
     """Learned saliency: near region (Otsu over inverse depth) of `AutoModelForDepthEstimation`."""
 
-    def __init__(
-        self,
-        model_name: str = "depth-saliency",
-        preset: str = "real",
-        model_overrides: dict[str, str] | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 16,
-    ) -> None:
-        from mlcid.registry import resolve
-
-        self.model_id = resolve(model_name, preset, (model_overrides or {}).get(model_name))
-        self.device_name, self.dtype_name = device, dtype
-        self.batch_size = batch_size
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(),
+                 options: DepthSaliencyOptions = DepthSaliencyOptions()) -> None:
+        self.model_id = model.location(options.model_name)
+        self.device, self.dtype = model.torch_device_dtype()
+        self.batch_size = max(1, model.batch_size)
         self.model = self.processor = None
 
     def setup(self) -> None:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        from pipelines.devices import check_model_location, device_and_dtype
-
         check_model_location(self.model_id, "depth-saliency")
-        self.device, self.dtype = device_and_dtype(self.device_name, self.dtype_name)
         self.processor = AutoImageProcessor.from_pretrained(self.model_id)
         self.model = AutoModelForDepthEstimation.from_pretrained(self.model_id, dtype=self.dtype)
         self.model.to(self.device).eval()

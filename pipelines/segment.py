@@ -3,11 +3,16 @@
 The real model is the ViT-H checkpoint file (`sam_vit_h_4b8939.pth`); the tiny preset is a folder holding a state
 dict and `sam_config.json` with its geometry. Both go through `load_sam`: build `Sam` from segment-anything's own
 classes for the geometry, then load the state dict safely (`torch.load(weights_only=True)` or safetensors).
+
+On CUDA the weights are cast to half precision (bf16 where the GPU has it, else fp16; autocast covers SAM's fp32
+box coordinates) and the ViT attention runs through SDPA (`pipelines.sam_efficient`). With batch size 0 (the
+`real` preset) the encoder batch is sized from the free device memory at the first call.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -15,13 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlcid.registry import resolve
 from pipelines.base import Item, alive, register_stage
-from pipelines.devices import check_model_location, device_and_dtype
+from pipelines.devices import ModelStageConfig
+from pipelines.sam_efficient import batch_size_for_memory, free_device_bytes, use_sdpa
+
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "sam-vit-h"
 SAM_CONFIG_NAME = "sam_config.json"
 NO_MASK = "no_mask"
+AUTO_BATCH = 0  # `ModelStageConfig.batch_size` meaning "size from the free device memory"
+CPU_AUTO_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ def build_sam_model(g: SamGeometry):
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
     )
+    sam.geometry = g  # read by the memory-sized batch (`SamSegmenter.micro_batch`)
     return sam.eval()
 
 
@@ -135,34 +145,47 @@ def clip_box(box: tuple[float, float, float, float], h: int, w: int) -> tuple[in
     return x0, y0, max(x1, x0), max(y1, y0)
 
 
-@register_stage("segment", "sam")
+@dataclass(frozen=True)
+class SegmentOptions:
+    """SAM settings: `mask_threshold` on its mask logits (SAM's own: 0.0); `clip_to_box` zeroes each mask outside
+    its box grown by `box_pad` px; `attention` "sdpa" (memory-efficient, default) or "eager" (segment-anything's
+    own); `max_batch_size` caps the memory-sized batch. `compile_mode` (e.g. "default", "max-autotune") runs the
+    image encoder through `torch.compile` with `compile_backend`; `channels_last` gives its convolutions (patch
+    embedding, neck) NHWC tensors. Both are off by default: they are measured options, not yet measured wins."""
+
+    arch: str = "vit_h"
+    mask_threshold: float = 0.0
+    clip_to_box: bool = False
+    box_pad: int = 0
+    attention: str = "sdpa"
+    max_batch_size: int = 32
+    compile_mode: str | None = None  # None: no torch.compile
+    compile_backend: str = "inductor"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("sdpa", "eager"):
+            raise ValueError(f"SAM attention must be 'sdpa' or 'eager', got {self.attention!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be ≥ 1, got {self.max_batch_size}")
+
+
+@register_stage("segment", "sam", SegmentOptions, model_backed=True)
 class SamSegmenter:
     """Box-prompted SAM masks: one (H, W) bool mask per detection, same order, `multimask_output=False`.
 
     The image encoder runs on micro-batches of `batch_size` images; the decoder takes all boxes of an image at
-    once (`predict_torch` after `apply_boxes_torch`). `mask_threshold` thresholds SAM's mask logits (SAM's own
-    value is 0.0); `clip_to_box` zeroes each mask outside its box grown by `box_pad` pixels. An item whose every
-    mask is empty is dropped with reason `no_mask`.
+    once (`predict_torch` after `apply_boxes_torch`). An item whose every mask is empty is dropped (`no_mask`).
     """
 
-    def __init__(
-        self,
-        preset: str = "real",
-        model: str | None = None,
-        model_overrides: dict[str, str] | None = None,
-        arch: str = "vit_h",
-        device: str = "auto",
-        dtype: str = "auto",
-        batch_size: int = 4,
-        mask_threshold: float = 0.0,
-        clip_to_box: bool = False,
-        box_pad: int = 0,
-    ) -> None:
-        self.model_id = resolve(MODEL_NAME, preset, model or (model_overrides or {}).get(MODEL_NAME))
-        self.arch = arch
-        self.device, self.dtype = device_and_dtype(device, dtype)
-        self.batch_size = max(1, int(batch_size))
-        self.mask_threshold, self.clip_to_box, self.box_pad = mask_threshold, clip_to_box, box_pad
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: SegmentOptions = SegmentOptions()
+                 ) -> None:
+        self.model_id, self.options = model.location(MODEL_NAME), options
+        self.arch = options.arch
+        self.device, self.dtype = model.torch_device_dtype()
+        self.batch_size = model.batch_size  # AUTO_BATCH: sized at the first call
+        self.mask_threshold, self.clip_to_box = options.mask_threshold, options.clip_to_box
+        self.box_pad = options.box_pad
         self.predictor = None
 
     def setup(self) -> None:
@@ -170,14 +193,35 @@ class SamSegmenter:
             self.use(load_sam(self.model_id, self.arch))
 
     def use(self, sam) -> None:
-        """Take an already built `Sam` (benchmarks pass a random-weight ViT-H)."""
+        """Take an already built `Sam` (benchmarks pass a random-weight ViT-H): device, precision, attention."""
         from segment_anything import SamPredictor
 
-        self.predictor = SamPredictor(sam.to(self.device).eval())
+        sam = sam.to(self.device, self.dtype).eval()  # half weights on GPU ("auto": bf16 where supported)
+        if self.options.attention == "sdpa":
+            use_sdpa(sam)
+        if self.options.channels_last:
+            sam.image_encoder.to(memory_format=torch.channels_last)  # 4-D conv weights only
+        self.predictor = SamPredictor(sam)
+        if self.options.compile_mode:
+            sam.image_encoder = torch.compile(sam.image_encoder, mode=self.options.compile_mode,
+                                              backend=self.options.compile_backend, dynamic=False)
+
+    def micro_batch(self) -> int:
+        """The encoder batch: as configured, or (AUTO_BATCH) sized once from the free device memory."""
+        if self.batch_size == AUTO_BATCH:
+            if self.device.type == "cuda":
+                geometry = getattr(self.predictor.model, "geometry", None) or SAM_ARCHS[self.arch]
+                free = free_device_bytes(self.device)
+                self.batch_size = batch_size_for_memory(free, geometry, self.dtype.itemsize,
+                                                        self.options.max_batch_size)
+                log.info("SAM batch %d from %.1f GiB free", self.batch_size, free / 2**30)
+            else:
+                self.batch_size = CPU_AUTO_BATCH
+        return self.batch_size
 
     def _autocast(self):
-        """Half precision on GPU through autocast (SAM's prompt encoder mixes fp32 coordinates with its weights)."""
-        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        """Autocast to the weights' half dtype (SAM's prompt encoder mixes fp32 box coordinates with its weights)."""
+        enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
     def encode(self, images: list[np.ndarray]) -> torch.Tensor:
@@ -188,8 +232,11 @@ class SamSegmenter:
             resized = transform.apply_image(image)  # (h', w', 3), long side = img_size
             x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h', w')
             inputs.append(sam.preprocess(x))  # normalised, padded to (1, 3, S, S)
+        batch = torch.cat(inputs)  # (B, 3, S, S)
+        if self.options.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
-            return sam.image_encoder(torch.cat(inputs))  # (B, C, S/p, S/p)
+            return sam.image_encoder(batch)  # (B, C, S/p, S/p)
 
     def decode(
         self, features: torch.Tensor, size: tuple[int, int], boxes: list[tuple[float, float, float, float]]
@@ -229,9 +276,9 @@ class SamSegmenter:
 
     def __call__(self, batch: list[Item]) -> list[Item]:
         self.setup()
-        items = alive(batch)
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i : i + self.batch_size]
+        items, size = alive(batch), self.micro_batch()
+        for i in range(0, len(items), size):
+            chunk = items[i : i + size]
             features = self.encode([it.image for it in chunk])  # (B, C, h, w)
             for j, item in enumerate(chunk):
                 item.masks = self.decode(features[j : j + 1], item.image.shape[:2], [d.box for d in item.detections])

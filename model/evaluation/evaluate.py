@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from mlcid.imageio import decode_rgb, encode_png
+from mlcid.layered import LayeredImage
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
-from model.sampling.export import LayeredImage, as_layered, save_output
 from model.evaluation.config import METHODS, EvalConfig
 from model.evaluation.features import ALL, ClipEmbedder, FidFeatures, layer_on_fill, reference_stats, resize_rgb
 from model.evaluation.metrics import FeatureStats, clip_score, frechet_distance_stats
+from model.sampling.export import OutputMeta, save_output
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,13 @@ class Prompt:
         return f"{self.num_layers}L-{self.index:05d}"
 
 
-@dataclass
-class Generated:
-    """What a method returns for one prompt: the composite (eval size), and the layers when it has them."""
+def split_output(out: LayeredImage | np.ndarray, eval_size: int) -> tuple[np.ndarray, LayeredImage | None]:
+    """A method's output for one prompt → (composite at the eval size (S, S, 3) uint8, its layers or None).
 
-    composite: np.ndarray  # (S, S, 3) uint8
-    layers: LayeredImage | None = None  # at the method's own size
+    LayerDiff methods return a `LayeredImage` (at their own size); whole-image baselines an RGB array.
+    """
+    layers = out if isinstance(out, LayeredImage) else None
+    return resize_rgb(layers.composite if layers is not None else out, eval_size), layers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,12 +94,11 @@ class SDBaseline:
     def settings(self) -> dict[str, Any]:
         return {"model": self.source, "size": self.size, "guidance_scale": self.config.sd_guidance_scale}
 
-    def __call__(self, prompt: Prompt, generator: torch.Generator) -> Generated:
+    def __call__(self, prompt: Prompt, generator: torch.Generator) -> np.ndarray:
         out = self.pipe(prompt.global_prompt, num_inference_steps=self.config.num_inference_steps,
                         guidance_scale=self.config.sd_guidance_scale, height=self.size, width=self.size,
                         generator=generator, output_type="np")
-        image = np.clip(np.rint(out.images[0] * 255.0), 0, 255).astype(np.uint8)  # (H, W, 3)
-        return Generated(composite=resize_rgb(image, self.config.eval_size))
+        return np.clip(np.rint(out.images[0] * 255.0), 0, 255).astype(np.uint8)  # (H, W, 3)
 
 
 class LayerDiffMethod:
@@ -119,13 +120,12 @@ class LayerDiffMethod:
         return {"model": str(c.model), "size": self.size, "guidance": self.guidance,
                 "guidance_scale": c.guidance_scale, "smg_scale": c.smg_scale if "smg" in self.guidance else None}
 
-    def __call__(self, prompt: Prompt, generator: torch.Generator) -> Generated:
+    def __call__(self, prompt: Prompt, generator: torch.Generator) -> LayeredImage:
         c = self.config
         out = self.pipe(prompt.global_prompt, prompt.layer_prompts, num_inference_steps=c.num_inference_steps,
                         guidance_scale=c.guidance_scale, smg_scale=c.smg_scale, guidance=self.guidance,
                         height=self.size, width=self.size, generator=generator, output_type="np")
-        layers = as_layered(out, index=0)
-        return Generated(composite=resize_rgb(layers.composite, c.eval_size), layers=layers)
+        return out.layered(0)
 
 
 ROWS: dict[str, tuple[str, Callable[..., Any]]] = {
@@ -196,13 +196,13 @@ def generate_row(name: str, method: Any, prompts: Sequence[Prompt], config: Eval
         for prompt in tqdm(todo, desc=ROWS[name][0], unit="prompt", disable=not config.progress):
             start = time.perf_counter()
             generator = torch.Generator(device="cpu").manual_seed(config.seed + prompt.index)
-            out = method(prompt, generator)
+            composite, layers = split_output(method(prompt, generator), config.eval_size)
             seconds = time.perf_counter() - start
             rec = {"prompt": prompt.name, "key": prompt.key, "num_layers": prompt.num_layers, "seconds": seconds,
-                   **score_sample(clip, prompt, out, config)}
-            (row_dir / "composites" / f"{prompt.name}.png").write_bytes(encode_png(out.composite))
-            if config.save_layers and out.layers is not None:
-                save_output(row_dir / "layers" / prompt.name, out.layers, _output_meta(prompt, method, config),
+                   **score_sample(clip, prompt, composite, layers, config)}
+            (row_dir / "composites" / f"{prompt.name}.png").write_bytes(encode_png(composite))
+            if config.save_layers and layers is not None:
+                save_output(row_dir / "layers" / prompt.name, layers, _output_meta(prompt, method, config),
                             overwrite=True)
             sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
             sink.flush()
@@ -210,23 +210,23 @@ def generate_row(name: str, method: Any, prompts: Sequence[Prompt], config: Eval
     return records
 
 
-def _output_meta(prompt: Prompt, method: Any, config: EvalConfig) -> dict[str, Any]:
+def _output_meta(prompt: Prompt, method: Any, config: EvalConfig) -> OutputMeta:
     s = method.settings()
-    return {"global_prompt": prompt.global_prompt, "layer_prompts": prompt.layer_prompts,
-            "seed": config.seed + prompt.index, "num_inference_steps": config.num_inference_steps,
-            "guidance_scale": s["guidance_scale"], "smg_scale": s.get("smg_scale"), "guidance": s.get("guidance"),
-            "model": s["model"], "extra": {"mlcid_key": prompt.key}}
+    return OutputMeta(seed=config.seed + prompt.index, num_inference_steps=config.num_inference_steps,
+                      guidance_scale=s["guidance_scale"], smg_scale=s.get("smg_scale"), guidance=s.get("guidance"),
+                      model=s["model"], extra={"mlcid_key": prompt.key})
 
 
-def score_sample(clip: ClipEmbedder, prompt: Prompt, out: Generated, config: EvalConfig) -> dict[str, Any]:
+def score_sample(clip: ClipEmbedder, prompt: Prompt, composite: np.ndarray, layers: LayeredImage | None,
+                 config: EvalConfig) -> dict[str, Any]:
     """CLIP score of the composite vs the global prompt; layer CLIP scores of each foreground vs its prompt."""
-    images, texts = [out.composite], [prompt.global_prompt]
-    if out.layers is not None:
-        for i in range(1, out.layers.num_layers):
-            images.append(layer_on_fill(out.layers.images[i], out.layers.masks[i], config.layer_fill))
+    images, texts = [composite], [prompt.global_prompt]
+    if layers is not None:
+        for i in range(1, layers.num_layers):
+            images.append(layer_on_fill(layers.images[i], layers.masks[i], config.layer_fill))
             texts.append(prompt.layer_prompts[i])
     scores = clip_score(clip.images(images), clip.texts(texts)).tolist()
-    return {"cs": scores[0], "layer_cs": scores[1:] if out.layers is not None else None}
+    return {"cs": scores[0], "layer_cs": scores[1:] if layers is not None else None}
 
 
 def score_real(prompts: Sequence[Prompt], config: EvalConfig, clip: ClipEmbedder) -> dict[str, dict[str, Any]]:
@@ -237,10 +237,9 @@ def score_real(prompts: Sequence[Prompt], config: EvalConfig, clip: ClipEmbedder
         prompt = by_key.get(sample.key)
         if prompt is None or prompt.name in records:
             continue
-        out = Generated(composite=resize_rgb(sample.composite, config.eval_size),
-                        layers=LayeredImage.from_sample(sample))
+        composite = resize_rgb(sample.composite, config.eval_size)
         records[prompt.name] = {"prompt": prompt.name, "num_layers": prompt.num_layers,
-                                **score_sample(clip, prompt, out, config)}
+                                **score_sample(clip, prompt, composite, LayeredImage.from_sample(sample), config)}
         if len(records) == len(prompts):
             break
     return records

@@ -1,19 +1,18 @@
 """LayerDiff applications without fine-tuning (paper §5.5, Appendices D and F): layer inpainting, layer style
 transfer, sampling with mask priors (boxes or masks), and iterative layer adding.
 
-Each edit reads a layered image from a previous output folder (`model.sampling.export.save_output`), an MLCID sample,
-or a pipeline output, and returns a `LayerDiffPipelineOutput` (export it with `model.sampling.export.save_output`).
+Each edit takes a `mlcid.layered.LayeredImage` — from an output folder (`export.load_layers`), an MLCID sample
+(`source_from_sample`) or a pipeline output (`output.layered(i)`) — and returns a `LayerDiffPipelineOutput`.
 
-    src = load_source("out/dog")                                          # layers.json + layerNN/maskNN.png
+    src = load_layers("out/dog")                                          # layers.json + layerNN/maskNN.png
     out = layer_inpaint(pipe, src, {1: "a cat"}, generator=torch.Generator().manual_seed(0))
+    save_output("out/cat", out.layered(0))
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from mlcid.composite import composite as composite_eq4
+from mlcid.layered import LayeredImage
 from mlcid.schema import BACKGROUND_PROMPT, MLCIDSample
 from model.sampling import guidance as G
 from model.training.config import DataConfig
@@ -30,57 +29,6 @@ from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, LayerDiffPipe
 MASK_HOLD_STEPS = 1  # Appendix D: non-target mask latents held for k = 1 step
 STYLE_STRENGTH = 0.8  # Appendix D: SDEdit strength for layer style transfer
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) pixels, exclusive end (as mlcid LayerInfo.box)
-
-
-@dataclass
-class LayeredSource:
-    """A layered image to edit: per layer (index 0 = background) an RGB image (H, W, 3) uint8 and a one-hot
-    mask (H, W) 0/255 uint8 (background = complement of the foregrounds), with its prompts."""
-
-    global_prompt: str
-    layer_prompts: list[str]
-    images: list[np.ndarray]
-    masks: list[np.ndarray]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.images)
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return int(self.images[0].shape[0]), int(self.images[0].shape[1])
-
-    @property
-    def composite(self) -> np.ndarray:
-        """Eq. 4 of the layers: (H, W, 3) uint8."""
-        return composite_eq4(self.images[0], self.images[1:], self.masks[1:])
-
-
-def load_source(source: Any, index: int = 0) -> LayeredSource:
-    """A `LayeredSource` from an output folder (path), `model.sampling.export.LoadedOutput`, `MLCIDSample`,
-    `LayerDiffPipelineOutput` (batch item `index`) or a `LayeredSource`."""
-    from model.sampling import export
-
-    if isinstance(source, LayeredSource):
-        return source
-    if isinstance(source, (str, os.PathLike)):
-        source = export.load_output(Path(source))
-    if isinstance(source, export.LoadedOutput):
-        return LayeredSource(source.meta.global_prompt, list(source.meta.layer_prompts), list(source.image.images),
-                             list(source.image.masks), {"source": str(source.folder)})
-    if isinstance(source, MLCIDSample):
-        fill = int(round((DataConfig().fill_value + 1) * 127.5))  # the training input outside the dilated alpha
-        fgs = [np.where(fg[..., 3:4] > 0, fg[..., :3], np.uint8(fill)).astype(np.uint8) for fg in source.foregrounds]
-        image = export.LayeredImage.from_arrays([source.background[..., :3], *fgs], source.masks)
-        return LayeredSource(source.global_prompt, source.layer_prompts, image.images, image.masks,
-                             {"source": f"mlcid:{source.key}"})
-    if isinstance(source, LayerDiffPipelineOutput):
-        image = export.as_layered(source, index)
-        return LayeredSource(source.global_prompt, list(source.layer_prompts), image.images, image.masks)
-    raise TypeError(f"cannot read layers from {type(source).__name__}: give an output folder, an MLCIDSample, "
-                    "a LayerDiffPipelineOutput or a LayeredSource")
 
 
 # ------------------------------------------------------------------------------------------------ encoding
@@ -106,12 +54,26 @@ def encode_layers(pipe: LayerDiffPipeline, images: Sequence[np.ndarray], masks: 
     return torch.cat([z_img, z_msk], dim=2).float()
 
 
-def _target_size(pipe: LayerDiffPipeline, src_size: tuple[int, int], height: int | None,
+def _target_size(pipe: LayerDiffPipeline, src: LayeredImage, height: int | None,
                  width: int | None) -> tuple[int, int]:
+    """(h, w) to sample at: as given, else the source's size rounded down to the VAE's factor."""
     f = pipe.vae_scale_factor
-    h = height or max(f, src_size[0] // f * f)
-    w = width or max(f, src_size[1] // f * f)
-    return h, w
+    return height or max(f, src.height // f * f), width or max(f, src.width // f * f)
+
+
+def source_from_sample(sample: MLCIDSample) -> LayeredImage:
+    """An MLCID sample as an edit source, its foregrounds filled outside their dilated alpha as in training."""
+    return LayeredImage.from_sample(sample, fill=int(round((DataConfig().fill_value + 1) * 127.5)))
+
+
+def _check_source(source: LayeredImage) -> LayeredImage:
+    if not isinstance(source, LayeredImage):
+        raise TypeError(f"the source must be a LayeredImage, got {type(source).__name__}: read an output folder "
+                        "with export.load_layers(folder), a sample with LayeredImage.from_sample(sample), a "
+                        "pipeline output with output.layered(i)")
+    if len(source.layer_prompts) != source.num_layers:
+        raise ValueError(f"the source has {source.num_layers} layers but {len(source.layer_prompts)} layer prompts")
+    return source
 
 
 def _check_layers(indices: Sequence[int], num_layers: int, what: str) -> tuple[int, ...]:
@@ -133,7 +95,7 @@ def _noise(pipe: LayerDiffPipeline, shape: tuple[int, ...], generator) -> torch.
 
 def layer_inpaint(
     pipe: LayerDiffPipeline,
-    source: Any,
+    source: LayeredImage,
     new_prompts: Mapping[int, str],
     global_prompt: str | None = None,
     mask_hold_steps: int = MASK_HOLD_STEPS,
@@ -152,13 +114,13 @@ def layer_inpaint(
     the source mask (targets) — used by iterative generation. `sampler`: more `LayerDiffPipeline` arguments.
     """
     # 1. Check inputs.
-    src = load_source(source)
+    src = _check_source(source)
     targets = _check_layers(list(new_prompts), src.num_layers, "target layers")
     if mask_hold_steps < 0:
         raise ValueError(f"mask_hold_steps must be >= 0, got {mask_hold_steps}")
     prompts = [new_prompts.get(i, p) for i, p in enumerate(src.layer_prompts)]
     keep_idx = tuple(i for i in range(src.num_layers) if i not in targets)
-    size = _target_size(pipe, src.size, height, width)
+    size = _target_size(pipe, src, height, width)
     masks = list(src.masks)
     for i, prior in (mask_priors or {}).items():
         _check_layers([i], src.num_layers, "mask prior layer")
@@ -187,7 +149,7 @@ def layer_inpaint(
 
 def layer_style_transfer(
     pipe: LayerDiffPipeline,
-    source: Any,
+    source: LayeredImage,
     targets: Sequence[int],
     style: str | None = None,
     new_prompts: Mapping[int, str] | None = None,
@@ -203,7 +165,7 @@ def layer_style_transfer(
     style text appended to the target layer prompts and the global prompt ("…, in Van Gogh style"); non-target
     layers get their original x0 back on image AND mask latents at every step."""
     # 1. Check inputs.
-    src = load_source(source)
+    src = _check_source(source)
     targets = _check_layers(targets, src.num_layers, "target layers")
     if not style and not new_prompts:
         raise ValueError("give a `style` to append to the target prompts, or `new_prompts`")
@@ -213,7 +175,7 @@ def layer_style_transfer(
     prompts = [(new_prompts or {}).get(i, p + suffix if i in targets else p) for i, p in enumerate(src.layer_prompts)]
     g_prompt = global_prompt if global_prompt is not None else src.global_prompt + suffix
     keep_idx = tuple(i for i in range(src.num_layers) if i not in targets)
-    size = _target_size(pipe, src.size, height, width)
+    size = _target_size(pipe, src, height, width)
 
     # 2. Encode every layer, noise all to the first kept timestep (SDEdit).
     z0 = encode_layers(pipe, src.images, src.masks, size)  # (1, L, 8, h, w)
@@ -305,19 +267,8 @@ def sample_with_mask_priors(
 class IterativeResult:
     """The layered image built so far (`layers`) and the 2-layer output of every step."""
 
-    layers: LayeredSource
+    layers: LayeredImage
     steps: list[LayerDiffPipelineOutput]
-
-
-def add_foreground(layers: LayeredSource, new_image: np.ndarray, new_mask: np.ndarray, prompt: str) -> LayeredSource:
-    """Put a new front-most foreground on a layered image: earlier masks lose the new mask's pixels (front
-    wins), the background mask stays the complement of the foregrounds."""
-    new = np.asarray(new_mask) > 127
-    fg_masks = [np.where(new, 0, m).astype(np.uint8) for m in layers.masks[1:]]
-    fg_masks.append(np.where(new, 255, 0).astype(np.uint8))
-    background = np.where(np.logical_or.reduce([m > 127 for m in fg_masks]), 0, 255).astype(np.uint8)
-    return LayeredSource(layers.global_prompt, [*layers.layer_prompts, prompt], [*layers.images, new_image],
-                         [background, *fg_masks], dict(layers.meta))
 
 
 def iterative_generation(
@@ -325,7 +276,7 @@ def iterative_generation(
     global_prompt: str,
     foreground_prompts: Sequence[str],
     boxes: Sequence[Box | None] | None = None,
-    start: Any = None,
+    start: LayeredImage | None = None,
     num_inference_steps: int = 50,
     height: int | None = None,
     width: int | None = None,
@@ -359,10 +310,10 @@ def iterative_generation(
             out = pipe(global_prompt, two, num_inference_steps=num_inference_steps, height=height, width=width,
                        generator=generator, **sampler)
         steps.append(out)
-        layers = load_source(out)
+        layers = out.layered(0)
     else:
-        layers = load_source(start)
-    h, w = layers.size
+        layers = _check_source(start)
+    h, w = layers.height, layers.width
 
     # 3. Each next foreground: merge → 2-layer inpainting of layer 1 → append.
     for prompt, box in zip(prompts, boxes):
@@ -371,16 +322,15 @@ def iterative_generation(
             priors = prior_masks(1, h, w, boxes=[box])  # [background = complement, foreground = box]
         else:
             priors = [np.full((h, w), 255, np.uint8), np.zeros((h, w), np.uint8)]
-        two = LayeredSource(global_prompt, [BACKGROUND_PROMPT, prompt], [merged, merged], priors)
+        two = LayeredImage.from_arrays([merged, merged], priors, global_prompt, [BACKGROUND_PROMPT, prompt])
         out = layer_inpaint(pipe, two, {1: prompt}, num_inference_steps=num_inference_steps, height=height,
                             width=width, generator=generator, mask_priors={1: priors[1]} if box else None,
                             output_type="np", **{k: v for k, v in sampler.items() if k != "output_type"})
         steps.append(out)
         new_image = _resize_like(out.layer_images[0, 1], (h, w), Image.BICUBIC)
         new_mask = _resize_like(out.masks[0, 1], (h, w), Image.NEAREST)
-        layers = add_foreground(layers, new_image, new_mask, prompt)
-    layers.global_prompt = global_prompt
-    return IterativeResult(layers=layers, steps=steps)
+        layers = layers.with_foreground(new_image, new_mask, prompt)
+    return IterativeResult(layers=layers.replace(global_prompt=global_prompt), steps=steps)
 
 
 def _resize_like(arr: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What `LayerDiffPipeline` returns: layered images (+ masks, RGBA, composites), x0 previews, and export helpers."""
+"""What `LayerDiffPipeline` returns: layered images (+ masks, RGBA, composites), x0 previews, and `save()`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers.utils import BaseOutput
 
-from mlcid.schema import LayerInfo, MLCIDSample
+from mlcid.layered import LayeredImage
 from model.sampling.export import OutputMeta, save_output
 
 
@@ -42,27 +42,24 @@ class LayerDiffPipelineOutput(BaseOutput):
     intermediates: list[Intermediate] | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # how it was sampled (steps, scales, guidance, size)
 
-    def to_sample(self, index: int = 0, key: str = "sample") -> MLCIDSample:
-        """Sample `index` as an `MLCIDSample` (foreground alpha = its mask), e.g. for the applications."""
+    @property
+    def batch_size(self) -> int:
+        return int(self.latents.shape[0])
+
+    def layered(self, index: int = 0) -> LayeredImage:
+        """Batch item `index` as a `LayeredImage` with this output's prompts (export it, edit it, score it)."""
         if self.layer_images is None:
             raise ValueError("this output holds latents only (output_type='latent'); sample with 'pil' or 'np'")
-        images = [np.asarray(im)[..., :3] for im in self.layer_images[index]]
-        masks = [np.asarray(m) for m in self.masks[index]]
-        fgs = [np.concatenate([im, m[..., None]], axis=-1) for im, m in zip(images[1:], masks[1:])]
-        area = masks[0].size
-        layers = [LayerInfo(self.layer_prompts[0])] + [
-            LayerInfo(p, area_frac=float((m > 127).sum()) / area) for p, m in zip(self.layer_prompts[1:], masks[1:])]
-        return MLCIDSample(key=key, global_prompt=self.global_prompt, composite=np.asarray(self.composites[index]),
-                           background=images[0], foregrounds=fgs, masks=masks[1:], layers=layers)
+        if not 0 <= index < self.batch_size:
+            raise IndexError(f"batch index {index} outside 0..{self.batch_size - 1}")
+        return LayeredImage.from_arrays(list(self.layer_images[index]), list(self.masks[index]), self.global_prompt,
+                                        self.layer_prompts)
 
     def save(self, folder: str | os.PathLike, index: int = 0, *, overwrite: bool = False, **meta: Any) -> Path:
-        """Export sample `index` (PNG layers + masks, composite, layers.json, PSD, OpenRaster) into `folder`.
+        """Export batch item `index` (PNG layers + masks, composite, layers.json, PSD, OpenRaster) into `folder`.
 
         Prompts and sampling settings come from this output; `meta` adds or overrides `OutputMeta` fields
         (`seed=…`, `model=…`, `extra={…}`). An existing `folder` is an error unless `overwrite=True`."""
         known = {k: v for k, v in self.settings.items() if k in OutputMeta.__dataclass_fields__}
-        rest = {k: v for k, v in self.settings.items() if k not in known}
-        extra = rest | dict(meta.pop("extra", None) or {})
-        fields = dict(global_prompt=self.global_prompt, layer_prompts=list(self.layer_prompts)) | known | meta
-        return save_output(folder, self, OutputMeta(**fields, extra=extra), index=index, overwrite=overwrite)
-
+        extra = {k: v for k, v in self.settings.items() if k not in known} | dict(meta.pop("extra", None) or {})
+        return save_output(folder, self.layered(index), OutputMeta(**(known | meta), extra=extra), overwrite=overwrite)

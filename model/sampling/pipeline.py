@@ -27,7 +27,7 @@ from einops import rearrange
 from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
-from mlcid.schema import LayerInfo, MLCIDSample
+from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts

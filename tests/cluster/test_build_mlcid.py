@@ -195,7 +195,9 @@ def test_img2dataset_arguments_are_a_plain_list(tmp_path):
 
 
 def test_laion_cli_dry_run(capsys, tmp_path):
-    assert laion.main(["--url-list", "urls.parquet", "--out", str(tmp_path), "--dry-run", "--",
+    from cli.main import mlcid_main
+
+    assert mlcid_main(["laion", "--url-list", "urls.parquet", "--out", str(tmp_path), "--dry-run", "--",
                        "--max_aspect_ratio=2"]) == 0
     out = capsys.readouterr().out
     assert "--url_list=urls.parquet" in out and out.strip().endswith("--max_aspect_ratio=2")

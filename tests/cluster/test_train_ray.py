@@ -9,7 +9,7 @@ import torch
 
 from model.training import checkpoint as ckpt
 from model.training.trainer import main
-from tests.model.test_data import write_shards
+from tests.builders import write_shards
 
 TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yaml")
 

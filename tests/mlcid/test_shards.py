@@ -24,48 +24,7 @@ from cli.main import mlcid_main
 from mlcid.shard_check import validate_shard
 from mlcid.validate import ValidationConfig, validate_sample
 from mlcid.writer import ShardWriter, is_complete, read_stats
-
-
-def make_sample(key: str = "k0", size: int = 32, boxes=((2, 2, 14, 14), (16, 16, 30, 28)), prompt="a red box") -> MLCIDSample:
-    """A hand-made sample: flat background, one rectangle per foreground, Eq. 4 composite."""
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    bg = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.full((size, size), 90.0)], -1).astype(np.uint8)
-    fgs, masks, layers = [], [], [LayerInfo(BACKGROUND_PROMPT)]
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        m = np.zeros((size, size), np.uint8)
-        m[y0:y1, x0:x1] = 255
-        fg = np.zeros((size, size, 4), np.uint8)
-        fg[..., :3] = (40 * (i + 1), 200, 255 - 40 * i)
-        fg[..., 3] = m
-        fgs.append(fg)
-        masks.append(m)
-        layers.append(LayerInfo(prompt, box=(x0, y0, x1, y1), area_frac=float((m > 0).mean())))
-    return MLCIDSample(
-        key=key, global_prompt=f"{prompt} on a gradient", composite=composite(bg, fgs, masks), background=bg,
-        foregrounds=fgs, masks=masks, layers=layers, source={"test": True},
-    )
-
-
-def write_shard(out: Path, samples, shard_id: int = 0) -> Path:
-    with ShardWriter(out, shard_id) as w:
-        for s in samples:
-            w.write(s)
-    return w.path
-
-
-def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def sample_members(sample: MLCIDSample) -> list[tuple[str, bytes]]:
-    from mlcid.codec import encode_sample
-
-    return [(f"{sample.key}.{k}", v) for k, v in encode_sample(sample).items()]
+from tests.builders import make_sample, sample_members, write_shard, write_tar
 
 
 # -- round trips --------------------------------------------------------------------------------------------
@@ -186,7 +145,7 @@ def test_truncated_tar_keeps_earlier_samples_and_counts_truncation(tmp_path):
 def test_sample_missing_a_member_is_dropped(tmp_path):
     members = [m for m in sample_members(make_sample("a")) if not m[0].endswith("mask02.png")]
     members += sample_members(make_sample("b"))
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", members)))
     assert [s.key for s in reader] == ["b"] and reader.dropped == {errors.MISSING_MEMBER: 1}
 
 
@@ -195,7 +154,7 @@ def test_mask_of_wrong_size_is_dropped(tmp_path):
         (n, encode_png(np.full((16, 16), 255, np.uint8)) if n.endswith("mask01.png") else d)
         for n, d in sample_members(make_sample("a"))
     ]
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", members)))
     assert list(reader) == [] and reader.dropped == {errors.SIZE_MISMATCH: 1}
 
 
@@ -209,7 +168,7 @@ def test_overlapping_masks_are_rejected():
 
 def test_non_image_bytes_named_png_are_dropped(tmp_path):
     members = [(n, b"<html>not a png</html>" if n.endswith("layer01.png") else d) for n, d in sample_members(make_sample("a"))]
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", members)))
     assert list(reader) == [] and reader.dropped == {errors.UNDECODABLE_IMAGE: 1}
 
 
@@ -228,7 +187,7 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
         decode_rgb(_png_header_only(30000, 30000))
     assert e.value.reason == errors.IMAGE_TOO_LARGE
     members = [(n, _png_header_only(30000, 30000) if n.endswith("layer00.png") else d) for n, d in sample_members(make_sample("a"))]
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", members)))
     assert list(reader) == [] and reader.dropped == {errors.IMAGE_TOO_LARGE: 1}
 
 
@@ -236,23 +195,23 @@ def test_script_prompt_is_kept_verbatim_as_data(tmp_path):
     evil = "<script>alert(1)</script>"
     path = write_shard(tmp_path, [make_sample("a", prompt=evil)])
     (s,) = list(MLCIDReader(str(path)))
-    assert s.layer_prompts[1] == evil  # text is data; the viewer escapes it (tests/mlcid/test_view.py)
+    assert s.global_prompt == evil  # text is data; the viewer escapes it (tests/mlcid/test_view.py)
 
 
 def test_interleaved_members_are_reported(tmp_path):
     a, b = sample_members(make_sample("a")), sample_members(make_sample("b"))
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", a[:3] + b + a[3:])))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", a[:3] + b + a[3:])))
     kept = [s.key for s in reader]
     assert kept == ["b"] and sum(reader.dropped.values()) == 2  # a's first run incomplete, its second run interleaved
 
 
 def test_bad_json_and_schema(tmp_path):
     members = [(n, b"{not json" if n.endswith(".json") else d) for n, d in sample_members(make_sample("a"))]
-    reader = MLCIDReader(str(raw_tar(tmp_path / "t.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "t.tar", members)))
     assert list(reader) == [] and reader.dropped == {errors.BAD_JSON: 1}
     meta = make_sample("b").metadata() | {"schema": "mlcid/0"}
     members = [(n, json.dumps(meta).encode() if n.endswith(".json") else d) for n, d in sample_members(make_sample("b"))]
-    reader = MLCIDReader(str(raw_tar(tmp_path / "u.tar", members)))
+    reader = MLCIDReader(str(write_tar(tmp_path / "u.tar", members)))
     assert list(reader) == [] and reader.dropped == {errors.BAD_SCHEMA: 1}
 
 
@@ -286,7 +245,7 @@ def test_validate_cli_exit_codes(tmp_path, capsys):
     good = write_shard(tmp_path, [make_sample("a")], shard_id=0)
     assert mlcid_main(["validate", str(good)]) == 0
     members = [m for m in sample_members(make_sample("x")) if not m[0].endswith("layer01.png")]
-    bad = raw_tar(tmp_path / "mlcid-000001.tar", members)
+    bad = write_tar(tmp_path / "mlcid-000001.tar", members)
     assert mlcid_main(["validate", str(bad)]) == 1
     assert validate_shard(str(bad)) == (0, {errors.MISSING_MEMBER: 1})
     out = capsys.readouterr().out
@@ -297,5 +256,5 @@ def test_validate_cli_accepts_an_empty_shard_only_when_its_stats_say_so(tmp_path
     with ShardWriter(tmp_path, 4) as w:
         w.drop("no_detection", 3)
     assert mlcid_main(["validate", str(w.path)]) == 0  # every input dropped, recorded: a legitimate empty shard
-    raw_tar(tmp_path / "mlcid-000005.tar", [])
+    write_tar(tmp_path / "mlcid-000005.tar", [])
     assert mlcid_main(["validate", str(tmp_path / "mlcid-000005.tar")]) == 1  # empty and unexplained

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.mlcid.test_view import make_sample, write_shard
+from tests.builders import make_sample, write_shard
 from tests.s3_server import s3_server  # noqa: F401 (fixture)
 
 from cli.main import mlcid_main
@@ -20,17 +20,15 @@ from mlcid.writer import shard_name, stats_name
 
 
 def _sample(key: str, n_fg: int = 1):
-    s = make_sample(key, n_fg=n_fg, seed=len(key))
-    s.source = {"url": f"http://img.example/{key}.jpg"}
-    return s
+    return make_sample(key, n_fg=n_fg, seed=len(key), source={"url": f"http://img.example/{key}.jpg"})
 
 
 @pytest.fixture()
 def data(tmp_path: Path) -> Path:
     """Two complete shards (a0..a3 with 1–2 foregrounds; b0..b2) with outcomes parquets; shard 1 dropped 2 inputs."""
     d = tmp_path / "data"
-    write_shard(d, 0, [_sample(f"a{i}", n_fg=1 + i % 2) for i in range(4)])
-    write_shard(d, 1, [_sample(f"b{i}") for i in range(3)], {"no_foreground": 2})
+    write_shard(d, [_sample(f"a{i}", n_fg=1 + i % 2) for i in range(4)], 0)
+    write_shard(d, [_sample(f"b{i}") for i in range(3)], 1, {"no_foreground": 2})
     for sid, keys in ((0, [f"a{i}" for i in range(4)]), (1, ["b0", "b1", "b2", "x0", "x1"])):
         kept = [not k.startswith("x") for k in keys]
         pq.write_table(pa.table({"key": keys, "kept": kept,

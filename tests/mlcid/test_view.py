@@ -16,45 +16,10 @@ from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.stats import ShardStats, format_summary, load_shard_stats, stats_url_for, summarize, summarize_dicts
 from mlcid.view import ViewConfig, build_view, main
 from mlcid.writer import ShardWriter, shard_name, stats_name
+from tests.builders import make_sample, write_shard
 
 XSS = "<script>document.title='pwned'</script> a \"red\" <b>cat</b> & 'dog'"
 SIZE = 48
-
-
-def make_sample(key: str, n_fg: int = 2, prompt: str = "a scene", seed: int = 0) -> MLCIDSample:
-    """A valid sample: a gradient background and `n_fg` solid rectangles side by side."""
-    rng = np.random.default_rng(seed)
-    h = w = SIZE
-    background = np.zeros((h, w, 3), np.uint8)
-    background[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]  # (H, W) red ramp
-    background[..., 2] = 90
-    foregrounds, masks, layers = [], [], [LayerInfo(BACKGROUND_PROMPT)]
-    for i in range(n_fg):
-        x0, y0 = 4 + i * 14, 6 + i * 4
-        x1, y1 = x0 + 12, y0 + 20
-        m = np.zeros((h, w), np.uint8)
-        m[y0:y1, x0:x1] = 255
-        fg = np.zeros((h, w, 4), np.uint8)
-        fg[..., :3] = rng.integers(0, 256, 3, dtype=np.uint8)
-        fg[..., 3] = m
-        foregrounds.append(fg)
-        masks.append(m)
-        layers.append(
-            LayerInfo(f"object {i + 1}", box=(x0, y0, x1, y1), score=0.5 + 0.1 * i, area_frac=float((m > 0).mean()))
-        )
-    comp = background.copy()
-    for fg, m in zip(foregrounds, masks):
-        comp[m > 0] = fg[m > 0, :3]
-    return MLCIDSample(key, prompt, comp, background, foregrounds, masks, layers, source={"url": "http://x/1.jpg"})
-
-
-def write_shard(out: Path, shard_id: int, samples: list[MLCIDSample], drops: dict[str, int] | None = None) -> Path:
-    with ShardWriter(out, shard_id) as w:
-        for s in samples:
-            assert w.write(s)
-        for reason, n in (drops or {}).items():
-            w.drop(reason, n)
-    return out / shard_name(shard_id)
 
 
 def card_count(page: str) -> int:
@@ -65,12 +30,12 @@ def card_count(page: str) -> int:
 def shards(tmp_path: Path) -> Path:
     """Two complete shards (5 + 3 samples, the second with an XSS prompt) and one without stats."""
     d = tmp_path / "shards"
-    write_shard(d, 0, [make_sample(f"a{i:03d}", n_fg=1 + i % 3, seed=i) for i in range(5)], {"no_foreground": 4})
+    write_shard(d, [make_sample(f"a{i:03d}", n_fg=1 + i % 3, seed=i) for i in range(5)], 0, {"no_foreground": 4})
     samples = [make_sample(f"b{i:03d}", n_fg=2, seed=10 + i) for i in range(3)]
     samples[1] = make_sample("b001", n_fg=1, prompt=XSS)
     samples[1].layers[1].prompt = XSS
-    write_shard(d, 1, samples, {"no_foreground": 1, "mask_area": 2})
-    write_shard(d, 2, [make_sample(f"c{i:03d}", n_fg=3, seed=20 + i) for i in range(2)])
+    write_shard(d, samples, 1, {"no_foreground": 1, "mask_area": 2})
+    write_shard(d, [make_sample(f"c{i:03d}", n_fg=3, seed=20 + i) for i in range(2)], 2)
     (d / stats_name(2)).unlink()  # shard 2 looks unfinished
     return d
 
@@ -158,7 +123,7 @@ def test_bad_stats_and_inconsistent() -> None:
 
 
 def test_malformed_stats_file(tmp_path: Path) -> None:
-    url = write_shard(tmp_path, 0, [make_sample("k0")])
+    url = write_shard(tmp_path, [make_sample("k0")], 0)
     Path(stats_url_for(str(url))).write_text("{not json")
     st = load_shard_stats(str(url))
     assert st.status == "bad-stats" and "stats.json" in st.error
@@ -253,12 +218,6 @@ def test_truncated_shard_is_counted_not_fatal(shards: Path, tmp_path: Path) -> N
     assert result.status_counts["ok"] >= 3  # the samples before the cut, and all of the next shard
 
 
-def crop_height(sample: MLCIDSample, height: int) -> MLCIDSample:
-    """The same sample cut to its top `height` rows (a non-square image; the objects stay inside)."""
-    return sample.replace(composite=sample.composite[:height], background=sample.background[:height],
-                          foregrounds=[f[:height] for f in sample.foregrounds], masks=[m[:height] for m in sample.masks])
-
-
 def write_outcomes(shard: Path, rows: list[tuple[str, bool, str | None, str | None]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -271,12 +230,12 @@ def write_outcomes(shard: Path, rows: list[tuple[str, bool, str | None, str | No
 
 def test_dropped_samples_listed_per_shard(tmp_path: Path) -> None:
     d = tmp_path / "shards"
-    s0 = write_shard(d, 0, [make_sample("k0"), make_sample("k1")], {"no_foreground": 2, "mask_area": 1})
+    s0 = write_shard(d, [make_sample("k0"), make_sample("k1")], 0, {"no_foreground": 2, "mask_area": 1})
     write_outcomes(s0, [("k0", True, None, None), ("r1", False, "no_foreground", "no box above 0.1"),
                         ("r2", False, "no_foreground", None), ("k1", True, None, None),
                         ("r3", False, "mask_area", XSS)])
-    s1 = write_shard(d, 1, [make_sample("k2")])  # no outcomes file
-    s2 = write_shard(d, 2, [make_sample("k3")])
+    s1 = write_shard(d, [make_sample("k2")], 1)  # no outcomes file
+    s2 = write_shard(d, [make_sample("k3")], 2)
     s2.with_suffix(".parquet").write_bytes(b"not parquet")
     index = build_view([str(s0), str(s1), str(s2)], tmp_path / "view").index.read_text()
     section = index[index.index("Dropped samples"):]
@@ -289,8 +248,8 @@ def test_dropped_samples_listed_per_shard(tmp_path: Path) -> None:
 
 
 def test_same_shard_name_in_two_folders(tmp_path: Path) -> None:
-    a = write_shard(tmp_path / "run-a" / "out", 0, [make_sample("a0")])
-    b = write_shard(tmp_path / "run-b" / "out", 0, [make_sample("b0")])
+    a = write_shard(tmp_path / "run-a" / "out", [make_sample("a0")])
+    b = write_shard(tmp_path / "run-b" / "out", [make_sample("b0")])
     result = build_view([str(a), str(b)], tmp_path / "view")
     index = result.index.read_text()
     rows = re.findall(r'<tr class="complete"><td title="[^"]*">([^<]+)</td>', index)
@@ -306,8 +265,8 @@ def test_same_shard_name_in_two_folders(tmp_path: Path) -> None:
 def test_non_square_images_keep_their_aspect(tmp_path: Path) -> None:
     from PIL import Image
 
-    wide = crop_height(make_sample("wide", n_fg=2), 32)  # 48 × 32
-    shard = write_shard(tmp_path / "shards", 0, [wide])
+    wide = make_sample("wide", size=32, width=48, n_fg=2)  # 48 × 32
+    shard = write_shard(tmp_path / "shards", [wide])
     result = build_view(str(shard), tmp_path / "view", ViewConfig(thumb_size=24))
     page = result.pages[0].read_text()
     assert Image.open(result.out_dir / "img/p0001/000001-layer01.png").size == (24, 16)

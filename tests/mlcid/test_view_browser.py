@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.mlcid.test_view import make_sample, write_shard  # sample builders shared with the unit tests
+from tests.builders import make_sample, write_shard
 
 from mlcid.view import ViewConfig, build_view
 
@@ -53,8 +53,8 @@ def gallery(tmp_path_factory) -> Path:
     samples = [make_sample(f"k{i:03d}", n_fg=1 + i % 3, seed=i) for i in range(5)]
     samples[1] = make_sample("k001", n_fg=2, prompt=EVIL)
     samples[1].layers[2].prompt = EVIL
-    write_shard(root / "shards", 0, samples, {"no_foreground": 2})
-    write_shard(root / "shards", 1, [make_sample(f"m{i:03d}", seed=9 + i) for i in range(2)])
+    write_shard(root / "shards", samples, 0, {"no_foreground": 2})
+    write_shard(root / "shards", [make_sample(f"m{i:03d}", seed=9 + i) for i in range(2)], 1)
     (root / "shards" / "mlcid-000001_stats.json").unlink()
     build_view(str(root / "shards"), root / "view", ViewConfig(per_page=3, title=TITLE))
     return root / "view"
@@ -118,10 +118,10 @@ def test_gallery_pages(browser, gallery: Path) -> None:
 @pytest.fixture(scope="module")
 def wide_gallery(tmp_path_factory) -> Path:
     """A 48 × 32 sample in a shard whose outcomes file lists a dropped input with a hostile detail."""
-    from tests.mlcid.test_view import crop_height, write_outcomes
+    from tests.mlcid.test_view import write_outcomes
 
     root = tmp_path_factory.mktemp("wide")
-    shard = write_shard(root / "shards", 0, [crop_height(make_sample("w0", n_fg=2), 32)], {"mask_area": 1})
+    shard = write_shard(root / "shards", [make_sample("w0", size=32, width=48, n_fg=2)], 0, {"mask_area": 1})
     write_outcomes(shard, [("w0", True, None, None), ("gone", False, "mask_area", EVIL)])
     build_view(str(shard), root / "view", ViewConfig(title=TITLE))
     return root / "view"

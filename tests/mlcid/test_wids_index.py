@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.mlcid.test_view import make_sample, write_shard
+from tests.builders import make_sample, write_shard
 
 from mlcid.takedown import TakedownConfig, takedown
 from cli.main import mlcid_main
@@ -18,11 +18,11 @@ from mlcid.writer import shard_name, stats_name
 def folder(tmp_path: Path) -> Path:
     """Shards 0 (3 samples), 1 (2 samples), 2 (unfinished: no stats), 3 (empty: every input dropped)."""
     d = tmp_path / "data"
-    write_shard(d, 0, [make_sample(f"a{i}", n_fg=1 + i % 3, seed=i) for i in range(3)])
-    write_shard(d, 1, [make_sample(f"b{i}", n_fg=2, seed=5 + i) for i in range(2)])
-    write_shard(d, 2, [make_sample("c0")])
+    write_shard(d, [make_sample(f"a{i}", n_fg=1 + i % 3, seed=i) for i in range(3)], 0)
+    write_shard(d, [make_sample(f"b{i}", n_fg=2, seed=5 + i) for i in range(2)], 1)
+    write_shard(d, [make_sample("c0")], 2)
     (d / stats_name(2)).unlink()
-    write_shard(d, 3, [], {"no_foreground": 4})
+    write_shard(d, [], 3, {"no_foreground": 4})
     return d
 
 
@@ -73,7 +73,9 @@ def test_plain_webdataset_pilrgba(folder: Path) -> None:
     ds = wds.WebDataset(str(folder / shard_name(0)), shardshuffle=False).decode("pilrgba")
     sample = next(iter(ds))
     fg, mask = sample["layer01.png"], sample["mask01.png"]
-    assert fg.mode == "RGBA" and np.array_equal(np.asarray(fg)[..., 3], np.asarray(mask)[..., 0])
+    expected = make_sample("a0", n_fg=1, seed=0)  # the shard's first sample, as written
+    assert fg.mode == "RGBA" and np.array_equal(np.asarray(fg), expected.foregrounds[0])  # alpha kept
+    assert np.array_equal(np.asarray(mask)[..., 0], expected.masks[0])  # the mask, in every channel
     assert sample["json"]["key"] == "a0"
     # the README's numpy route: raw members (no .decode) through mlcid's own decoder
     from mlcid.codec import decode_sample

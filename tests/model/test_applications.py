@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from mlcid.layered import LayeredImage
 from mlcid.schema import LayerInfo, MLCIDSample
 from model.sampling import applications as A
-from model.sampling.export import LayeredImage, save_output
+from model.sampling.export import load_layers, save_output
 from model.sampling.pipeline import LayerDiffPipeline
-from tests.model.test_pipeline import UNetSpy, make_run
+from tests.builders import UNetSpy, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
@@ -30,26 +31,25 @@ def pipe(tmp_path_factory):
 def source(pipe):
     out = pipe("a dog with a red ball", PROMPTS, num_inference_steps=2, height=SIZE, width=SIZE,
                generator=torch.Generator().manual_seed(0), output_type="np")
-    return A.load_source(out)
+    return out.layered(0)
 
 
 def gen(seed=1):
     return torch.Generator().manual_seed(seed)
 
 
-def test_load_source_from_output_folder_and_pipeline_output(pipe, source, tmp_path):
-    assert source.num_layers == 3 and source.layer_prompts == PROMPTS and source.size == (SIZE, SIZE)
+def test_sources_from_output_folder_and_pipeline_output(pipe, source, tmp_path):
+    assert source.num_layers == 3 and source.layer_prompts == PROMPTS and (source.height, source.width) == (SIZE, SIZE)
     assert (np.stack(source.masks).astype(int).sum(axis=0) == 255).all()
-    folder = save_output(tmp_path / "out", LayeredImage.from_arrays(source.images, source.masks),
-                         {"global_prompt": source.global_prompt, "layer_prompts": source.layer_prompts})
-    back = A.load_source(folder)
+    folder = save_output(tmp_path / "out", source)
+    back = load_layers(folder)
     assert back.layer_prompts == PROMPTS and back.global_prompt == "a dog with a red ball"
     assert all(np.array_equal(a, b) for a, b in zip(back.images, source.images))
     assert all(np.array_equal(a, b) for a, b in zip(back.masks, source.masks))
     assert np.array_equal(back.composite, source.composite)
 
 
-def test_load_source_from_mlcid_sample():
+def test_source_from_mlcid_sample():
     h = w = 16
     fg = np.zeros((h, w, 4), np.uint8)
     fg[..., :3] = 200
@@ -59,7 +59,7 @@ def test_load_source_from_mlcid_sample():
     bg = np.full((h, w, 3), 30, np.uint8)
     sample = MLCIDSample(key="k", global_prompt="g", composite=bg, background=bg, foregrounds=[fg], masks=[mask],
                          layers=[LayerInfo("the background"), LayerInfo("a box")])
-    src = A.load_source(sample)
+    src = A.source_from_sample(sample)
     assert src.layer_prompts == ["the background", "a box"]
     assert (src.images[1][2:10, 2:10] == 200).all() and (src.images[1][0, 0] == 128).all()  # fill outside alpha
     assert np.array_equal(src.masks[1], mask) and np.array_equal(src.masks[0], 255 - mask)
@@ -175,13 +175,13 @@ def test_iterative_generation_builds_four_layers(pipe):
     assert layers.num_layers == 4 and layers.layer_prompts == ["the background", "a tree", "a bench", "a dog"]
     assert len(result.steps) == 3
     LayeredImage.from_arrays(layers.images, layers.masks)  # one-hot, background = complement (checked there)
-    first = A.load_source(result.steps[0])
+    first = result.steps[0].layered(0)
     assert np.array_equal(layers.images[0], first.images[0]) and np.array_equal(layers.images[1], first.images[1])
     # the last step's new layer is front-most: its mask is kept whole
     assert np.array_equal(layers.masks[3], result.steps[2].masks[0, 1])
     # each step held the merged image (Eq. 4 of the layers so far) as its background image latent
     assert result.steps[2].layer_prompts == ["the background", "a dog"]
-    so_far = A.add_foreground(first, result.steps[1].layer_images[0, 1], result.steps[1].masks[0, 1], "a bench")
+    so_far = first.with_foreground(result.steps[1].layer_images[0, 1], result.steps[1].masks[0, 1], "a bench")
     z_merged = A.encode_layers(pipe, [so_far.composite], [so_far.masks[0]], (SIZE, SIZE))
     assert torch.allclose(result.steps[2].latents[:, 0, :4], z_merged[:, 0, :4], atol=1e-5)  # VAE batch of 1 vs 2
 
@@ -200,7 +200,8 @@ BAD = [
     (lambda p, s: A.layer_style_transfer(p, s, [1], style="x", strength=1.5), "strength"),
     (lambda p, s: A.iterative_generation(p, "g", ["a", "b"], boxes=[None]), "1 boxes for 2"),
     (lambda p, s: A.iterative_generation(p, "g", []), "no foreground prompts"),
-    (lambda p, s: A.load_source(42), "cannot read layers"),
+    (lambda p, s: A.layer_inpaint(p, s.to_sample(), {1: "x"}), "must be a LayeredImage"),
+    (lambda p, s: A.layer_style_transfer(p, s.replace(layer_prompts=[]), [1], style="x"), "0 layer prompts"),
 ]
 
 
@@ -221,16 +222,16 @@ def test_applications_cli(pipe, source, tmp_path):
 
     run_dir = tmp_path / "run"
     pipe.save_pretrained(run_dir)
-    src = save_output(tmp_path / "src", LayeredImage.from_arrays(source.images, source.masks),
-                      {"global_prompt": source.global_prompt, "layer_prompts": source.layer_prompts})
+    src = save_output(tmp_path / "src", source)
     common = ["--model", str(run_dir), "--steps", "2", "--device", "cpu"]
     assert layerdiff_main(["inpaint", "--source", str(src), "--layer", "1=a blue cube", "--out", str(tmp_path / "a"),
-                   *common]) == 0
+                           *common]) == 0
     edited = load_output(tmp_path / "a")
-    assert edited.meta.layer_prompts == ["the background", "a blue cube", "a dog"]
+    assert edited.image.layer_prompts == ["the background", "a blue cube", "a dog"]
     assert edited.meta.extra["application"] == "inpaint"
-    assert layerdiff_main(["iterative", "--prompt", "a park", "--add", "a tree", "--boxes", "0,0,16,32", "--source", str(src),
-                   "--out", str(tmp_path / "b"), *common]) == 0
-    assert load_output(tmp_path / "b").meta.layer_prompts == PROMPTS + ["a tree"]
-    assert layerdiff_main(["inpaint", "--source", str(src), "--layer", "cat", "--out", str(tmp_path / "c"), *common]) == 2
+    assert layerdiff_main(["iterative", "--prompt", "a park", "--add", "a tree", "--boxes", "0,0,16,32",
+                           "--source", str(src), "--out", str(tmp_path / "b"), *common]) == 0
+    assert load_output(tmp_path / "b").image.layer_prompts == PROMPTS + ["a tree"]
+    assert layerdiff_main(["inpaint", "--source", str(src), "--layer", "cat", "--out", str(tmp_path / "c"),
+                           *common]) == 2
     assert not (tmp_path / "c").exists()

@@ -25,65 +25,7 @@ from model.training.data import (
     collate,
     sample_to_tensors,
 )
-
-COLOURS = [(220, 40, 40), (40, 200, 60), (40, 80, 220), (230, 210, 40)]
-
-
-def make_sample(key: str, size: int = 48, n_fg: int = 2, seed: int = 0, width: int | None = None) -> MLCIDSample:
-    """A layered scene of coloured rectangles on a striped background (each foreground in its own column band)."""
-    rng = np.random.default_rng(seed)
-    h, w = size, width or size
-    background = np.zeros((h, w, 3), np.uint8)
-    background[:, :, 2] = (np.arange(w) * 255 // max(1, w - 1)).astype(np.uint8)[None]
-    background[::4] = (90, 90, 90)
-    composite = background.copy()
-    foregrounds, masks, layers = [], [], [LayerInfo(BACKGROUND_PROMPT)]
-    band = w // max(1, n_fg)
-    for i in range(n_fg):
-        m = np.zeros((h, w), np.uint8)
-        x0 = i * band + int(rng.integers(0, 3))
-        y0 = int(rng.integers(2, h // 3))
-        m[y0 : y0 + h // 2, x0 + 1 : x0 + band - 2] = 255
-        alpha = np.zeros((h, w), np.uint8)
-        alpha[max(0, y0 - 2) : y0 + h // 2 + 2, max(0, x0 - 1) : x0 + band] = 255  # ~ dilated cut-out
-        rgba = np.zeros((h, w, 4), np.uint8)
-        rgba[..., :3] = COLOURS[i % len(COLOURS)]
-        rgba[..., 3] = alpha
-        composite[m == 255] = COLOURS[i % len(COLOURS)]
-        foregrounds.append(rgba)
-        masks.append(m)
-        layers.append(LayerInfo(f"a {['red', 'green', 'blue', 'yellow'][i % 4]} box", area_frac=float((m > 0).mean())))
-    return MLCIDSample(key, f"scene {key} with {n_fg} boxes", composite, background, foregrounds, masks, layers)
-
-
-def write_shards(out: Path, shards: int = 2, per_shard: int = 4, size: int = 48, fg_counts=(1, 2)) -> str:
-    """Write valid tiny MLCID shards; returns a brace pattern over them."""
-    for s in range(shards):
-        with ShardWriter(out, s) as w:
-            for j in range(per_shard):
-                idx = s * per_shard + j
-                assert w.write(make_sample(f"s{s:02d}k{j:03d}", size, fg_counts[idx % len(fg_counts)], seed=idx))
-    return str(out / f"mlcid-{{000000..{shards - 1:06d}}}.tar")
-
-
-def write_raw_shard(path: Path, samples: list[MLCIDSample], truncate_at: float | None = None) -> None:
-    """Write samples without validation (for bad input); optionally truncate the tar inside a member's data."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for sample in samples:
-            for suffix, data in encode_sample(sample).items():
-                info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
-    if truncate_at:  # cut inside the data of the member at that fraction of the members (a real truncation)
-        buf.seek(0)
-        with tarfile.open(fileobj=buf) as tar:
-            members = tar.getmembers()
-        cut = members[min(len(members) - 1, int(len(members) * truncate_at))]
-        data = data[: cut.offset_data + cut.size // 2]
-    path.write_bytes(data)
-
+from tests.builders import COLOURS, make_sample, write_raw_shard, write_shards
 
 def take(dataset, n: int) -> list[dict]:
     out = []
@@ -111,7 +53,7 @@ def test_sample_tensors_share_one_crop_and_follow_the_schema():
     assert not (m[1] & m[2]).any() and not m[3].any()
     # shared crop: every foreground pixel in its mask has the foreground colour, and the composite of the layers
     # equals the crop of the source composite wherever the masks are set
-    red = torch.tensor(COLOURS[0]) / 127.5 - 1
+    red = torch.tensor(COLOURS["red"]) / 127.5 - 1
     assert m[1].any()
     assert torch.allclose(images[1][:, m[1]].mean(1), red, atol=0.05)
     # outside the dilated alpha the foreground input is the constant fill; padding layers are fill too

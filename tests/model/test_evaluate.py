@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from cli.main import layerdiff_main
+from mlcid.layered import LayeredImage
 from model.evaluation.config import EvalConfig
-from model.evaluation.evaluate import Generated, Prompt, collect_prompts, evaluate, score_sample
-from model.sampling.export import LayeredImage
+from model.evaluation.evaluate import Prompt, collect_prompts, evaluate, score_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
@@ -113,13 +113,13 @@ def test_layer_clip_score_sees_each_foreground_over_the_neutral_fill(tiny):
     prompt = Prompt(index=0, key="k", num_layers=3, global_prompt="a ball and a cube",
                     layer_prompts=["the background", "a ball", "a cube"])
     config = EvalConfig(model="", data=["x"], out="", layer_fill=(10, 20, 30))
-    scores = score_sample(clip, prompt, Generated(composite=layers.composite, layers=layers), config)
+    scores = score_sample(clip, prompt, layers.composite, layers, config)
     assert len(seen) == 3 and len(scores["layer_cs"]) == 2
     np.testing.assert_array_equal(seen[0], layers.composite)
     for img, mask, got in zip(images[1:], (m1, m2), seen[1:]):
         np.testing.assert_array_equal(got[mask > 0], img[mask > 0])
         assert (got[mask == 0] == (10, 20, 30)).all()
-    no_layers = score_sample(clip, prompt, Generated(composite=layers.composite), config)
+    no_layers = score_sample(clip, prompt, layers.composite, None, config)
     assert no_layers["layer_cs"] is None and no_layers["cs"] == pytest.approx(scores["cs"], abs=1e-4)
     assert all(0.0 <= s <= 100.0 for s in [scores["cs"], *scores["layer_cs"]])
 
@@ -199,7 +199,7 @@ class _Checkerboard:
     def __call__(self, prompt, generator):
         self.calls += 1
         tile = (np.indices((SIZE, SIZE)).sum(0) % 2 * 255).astype(np.uint8)
-        return Generated(composite=np.dstack([tile] * 3))
+        return np.dstack([tile] * 3)  # (H, W, 3): a whole-image method, no layers
 
 
 def test_generate_row_resumes_and_refuses_other_settings(tiny, tmp_path):

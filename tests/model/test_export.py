@@ -8,13 +8,13 @@ import zipfile
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mlcid.composite import alpha_over
 from mlcid.composite import composite as eq4
-from model.sampling.export import (ORA_MIMETYPE, LayeredImage, OutputMeta, as_layered, layer_name, load_output, read_ora,
-                          save_output)
+from mlcid.layered import LayeredImage
+from model.sampling.export import ORA_MIMETYPE, OutputMeta, layer_name, load_output, read_ora, save_output
+from model.sampling.pipeline import LayerDiffPipelineOutput
 
 H, W = 40, 48
 PROMPTS = ["the background", "a red ball <script>alert(1)</script>", "ein grüner Würfel 🟩 — 緑の立方体"]
@@ -31,16 +31,22 @@ def _layers(seed: int = 0, num_layers: int = 3) -> tuple[list[np.ndarray], list[
     return images, masks
 
 
-def _meta(**overrides) -> dict:
-    meta = dict(global_prompt="a red ball & a green cube <b>on</b> grass — ünïcödé", layer_prompts=PROMPTS,
-                seed=7, num_inference_steps=2, guidance_scale=3.0, smg_scale=3.0, guidance="cfg+smg",
+GLOBAL = "a red ball & a green cube <b>on</b> grass — ünïcödé"
+
+
+def _image(images, masks, layer_prompts=PROMPTS) -> LayeredImage:
+    return LayeredImage.from_arrays(images, masks, GLOBAL, layer_prompts)
+
+
+def _meta(**overrides) -> OutputMeta:
+    meta = dict(seed=7, num_inference_steps=2, guidance_scale=3.0, smg_scale=3.0, guidance="cfg+smg",
                 model="runs/tiny", extra={"application": "sample"})
-    return meta | overrides
+    return OutputMeta(**(meta | overrides))
 
 
 def test_folder_round_trip(tmp_path):
     images, masks = _layers()
-    out = save_output(tmp_path / "out", {"images": images, "masks": masks}, _meta())
+    out = save_output(tmp_path / "out", _image(images, masks), _meta())
     names = sorted(p.name for p in out.iterdir())
     assert names == ["composite.png", "layer00.png", "layer01.png", "layer02.png", "layers.json", "layers.ora",
                      "layers.psd", "mask00.png", "mask01.png", "mask02.png"]
@@ -62,7 +68,8 @@ def test_folder_round_trip(tmp_path):
     stack = [np.asarray(Image.open(out / f"layer{i:02d}.png")) for i in range(3)]
     np.testing.assert_array_equal(alpha_over(stack), expected)
 
-    assert loaded.meta == OutputMeta(**_meta())
+    assert loaded.meta == _meta()
+    assert loaded.image.global_prompt == GLOBAL and loaded.image.layer_prompts == PROMPTS
     doc = json.loads((out / "layers.json").read_text(encoding="utf-8"))
     assert doc["paint_order"] == [0, 1, 2] and (doc["width"], doc["height"]) == (W, H)
     assert [layer["prompt"] for layer in doc["layers"]] == PROMPTS
@@ -74,7 +81,7 @@ def test_psd_layers_names_pixels_and_composite(tmp_path):
     from psd_tools import PSDImage
 
     images, masks = _layers(1)
-    out = save_output(tmp_path / "out", {"images": images, "masks": masks}, _meta())
+    out = save_output(tmp_path / "out", _image(images, masks), _meta())
     psd = PSDImage.open(out / "layers.psd")
     layers = list(psd)  # bottom first
     assert [layer.name for layer in layers] == [layer_name(i, p) for i, p in enumerate(PROMPTS)]
@@ -92,7 +99,7 @@ def test_psd_layers_names_pixels_and_composite(tmp_path):
 
 def test_ora_zip_layout_layers_and_merged(tmp_path):
     images, masks = _layers(2)
-    out = save_output(tmp_path / "out", {"images": images, "masks": masks}, _meta())
+    out = save_output(tmp_path / "out", _image(images, masks), _meta())
     with zipfile.ZipFile(out / "layers.ora") as archive:
         infos = archive.infolist()
         assert infos[0].filename == "mimetype" and infos[0].compress_type == zipfile.ZIP_STORED
@@ -115,24 +122,23 @@ def test_ora_zip_layout_layers_and_merged(tmp_path):
     np.testing.assert_array_equal(alpha_over([rgba for _, rgba in layers]), composite_png)
 
 
-def test_accepts_torch_float_batched_results_and_foreground_only_masks(tmp_path):
+def test_pipeline_output_gives_one_layered_image_per_batch_item(tmp_path):
     images, masks = _layers(3, num_layers=2)
-
-    class Output:  # a pipeline-like result: batched float tensors in [0, 1], masks (B, L, 1, H, W)
-        layer_images = torch.from_numpy(np.stack(images)).float().div(255).unsqueeze(0)  # (1, L, H, W, 3)
-        masks_ = torch.from_numpy(np.stack(masks) > 0).float()[None, :, None]  # (1, L, 1, H, W)
-
-    Output.masks = Output.masks_
-    a = as_layered(Output())
-    b = as_layered({"images": images, "masks": masks[1:]})  # foreground masks only
-    for x in (a, b):
-        for i in range(2):
-            np.testing.assert_array_equal(x.images[i], images[i])
-            np.testing.assert_array_equal(x.masks[i], masks[i])
-    two = {"images": [images, images], "masks": [masks, masks]}
-    with pytest.raises(ValueError, match="batch of 2"):
-        as_layered(two)
-    np.testing.assert_array_equal(as_layered(two, index=1).composite, a.composite)
+    other_images, other_masks = _layers(4, num_layers=2)
+    out = LayerDiffPipelineOutput(latents=np.zeros((2, 2, 8, 5, 6)), layer_images=np.stack([images, other_images]),
+                                  masks=np.stack([masks, other_masks]), global_prompt=GLOBAL,
+                                  layer_prompts=PROMPTS[:2])  # (B, L, H, W, 3), (B, L, H, W)
+    second = out.layered(1)
+    assert second.layer_prompts == PROMPTS[:2] and second.global_prompt == GLOBAL
+    np.testing.assert_array_equal(second.images[1], other_images[1])
+    np.testing.assert_array_equal(second.masks[0], other_masks[0])
+    with pytest.raises(IndexError, match="batch index 2"):
+        out.layered(2)
+    with pytest.raises(ValueError, match="latents only"):
+        LayerDiffPipelineOutput(latents=np.zeros((1, 2, 8, 5, 6))).layered(0)
+    folder = save_output(tmp_path / "b1", second)
+    np.testing.assert_array_equal(load_output(folder).image.composite, eq4(other_images[0], other_images[1:],
+                                                                          other_masks[1:]))
 
 
 def test_bad_inputs_are_refused_before_writing(tmp_path):
@@ -140,25 +146,27 @@ def test_bad_inputs_are_refused_before_writing(tmp_path):
     target = tmp_path / "out"
     overlapping = [masks[0], masks[1], np.maximum(masks[1], masks[2])]
     with pytest.raises(ValueError, match="overlaps"):
-        save_output(target, {"images": images, "masks": overlapping[1:]}, _meta())
+        save_output(target, _image(images, overlapping[1:]), _meta())
     with pytest.raises(ValueError, match="not the complement"):
-        save_output(target, {"images": images, "masks": [np.full((H, W), 255, np.uint8), *masks[1:]]}, _meta())
-    with pytest.raises(ValueError, match="3 layers but 2 layer prompts"):
-        save_output(target, {"images": images, "masks": masks}, _meta(layer_prompts=PROMPTS[:2]))
+        save_output(target, _image(images, [np.full((H, W), 255, np.uint8), *masks[1:]]), _meta())
+    with pytest.raises(ValueError, match="3 layers need 3 layer prompts"):
+        save_output(target, _image(images, masks, PROMPTS[:2]), _meta())
     with pytest.raises(ValueError, match="sizes differ"):
-        save_output(target, {"images": [images[0], images[1][:-1], images[2]], "masks": masks}, _meta())
+        save_output(target, _image([images[0], images[1][:-1], images[2]], masks), _meta())
     with pytest.raises(ValueError, match="NaN"):
-        save_output(target, {"images": [np.full((H, W, 3), np.nan)] * 3, "masks": masks}, _meta())
-    with pytest.raises(ValueError, match="missing"):
-        save_output(target, {"images": images, "masks": masks}, {"layer_prompts": PROMPTS})
+        save_output(target, _image([np.full((H, W, 3), np.nan)] * 3, masks), _meta())
+    with pytest.raises(TypeError, match="takes a LayeredImage"):
+        save_output(target, {"images": images, "masks": masks}, _meta())
+    with pytest.raises(ValueError, match="3 layers but 0 layer prompts"):
+        save_output(target, LayeredImage.from_arrays(images, masks), _meta())
     assert not target.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_writing_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypatch):
     images, masks = _layers()
-    target = save_output(tmp_path / "out", {"images": images, "masks": masks}, _meta())
+    target = save_output(tmp_path / "out", _image(images, masks), _meta())
     with pytest.raises(FileExistsError):
-        save_output(target, {"images": images, "masks": masks}, _meta())
+        save_output(target, _image(images, masks), _meta())
 
     # a failure half-way (while writing the OpenRaster file) leaves the old folder intact and no temp folder
     import model.sampling.export as export
@@ -169,12 +177,12 @@ def test_writing_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "write_ora", broken)
     images2, masks2 = _layers(5)
     with pytest.raises(OSError, match="disk full"):
-        save_output(target, {"images": images2, "masks": masks2}, _meta(seed=99), overwrite=True)
+        save_output(target, _image(images2, masks2), _meta(seed=99), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"]
     assert load_output(target).meta.seed == 7
     monkeypatch.undo()
 
-    save_output(target, {"images": images2, "masks": masks2}, _meta(seed=99), overwrite=True)
+    save_output(target, _image(images2, masks2), _meta(seed=99), overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["out"]
     loaded = load_output(target)
     assert loaded.meta.seed == 99
@@ -183,7 +191,7 @@ def test_writing_is_atomic_and_overwrite_is_explicit(tmp_path, monkeypatch):
 
 def test_load_refuses_tampered_folders(tmp_path):
     images, masks = _layers()
-    out = save_output(tmp_path / "out", {"images": images, "masks": masks}, _meta())
+    out = save_output(tmp_path / "out", _image(images, masks), _meta())
     doc = json.loads((out / "layers.json").read_text(encoding="utf-8"))
     doc["layers"][1]["image"] = "../../etc/passwd"
     (out / "layers.json").write_text(json.dumps(doc))
@@ -192,7 +200,7 @@ def test_load_refuses_tampered_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a LayerDiff output folder"):
         load_output(tmp_path)
 
-    out2 = save_output(tmp_path / "out2", {"images": images, "masks": masks}, _meta())
+    out2 = save_output(tmp_path / "out2", _image(images, masks), _meta())
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(out2 / "composite.png")
     with pytest.raises(ValueError, match="differs from the composite"):
         load_output(out2)
@@ -204,6 +212,5 @@ def test_from_mlcid_sample(tmp_path):
     sample = make_scene(SceneConfig(size=48), seed=0, index=3)
     image = LayeredImage.from_sample(sample)
     np.testing.assert_array_equal(image.composite, eq4(sample.background, sample.foregrounds, sample.masks))
-    out = save_output(tmp_path / "s", image, {"global_prompt": sample.global_prompt,
-                                              "layer_prompts": sample.layer_prompts})
-    assert load_output(out).meta.layer_prompts == sample.layer_prompts
+    out = save_output(tmp_path / "s", image)
+    assert load_output(out).image.layer_prompts == sample.layer_prompts

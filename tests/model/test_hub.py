@@ -23,7 +23,7 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A tiny LayerDiff run folder saved with a 32 px training resolution (random new modules)."""
-    from tests.model.test_pipeline import make_run
+    from tests.builders import make_run
 
     root = make_run(tmp_path_factory.mktemp("hub"))
     pipe = LayerDiffPipeline.from_pretrained(root)

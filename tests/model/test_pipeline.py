@@ -14,24 +14,12 @@ from mlcid.composite import composite as composite_eq4
 from model.sampling import guidance as G
 from model.loading import encode_prompts
 from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
-from model.tiny import build_tiny_models
+from tests.builders import UNetSpy, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
 PROMPTS = ["the background", "a red ball", "a dog"]
 SIZE = 32  # px → 4×4 latents
-
-
-def make_run(root, max_layers: int = 4):
-    """A LayerDiff run folder from the tiny SD preset, every new module randomised (so all paths are live)."""
-    build_tiny_models(root / "tiny", only=("sd15",))
-    pipe = LayerDiffPipeline.from_sd(root / "tiny" / "sd15", max_layers=max_layers)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.new_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    pipe.save_pretrained(root / "run")
-    return root / "run"
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +32,6 @@ def pipe(run_dir):
     p = LayerDiffPipeline.from_pretrained(run_dir)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-class UNetSpy:
-    """Records (batch size, global_text, layer_text) of every UNet forward."""
-
-    def __init__(self, pipe):
-        self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        self.handle = pipe.unet.register_forward_pre_hook(self._record)
-
-    def _record(self, _module, args):
-        self.calls.append((args[0].shape[0], args[2].detach().clone(), args[3].detach().clone()))
-
-    def close(self):
-        self.handle.remove()
 
 
 def sample(pipe, **kw):
@@ -91,8 +65,9 @@ def test_outputs_are_consistent_layers(pipe):
     assert np.array_equal(out.composites[0], expected)
     assert (out.rgba_layers[0, 0, ..., 3] == 255).all()
     assert np.array_equal(out.rgba_layers[0, 1:, ..., 3], out.masks[0, 1:])
-    sample_ = out.to_sample(0)
-    assert sample_.num_layers == L and sample_.layer_prompts == PROMPTS
+    layered = out.layered(0)
+    assert layered.num_layers == L and layered.layer_prompts == PROMPTS
+    assert np.array_equal(layered.composite, out.composites[0])
     # same seed → same result; pil output carries the same pixels
     pil = sample(pipe, output_type="pil")
     assert np.array_equal(np.asarray(pil.composites[0]), out.composites[0])
@@ -278,7 +253,7 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     assert rc == 0
     for i in range(2):
         loaded = load_output(out / f"{i:03d}")
-        assert loaded.meta.layer_prompts == PROMPTS and loaded.meta.seed == 3 and loaded.meta.guidance == "cfg+smg"
+        assert loaded.image.layer_prompts == PROMPTS and loaded.meta.seed == 3 and loaded.meta.guidance == "cfg+smg"
         assert loaded.image.num_layers == 3 and (out / f"{i:03d}" / "previews.png").is_file()
     # same seed, one image: the first folder's layers again
     rc = main(["--model", str(run_dir), "--prompt", "a dog with a red ball", "--layers", "the background|a red ball|a dog",

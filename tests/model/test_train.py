@@ -16,7 +16,7 @@ from model.training.ema import EMA
 from model.training.losses import drop_prompts, layered_noise_loss, sample_timesteps
 from model.training.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
 
-from tests.model.test_data import make_sample, write_raw_shard, write_shards
+from tests.builders import make_sample, write_raw_shard, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 

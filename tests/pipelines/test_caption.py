@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipelines.base import Item, ObjectLayer
 from pipelines.caption import (
     GLOBAL_INSTRUCTION,
     OBJECT_INSTRUCTION,
+    CaptionOptions,
     GlobalCaption,
     ObjectCaption,
+    ObjectCaptionOptions,
     clean_caption,
     crop_object,
 )
+from pipelines.devices import ModelStageConfig
+
+
+def cpu(model, batch_size=16, **kw):
+    return ModelStageConfig(model=model, device="cpu", batch_size=batch_size, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,7 @@ def blip_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def caption_stage(blip_dir):
-    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=6, batch_size=3)
+    stage = GlobalCaption(cpu(blip_dir, 3), CaptionOptions(max_new_tokens=6))
     stage.setup()
     return stage
 
@@ -57,7 +65,7 @@ def test_global_caption_batched_equals_one_by_one(caption_stage):
 
 
 def test_empty_caption_keeps_source_or_drops(blip_dir):
-    stage = GlobalCaption(model=blip_dir, device="cpu", max_new_tokens=4, share_model=False)  # weights edited
+    stage = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=4, share_model=False))  # weights edited
     stage.setup()
     stage.captioner.model.language_model.lm_head.weight.data.zero_()  # every step: argmax = <pad> → ""
     with_source = stage(_items(2, source="  a red   square on grass "))
@@ -69,7 +77,7 @@ def test_empty_caption_keeps_source_or_drops(blip_dir):
 
 
 def test_object_captions_batched_across_items(blip_dir):
-    stage = ObjectCaption(model=blip_dir, device="cpu", max_new_tokens=4, batch_size=4, share_model=False)
+    stage = ObjectCaption(cpu(blip_dir, 4), ObjectCaptionOptions(max_new_tokens=4, share_model=False))
     items = _items(3)
     for it in items:
         h, w = it.image.shape[:2]
@@ -93,10 +101,10 @@ def test_object_captions_batched_across_items(blip_dir):
 
 
 def test_caption_and_object_caption_share_one_model(caption_stage, blip_dir):
-    other = ObjectCaption(model=blip_dir, device="cpu")
+    other = ObjectCaption(cpu(blip_dir))
     other.setup()
     assert other.captioner.model is caption_stage.captioner.model
-    alone = ObjectCaption(model=blip_dir, device="cpu", share_model=False)
+    alone = ObjectCaption(cpu(blip_dir), ObjectCaptionOptions(share_model=False))
     alone.setup()
     assert alone.captioner.model is not caption_stage.captioner.model
 
@@ -106,7 +114,7 @@ def test_decoder_only_language_model_returns_only_new_tokens():
     from pipelines.tiny import make_instructblip
 
     model, processor = make_instructblip(language_model="llama")
-    stage = GlobalCaption(model="<in memory>", device="cpu", max_new_tokens=3, share_model=False)
+    stage = GlobalCaption(cpu("<in memory>"), CaptionOptions(max_new_tokens=3, share_model=False))
     stage.captioner.use(model, processor)
     model.generation_config.min_new_tokens = 3
     assert processor.tokenizer.padding_side == "left" and not stage.captioner.encoder_decoder
@@ -134,6 +142,59 @@ def test_crop_object_box_and_fill():
 
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GlobalCaption(model=str(tmp_path / "missing")).setup()
+        GlobalCaption(cpu(str(tmp_path / "missing"))).setup()
     with pytest.raises(ValueError, match="max_new_tokens"):
-        GlobalCaption(model=str(tmp_path), max_new_tokens=0)
+        CaptionOptions(max_new_tokens=0)
+
+
+def test_fp16_keeps_transformers_fp32_modules(blip_dir):
+    """`from_pretrained(dtype=fp16)` keeps T5's `wo` and `query_tokens` in fp32; the stage must not undo it."""
+    from transformers import InstructBlipForConditionalGeneration
+
+    from pipelines.caption import keep_in_fp32_names
+
+    stage = GlobalCaption(cpu(blip_dir, dtype="float16"), CaptionOptions(max_new_tokens=2, share_model=False))
+    stage.setup()
+    model = stage.captioner.model
+    keep = keep_in_fp32_names(model)
+    assert {"wo", "query_tokens"} <= keep  # T5's and InstructBLIP's own lists: the test is about real modules
+    assert "query_tokens" in InstructBlipForConditionalGeneration._keep_in_fp32_modules
+    wo = [p for n, p in model.named_parameters() if n.endswith(".wo.weight")]
+    assert len(wo) == 4 and all(p.dtype == torch.float32 for p in wo)
+    assert model.query_tokens.dtype == torch.float32
+    assert model.language_model.lm_head.weight.dtype == torch.float16  # the rest is half
+    # An in-memory fp32 model handed to `use` ends up the same way.
+    from pipelines.tiny import make_instructblip
+
+    other = GlobalCaption(cpu("<in memory>", dtype="float16"), CaptionOptions(share_model=False))
+    other.captioner.use(*make_instructblip())
+    dtypes = {n: p.dtype for n, p in other.captioner.model.named_parameters()}
+    assert all(d == torch.float32 for n, d in dtypes.items() if n.endswith(".wo.weight") or n == "query_tokens")
+    assert other.captioner.model.language_model.lm_head.weight.dtype == torch.float16
+
+
+def test_non_finite_caption_is_a_counted_fallback(blip_dir):
+    """NaN logits make greedy decoding pick the NaN token: a non-empty garbage caption unless it is flagged."""
+    stage = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=3, share_model=False))
+    stage.setup()
+    tokenizer = stage.captioner.processor.tokenizer
+    word = tokenizer.convert_tokens_to_ids("▁red")
+    stage.captioner.model.language_model.lm_head.weight.data[word] = float("nan")  # logit of "red" is NaN
+    items = stage(_items(2, source="a square on grass"))
+    assert [it.global_prompt for it in items] == ["a square on grass"] * 2
+    assert [it.prompt_source for it in items] == ["alt_text", "alt_text"]
+    dropped = stage(_items(1, source=None))[0]
+    assert dropped.drop_reason == "empty_caption"
+    # a healthy caption is recorded as such
+    fine = GlobalCaption(cpu(blip_dir), CaptionOptions(max_new_tokens=3, share_model=False))(_items(1))[0]
+    assert fine.prompt_source == "caption" and fine.global_prompt
+    # object captions fall back to the label, recorded as "label"
+    objects = ObjectCaption(cpu(blip_dir), ObjectCaptionOptions(max_new_tokens=3, share_model=False))
+    objects.setup()
+    objects.captioner.model.language_model.lm_head.weight.data[word] = float("nan")
+    it = _items(1)[0]
+    mask = np.zeros(it.image.shape[:2], bool)
+    mask[5:20, 5:25] = True
+    it.objects = [ObjectLayer(mask, (5, 5, 25, 20), 0.9, "Cat")]
+    objects([it])
+    assert (it.objects[0].prompt, it.objects[0].prompt_source) == ("cat", "label")

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from pipelines.base import Item
+from pipelines.devices import ModelStageConfig
 from pipelines.detect import (
+    DetectOptions,
     GroundingDinoDetector,
     Owlv2Detector,
     in_caption,
@@ -15,6 +17,10 @@ from pipelines.detect import (
     query_text,
     select,
 )
+
+def cpu(model, batch_size=16):
+    return ModelStageConfig(model=str(model), device="cpu", batch_size=batch_size)
+
 
 SMALL_VOCAB = ["Person", "Cat", "Dog", "Chair", "Cabinet/shelf", "Wine Glass", "Car", "Potted Plant"]
 
@@ -64,8 +70,7 @@ def test_select_threshold_nms_topk_sorted():
 @pytest.mark.parametrize("cls,name", [(Owlv2Detector, "owlv2"), (GroundingDinoDetector, "grounding-dino")])
 def test_detector_top_k_sorted_and_batching(presets, cls, name):
     vocab = None if cls is Owlv2Detector else SMALL_VOCAB  # OWLv2 takes all 365 queries at once
-    det = cls(model=str(presets[name]), device="cpu", score_threshold=0.0, max_detections=4, batch_size=3,
-              vocabulary=vocab)
+    det = cls(cpu(presets[name], 3), DetectOptions(score_threshold=0.0, max_detections=4, vocabulary=vocab))
     items = det(_items())
     for it in items:
         assert it.alive and 1 <= len(it.detections) <= 4
@@ -84,8 +89,8 @@ def test_detector_top_k_sorted_and_batching(presets, cls, name):
 
 
 def test_owlv2_caches_text_embeddings_and_narrows(presets):
-    det = Owlv2Detector(model=str(presets["owlv2"]), device="cpu", score_threshold=0.0, max_detections=50,
-                        narrow_by_caption=True)
+    det = Owlv2Detector(cpu(presets["owlv2"]), DetectOptions(score_threshold=0.0, max_detections=50,
+                                                               narrow_by_caption=True))
     det.setup()
     assert det.query_embeds.shape[0] == 365
     cached = det.query_embeds
@@ -98,14 +103,14 @@ def test_owlv2_caches_text_embeddings_and_narrows(presets):
 
 
 def test_no_detection_drops(presets):
-    det = Owlv2Detector(model=str(presets["owlv2"]), device="cpu", score_threshold=1.01)
+    det = Owlv2Detector(cpu(presets["owlv2"]), DetectOptions(score_threshold=1.01))
     items = det(_items(2))
     assert [it.drop_reason for it in items] == ["no_detection", "no_detection"]
     assert all(it.detections == [] for it in items)
 
 
 def test_grounding_dino_chunks_fit_token_limit(presets):
-    det = GroundingDinoDetector(model=str(presets["grounding-dino"]), device="cpu")
+    det = GroundingDinoDetector(cpu(presets["grounding-dino"]))
     det.setup()
     chunks = det.make_chunks(64)
     assert [i for c in chunks for i in c["ids"]] == list(range(365))
@@ -118,4 +123,4 @@ def test_grounding_dino_chunks_fit_token_limit(presets):
 
 def test_missing_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Owlv2Detector(model=str(tmp_path / "nope")).setup()
+        Owlv2Detector(cpu(tmp_path / "nope")).setup()

@@ -12,6 +12,7 @@ from pipelines.filters import (
     AREA_OUT_OF_RANGE,
     NO_MASK,
     NO_SALIENT_MASK,
+    MaskRulesOptions,
     apply_rules,
     containment,
     drop_contained,
@@ -151,7 +152,7 @@ def test_apply_rules_rejects_mismatched_shapes():
 
 
 def test_stage_fills_objects_in_paint_order_and_drops_with_reason():
-    stage = build_stage("mask_rules", "appendix_b", max_foregrounds=2)
+    stage = build_stage("mask_rules", "appendix_b", MaskRulesOptions(max_foregrounds=2))
     stage.setup()
     img = np.zeros((H, W, 3), np.uint8)
     good = Item("a", img, saliency=rect(0, 0, 100, 100))

@@ -6,13 +6,21 @@ import numpy as np
 import pytest
 
 from pipelines.base import Item, ObjectLayer
+from pipelines.devices import ModelStageConfig
 from pipelines.inpaint import (
     OpenCVInpainter,
+    OpenCVInpaintOptions,
+    SDInpaintOptions,
     StableDiffusionInpainter,
     hole_mask,
     negative_prompt,
     work_size,
 )
+
+
+def sd_stage(model, batch_size=8, **options):
+    return StableDiffusionInpainter(ModelStageConfig(model=str(model), device="cpu", batch_size=batch_size),
+                                    SDInpaintOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +56,11 @@ def test_hole_mask_dilation_and_negative_prompt():
     dilated = hole_mask(it, 5)
     assert dilated[union].all() and dilated.sum() > union.sum()
     assert dilated[4, 6] and not dilated[3, 6]  # 2 px ring around a 5×5 kernel
-    assert negative_prompt(it) == "a small cat, Dog"
+    # The object TERMS (detection labels), not the object captions; "/" alternatives split, duplicates once.
+    assert negative_prompt(it) == "cat, dog"
+    it.objects.append(ObjectLayer(it.objects[0].mask, (8, 6, 20, 18), 0.3, "Moniter/TV", prompt="a screen"))
+    it.objects.append(ObjectLayer(it.objects[0].mask, (8, 6, 20, 18), 0.3, "cat", prompt="another cat"))
+    assert negative_prompt(it) == "cat, dog, moniter, tv"
     with pytest.raises(ValueError, match="does not match"):
         it.objects[0].mask = np.zeros((3, 3), bool)
         hole_mask(it, 5)
@@ -61,21 +73,20 @@ def test_work_size_multiple_of_8():
 
 
 def test_opencv_keeps_outside_and_fills_hole():
-    items = OpenCVInpainter(dilate_kernel=5)(_items())
+    items = OpenCVInpainter(OpenCVInpaintOptions(dilate_kernel=5))(_items())
     for it in items:
         hole = hole_mask(it, 5)
         assert it.background.shape == it.image.shape and it.background.dtype == np.uint8
         np.testing.assert_array_equal(it.background[~hole], it.image[~hole])
         assert (it.background[hole] != it.image[hole]).any()
     with pytest.raises(ValueError, match="odd"):
-        OpenCVInpainter(dilate_kernel=4)
+        OpenCVInpaintOptions(dilate_kernel=4)
     with pytest.raises(ValueError, match="method"):
-        OpenCVInpainter(method="magic")
+        OpenCVInpaintOptions(method="magic")
 
 
 def test_sd_inpaint_shapes_exact_outside_and_batching(sd_dir):
-    stage = StableDiffusionInpainter(model=sd_dir, device="cpu", num_inference_steps=2, resolution=64,
-                                     batch_size=3)
+    stage = sd_stage(sd_dir, 3, num_inference_steps=2, resolution=64)
     items = stage(_items())
     for it in items:
         hole = hole_mask(it, 5)
@@ -94,7 +105,7 @@ def test_dropped_items_untouched_and_missing_model(tmp_path):
     OpenCVInpainter()(items)
     assert items[0].background is None and items[1].background is not None
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        StableDiffusionInpainter(model=str(tmp_path / "nope")).setup()
+        sd_stage(tmp_path / "nope").setup()
 
 
 def test_item_without_objects_keeps_its_image():
@@ -103,3 +114,22 @@ def test_item_without_objects_keeps_its_image():
     OpenCVInpainter()([it])
     np.testing.assert_array_equal(it.background, it.image)
     assert it.background is not it.image
+
+
+def test_sd_scheduler_and_steps_are_options(sd_dir):
+    """Default: DPM-Solver++ (2M); "default" keeps the checkpoint's scheduler; the steps reach the pipeline."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    stage = sd_stage(sd_dir, num_inference_steps=3, resolution=64)
+    stage.setup()
+    sched = stage.pipe.scheduler
+    assert isinstance(sched, DPMSolverMultistepScheduler)
+    assert sched.config.algorithm_type == "dpmsolver++" and sched.config.solver_order == 2
+    items = stage(_items(1))
+    assert len(stage.pipe.scheduler.timesteps) == 3 and items[0].background is not None
+    own = sd_stage(sd_dir, scheduler="default")
+    own.setup()
+    assert type(own.pipe.scheduler).__name__ == "DDIMScheduler"  # what the tiny checkpoint ships
+    assert SDInpaintOptions().num_inference_steps == 20
+    with pytest.raises(ValueError, match="scheduler"):
+        SDInpaintOptions(scheduler="magic")

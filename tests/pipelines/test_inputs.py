@@ -26,6 +26,7 @@ from pipelines.inputs import (
     iter_raw_records,
     output_size,
 )
+from tests.builders import write_tar
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -45,15 +46,6 @@ def png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"garbage") + chunk(b"IEND", b"")
-
-
-def write_tar(path: Path, members: list[tuple[str, bytes]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 OPTS = DecodeOptions(max_side=512, min_side=64, shard_id=3, shard_url="x/00003.tar")

@@ -21,6 +21,7 @@ from mlcid.writer import read_stats, shard_name, stats_name
 from pipelines.base import STAGES, Detection, Item, alive, register_stage
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor, outcomes_name
+from tests.builders import write_tar
 
 BG = np.array([40, 90, 160], np.uint8)
 
@@ -29,7 +30,7 @@ BG = np.array([40, 90, 160], np.uint8)
 def _register(kind: str, backend: str):
     def deco(cls):
         if backend in STAGES.get(kind, {}):
-            return STAGES[kind][backend]
+            return STAGES[kind][backend].cls
         return register_stage(kind, backend)(cls)
     return deco
 
@@ -149,13 +150,8 @@ def jpeg(img: np.ndarray) -> bytes:
 
 
 def write_raw_shard(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
-    with tarfile.open(path, "w") as tar:
-        for key, members in records:
-            for suffix, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{suffix}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
+    """An img2dataset-style input shard: per record KEY.jpg/.txt/.json (whatever members it names)."""
+    return write_tar(path, [(f"{key}.{suffix}", data) for key, members in records for suffix, data in members.items()])
 
 
 def raw_records(n: int, seed: int = 0, shard: int = 0) -> list[tuple[str, dict[str, bytes]]]:
@@ -196,6 +192,10 @@ def test_end_to_end_classical(tmp_path):
     assert s.global_prompt == "two boxes on blue"
     assert s.source["input_shard"] == 7 and s.source["url"].startswith("http://example.com/")
     assert s.pipeline["backends"]["saliency"] == "classical" and "versions" in s.pipeline
+    # Caption stages off: every prompt is a fallback, recorded per sample and counted in the stats.
+    assert s.pipeline["prompt_sources"] == {"global": "alt_text", "layers": ["label"] * len(s.foregrounds)}
+    layers = sum(len(x.foregrounds) for x in samples)
+    assert stats["prompt_sources"] == {"global_alt_text": stats["written"], "layer_label": layers}
     for fg, m in zip(s.foregrounds, s.masks):
         assert ((fg[..., 3] == 255) | (m == 0)).all()  # alpha covers the undilated mask
     # Stats file written last: it is newer than the tar and the parquet.
@@ -296,30 +296,36 @@ def test_tiny_preset_on_synthetic_scenes(tmp_path, tiny_models):
     assert set(sample.pipeline["backends"]) == {"caption", "detect", "segment", "saliency", "mask_rules",
                                                 "object_caption", "cutout", "inpaint"}
     assert {"caption", "detect", "segment", "object_caption", "inpaint"} <= set(stats["timings"])
+    counts = stats["prompt_sources"]  # every written sample's global prompt has one recorded source
+    assert sum(v for k, v in counts.items() if k.startswith("global_")) == stats["written"]
+    assert sample.pipeline["prompt_sources"]["global"] in ("caption", "alt_text")
 
 
-def test_accepted_kwargs_follows_kwargs_up_the_mro():
-    from pipelines.runner import accepted_kwargs
-
-    class Base:
-        def __init__(self, preset="real", device="cpu"):
-            pass
-
-    class Child(Base):
-        def __init__(self, *args, template="{}", **kwargs):
-            super().__init__(*args, **kwargs)
-
-    class Anything:
-        def __init__(self, **kwargs):
-            pass
-
-    assert accepted_kwargs(Child) == {"preset", "device", "template"}
-    assert accepted_kwargs(Anything) is None
+def test_make_stage_passes_typed_config_and_pipeline_fields():
+    """Stages get one ModelStageConfig plus their options dataclass; pipeline-wide fields reach their options."""
+    from pipelines.config import make_stage
+    from pipelines.cutout import CutoutOptions
     from pipelines.filters import MaskRules
+    from pipelines.inpaint import OpenCVInpaintOptions
 
-    kw = ShardProcessor(classical_config()).stage_kwargs("mask_rules", MaskRules)
-    assert kw == {"min_saliency_overlap": 0.1, "containment": 0.9, "min_area_frac": 0.01, "max_area_frac": 0.8,
-                  "max_foregrounds": 3}
+    cfg = classical_config(max_layers=3, min_area_frac=0.02, dilate_kernel=3, cutout_fill=(9, 9, 9))
+    rules = make_stage("mask_rules", cfg)
+    assert isinstance(rules, MaskRules)
+    assert rules.params == {"min_saliency_overlap": 0.1, "containment_ratio": 0.9, "min_area_frac": 0.02,
+                            "max_area_frac": 0.8, "max_foregrounds": 2}
+    cut = make_stage("cutout", cfg)
+    assert (cut.kernel, cut.fill) == (3, (9, 9, 9))
+    assert make_stage("inpaint", classical_config(backends={"inpaint": "opencv"}, dilate_kernel=3)).dilate_kernel == 3
+    seg = make_stage("segment", PipelineConfig.from_preset("tiny", models={"sam-vit-h": "/some/sam"},
+                                                           batch_sizes={"segment": 3}))
+    assert (seg.model_id, seg.batch_size, seg.clip_to_box) == ("/some/sam", 3, True)
+    # Options that disagree with a pipeline-wide field are refused, not silently overwritten.
+    with pytest.raises(ValueError, match="PipelineConfig.dilate_kernel"):
+        classical_config(stage_options={"cutout": CutoutOptions(kernel=3)})
+    with pytest.raises(TypeError, match="takes OpenCVInpaintOptions"):
+        make_stage("inpaint", classical_config(backends={"inpaint": "opencv"},
+                                               stage_options={"inpaint": CutoutOptions()}))
+    assert isinstance(OpenCVInpaintOptions(), OpenCVInpaintOptions)
 
 
 @_register("inpaint", "test-slow-fill")
@@ -366,13 +372,18 @@ def test_killed_process_leaves_no_visible_shard_and_rerun_completes(tmp_path):
 def test_config_presets_and_overrides():
     real, tiny = PipelineConfig.from_preset("real"), PipelineConfig.from_preset("tiny")
     assert real.backends["saliency"] == "depth" and tiny.backends["saliency"] == "classical"
-    assert real.stage_options["detect"]["score_threshold"] == 0.1  # Appendix B
-    assert tiny.stage_options["detect"]["score_threshold"] == 0.0  # random weights: keep the top-k
+    assert real.stage_options["detect"].score_threshold == 0.1  # Appendix B
+    assert tiny.stage_options["detect"].score_threshold == 0.0  # random weights: keep the top-k
     assert (real.min_saliency_overlap, real.min_area_frac, real.max_area_frac, real.max_foregrounds) == (0.1, 0.01, 0.8, 3)
     # Dict overrides merge one level deep; other keys of the preset stay.
     cfg = PipelineConfig.from_preset("tiny", stage_options={"detect": {"max_detections": 2}}, max_side=64)
-    assert cfg.stage_options["detect"] == {"score_threshold": 0.0, "max_detections": 2}
-    assert cfg.stage_options["segment"] == {"clip_to_box": True} and cfg.max_side == 64
+    assert (cfg.stage_options["detect"].score_threshold, cfg.stage_options["detect"].max_detections) == (0.0, 2)
+    assert cfg.stage_options["segment"].clip_to_box and cfg.max_side == 64
+    with pytest.raises(TypeError, match="max_detectionz"):  # options are typed: a typo is an error
+        PipelineConfig.from_preset("tiny", stage_options={"detect": {"max_detectionz": 2}})
+    # A kind switched to a backend with other options starts from that backend's defaults.
+    opencv = PipelineConfig.from_preset("real", backends={"inpaint": "opencv"})
+    assert "inpaint" not in opencv.stage_options
     assert cfg.validation().max_layers == 4
     with pytest.raises(TypeError, match="unknown PipelineConfig fields"):
         PipelineConfig.from_preset("tiny", max_sidez=3)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipelines.base import Item, build_stage
-from pipelines.saliency import centre_prior, classical_saliency, otsu_mask
+from pipelines.devices import ModelStageConfig
+from pipelines.saliency import DepthSaliencyOptions, centre_prior, classical_saliency, otsu_mask
 
 
 def scene(obj_box: tuple[int, int, int, int], size: tuple[int, int] = (96, 128), seed: int = 0) -> np.ndarray:
@@ -69,7 +70,8 @@ def test_classical_stage_sets_saliency_on_alive_items_only():
 
 def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_models):
     """The tiny `depth-saliency` preset (random Depth Anything) loads through the registry and batches exactly."""
-    stage = build_stage("saliency", "depth", preset="tiny", device="cpu", dtype="float32", batch_size=2)
+    model = ModelStageConfig(preset="tiny", device="cpu", dtype="float32", batch_size=2)
+    stage = build_stage("saliency", "depth", model, DepthSaliencyOptions())
     assert stage.model_id == str(tiny_models / "depth-saliency")
     stage.setup()
     items = [Item(f"k{i}", scene((20 + 5 * i, 20, 60, 60), size=s, seed=i))
@@ -85,7 +87,7 @@ def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_models):
 
 
 def test_depth_stage_missing_model_is_clear(tmp_path):
-    stage = build_stage("saliency", "depth", model_overrides={"depth-saliency": str(tmp_path / "nope")},
-                        device="cpu")
+    stage = build_stage("saliency", "depth", ModelStageConfig(
+        model_overrides={"depth-saliency": str(tmp_path / "nope")}, device="cpu"), DepthSaliencyOptions())
     with pytest.raises(FileNotFoundError, match="make tiny-models"):
         stage.setup()

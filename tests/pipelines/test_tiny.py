@@ -50,17 +50,19 @@ def test_depth_saliency_loads_with_auto_classes(root):
 def test_tiny_preset_resolves_through_registry(root, monkeypatch):
     from pipelines.caption import GlobalCaption
     from pipelines.detect import GroundingDinoDetector, Owlv2Detector
+    from pipelines.devices import ModelStageConfig
     from pipelines.segment import SamSegmenter
 
     monkeypatch.setenv("LAYERDIFF_TINY_MODELS", str(root))
-    assert Owlv2Detector(preset="tiny").model_id == str(root / "owlv2")
-    assert GroundingDinoDetector(preset="tiny").model_id == str(root / "grounding-dino")
-    assert GlobalCaption(preset="tiny").model_id == str(root / "instructblip")
-    seg = SamSegmenter(preset="tiny", device="cpu")
+    tiny = ModelStageConfig(preset="tiny", device="cpu")
+    assert Owlv2Detector(tiny).model_id == str(root / "owlv2")
+    assert GroundingDinoDetector(tiny).model_id == str(root / "grounding-dino")
+    assert GlobalCaption(tiny).model_id == str(root / "instructblip")
+    seg = SamSegmenter(tiny)
     seg.setup()
     assert seg.predictor.model.image_encoder.img_size == 64
     # an explicit override wins over the preset
-    assert Owlv2Detector(preset="tiny", model_overrides={"owlv2": "/x/y"}).model_id == "/x/y"
+    assert Owlv2Detector(ModelStageConfig(preset="tiny", model_overrides={"owlv2": "/x/y"})).model_id == "/x/y"
 
 
 def test_cli(tmp_path, capsys):
