@@ -136,6 +136,7 @@ def test_output_save_and_readme_quickstart(run_dir: Path, tmp_path: Path, monkey
     code = block.replace('"runs/x"', repr(str(run_dir)))
     exec(compile(code, "README quick-start", "exec"), {})  # noqa: S102 (our own README)
     loaded = load_output(tmp_path / "out" / "dog")
-    assert loaded.meta.layer_prompts[0] == "the background" and loaded.meta.num_inference_steps is not None
-    assert loaded.meta.guidance == "cfg+smg" and loaded.image.size == (32, 32)
-    assert np.asarray(loaded.image.composite).shape == (32, 32, 3)
+    assert loaded.image.layer_prompts == ["the background", "a red ball", "a dog"]  # prompts from the output
+    assert loaded.meta.num_inference_steps == 50 and loaded.meta.guidance == "cfg+smg"  # settings from the output
+    assert (loaded.image.width, loaded.image.height) == (32, 32)  # the run's training resolution
+    assert loaded.meta.extra["height"] == 32 and np.asarray(loaded.image.composite).shape == (32, 32, 3)
