@@ -338,7 +338,7 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         "<h2>Shards</h2><table id=shards><tr><th>shard</th><th>status</th><th>read</th><th>written</th>"
         "<th>dropped</th><th>shown: valid / invalid / unreadable</th><th>problems seen by the viewer</th></tr>"
     )
-    for row in rows:
+    for i, row in enumerate(rows):
         st, s = row.shard, row.shard.stats
         status = {"complete": "complete", "incomplete": "incomplete (no stats file)"}.get(st.status, "bad stats file")
         if st.error:
@@ -353,7 +353,9 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         parts.append(
             f'<tr class="{esc(st.status)}"><td title="{esc(st.url)}">{esc(row.name)}</td>'
             f'<td class="status {esc(st.status)}">{esc(status)}</td>'
-            + "".join(f"<td class=n>{esc(n)}</td>" for n in nums)
+            + "".join(f"<td class=n>{esc(n)}</td>" for n in nums[:2])
+            + (f'<td class=n><a href="#dropped-{i}">{esc(nums[2])}</a></td>' if row.dropped else
+               f"<td class=n>{esc(nums[2])}</td>")
             + f"<td class=n>{esc(shown)}</td><td>{esc(problems)}</td></tr>"
         )
     parts.append("</table>")

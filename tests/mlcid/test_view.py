@@ -245,6 +245,7 @@ def test_dropped_samples_listed_per_shard(tmp_path: Path) -> None:
                           ("r3", "mask_area", html.escape(XSS, quote=True))]
     assert "<script>" not in index and "mlcid-000001.tar" not in section  # no file, no entry
     assert "mlcid-000002.tar: 1 dropped (unreadable_outcomes=1)" in section
+    assert '<a href="#dropped-0">3</a>' in index and 'id="dropped-0"' in section  # the shard table links the list
 
 
 def test_same_shard_name_in_two_folders(tmp_path: Path) -> None:
