@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlcid.shards import expand_urls
+from mlcid.storage import ShardStore
 from mlcid.wids_index import index_folder
-from mlcid.writer import is_complete
-from pipelines.build import config_from_args
-from pipelines.config import PRESETS, STAGE_ORDER, PipelineConfig
-from pipelines.inputs import input_shard_id
+from mlcid.writer import stats_name
+from pipelines.build import add_pipeline_arguments, fault_policy_from_args, pipeline_options_from_args
+from pipelines.config import PipelineConfig
+from pipelines.faults import FaultPolicy
+from pipelines.inputs import plan_shard_ids
 from pipelines.runner import ShardProcessor
 
 from cluster.pool import PoolConfig, PoolError, PoolReport, ShardPool, ShardTask
@@ -48,28 +50,24 @@ class WorkerSpec:
 
 @dataclass
 class BuildConfig:
-    """One build run: inputs, output folder, the per-shard pipeline, the pool policy, and how to reach Ray."""
+    """One build run: inputs, output folder or fsspec URL, the per-shard pipeline, the pool policy, and Ray."""
 
     shards: list[str]
-    out: str
+    out: str  # local/shared folder, or s3://… gs://… az://… (shards are built locally, then uploaded)
     pipeline: PipelineConfig
+    faults: FaultPolicy = field(default_factory=FaultPolicy)
     workers: WorkerSpec = field(default_factory=WorkerSpec)
     pool: PoolConfig = field(default_factory=PoolConfig)  # resource fields are filled in by `resolve_pool`
     ray: RayEnvConfig = field(default_factory=RayEnvConfig)
     progress: bool = True
 
 
-def plan_tasks(urls: list[str], out_dir: str, prefix: str) -> tuple[list[ShardTask], list[str]]:
-    """(tasks to run, urls already complete). Raises if two inputs map to one output shard id."""
-    by_id: dict[int, str] = {}
+def plan_tasks(urls: list[str], out: str, prefix: str) -> tuple[list[ShardTask], list[str]]:
+    """(tasks to run, urls already complete), from ONE listing of the output. Raises if two inputs share an id."""
+    existing = ShardStore(out).names()
     tasks, complete = [], []
-    for url in urls:
-        sid = input_shard_id(url)
-        if sid in by_id:
-            raise ValueError(f"inputs {by_id[sid]!r} and {url!r} both have shard id {sid}; "
-                             "output shard id = input shard id, so they would overwrite each other")
-        by_id[sid] = url
-        if is_complete(out_dir, sid, prefix):
+    for sid, url in plan_shard_ids(urls).items():
+        if stats_name(sid, prefix) in existing:
             complete.append(url)
         else:
             tasks.append(ShardTask(f"{prefix}-{sid:06d}", url))
@@ -98,11 +96,9 @@ def resolve_pool(spec: WorkerSpec, base: PoolConfig, resources: dict[str, float]
 def build(config: BuildConfig) -> RunSummary:
     """Run the whole build and return its summary (failed shards are listed there, not raised)."""
     t0 = time.perf_counter()
-    # 1. Inputs → tasks; complete output shards are skipped up front.
-    if "://" in config.out and not config.out.startswith("file://"):
-        raise ValueError(f"--out must be a local or shared-filesystem path (got {config.out!r})")
-    out = config.out.removeprefix("file://")
-    Path(out).mkdir(parents=True, exist_ok=True)
+    # 1. Inputs → tasks; complete output shards (stats file listed) are skipped up front.
+    store = ShardStore(config.out)
+    out = store.local_dir() if store.local else store.url
     urls = expand_urls(config.shards)
     tasks, complete = plan_tasks(urls, out, config.pipeline.prefix)
     log.info("%d input shard(s): %d to build, %d already complete in %s", len(urls), len(tasks), len(complete), out)
@@ -116,7 +112,8 @@ def build(config: BuildConfig) -> RunSummary:
                  pool_cfg.max_retries, pool_cfg.recycle_every or "never")
         progress = RunProgress(len(tasks), skipped=len(complete), enabled=config.progress)
         try:
-            pool = ShardPool(functools.partial(ShardProcessor, config.pipeline), out, pool_cfg, progress)
+            pool = ShardPool(functools.partial(ShardProcessor, config.pipeline, config.faults), out, pool_cfg,
+                             progress)
             report = pool.run(tasks)
         finally:
             progress.close()
@@ -136,17 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--shards", required=True, nargs="+",
                    help="input shards: paths, brace patterns ('in/{00000..00099}.tar'), folders or fsspec URLs")
-    g.add_argument("--out", required=True, help="output folder (local or shared filesystem seen by every node)")
-    g = p.add_argument_group("pipeline")
-    g.add_argument("--preset", default="real", choices=sorted(PRESETS), help="pipeline profile")
-    g.add_argument("--backend", action="append", default=[], metavar="KIND=NAME",
-                   help=f"override a stage backend (kinds: {', '.join(STAGE_ORDER)})")
-    g.add_argument("--model", action="append", default=[], metavar="NAME=PATH", help="override a model location")
-    g.add_argument("--device", help="torch device for the stages (default: the preset's)")
-    g.add_argument("--max-side", type=int, help="shorter output side cap in pixels (multiple of 8)")
-    g.add_argument("--max-layers", type=int, help="background + at most this many minus one foregrounds")
-    g.add_argument("--chunk-size", type=int, help="items pushed through the stages together")
-    g.add_argument("--prefix", help="output shard name prefix (default mlcid)")
+    g.add_argument("--out", required=True, help="output: a folder every node sees, or an fsspec URL "
+                   "(s3://bucket/prefix, gs://…, az://…; credentials and endpoint from the standard environment)")
+    add_pipeline_arguments(p.add_argument_group("pipeline"))
     g = p.add_argument_group("workers")
     g.add_argument("--workers", type=int, help="actors (default: one per GPU, else one per CPU)")
     g.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor; fractions allowed "
@@ -156,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--max-retries", type=int, default=2, help="re-runs of a failed shard before it is reported")
     g.add_argument("--recycle-every", type=int, default=DEFAULT_RECYCLE_EVERY,
                    help="restart an actor after this many shards (0 = never)")
+    g.add_argument("--lease-ttl", type=float, default=PoolConfig.lease_ttl_s,
+                   help="seconds after which the lease of a shard whose worker stopped renewing it may be taken")
     g = p.add_argument_group("ray")
     g.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS; none → start Ray here)")
     g.add_argument("--num-cpus", type=float, help="CPUs of an in-process Ray (default: all cores)")
@@ -175,10 +166,11 @@ def config_from_cli(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
         shards=args.shards,
         out=args.out,
-        pipeline=config_from_args(args),
+        pipeline=pipeline_options_from_args(args).to_config(),
+        faults=fault_policy_from_args(args),
         workers=WorkerSpec(args.workers, args.cpus_per_worker, args.gpus_per_worker),
         pool=PoolConfig(max_in_flight=args.max_in_flight, max_retries=args.max_retries,
-                        recycle_every=args.recycle_every),
+                        recycle_every=args.recycle_every, lease_ttl_s=args.lease_ttl),
         ray=RayEnvConfig(args.address, args.num_cpus, args.num_gpus, args.dashboard, args.dashboard_port,
                          args.ray_temp_dir),
         progress=not args.no_progress,
@@ -195,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from e
     try:
         summary = build(config)
-    except (ValueError, PoolError) as e:  # bad inputs, or actors that cannot even load their models
+    except (ValueError, FileNotFoundError, PoolError) as e:  # bad inputs, or actors that cannot load models
         raise SystemExit(f"error: {e}") from e
     print(format_summary(summary), flush=True)
     if args.summary_json:

@@ -6,40 +6,36 @@ never idles between shards). A shard whose task raises, or whose actor dies whil
 `max_retries` times and then reported as failed. A shard that was only *queued* on an actor that died is put
 back without using up a retry. Actors are killed and restarted every `recycle_every` shards to bound leaks.
 
-Kill safety: each shard runs under an exclusive `flock` on `OUT/.locks/KEY.lock`. The kernel drops the lock when
-its holder dies, so a worker left over from a killed driver and a worker of the re-run never write one shard at
-the same time; together with the processor's `.tmp` → rename → stats-last this makes every shard all-or-nothing.
+A processor error whose `retire_worker` is true (a CUDA fault) also replaces the actor; its queued shards go back
+for free, and a retried shard goes to an actor it has not failed on when there is one.
+
+Ownership: the driver alone assigns shards, one actor per shard at a time. Against what it cannot see — a worker
+left over from a killed driver, a second driver on the same output, a node cut off — each shard runs under a
+lease object (`mlcid.lease`: create-exclusive generations under `OUT/.leases/KEY/`, renewed by a background
+thread while the shard runs, checked again right before publishing). No `flock`, so the output may be a local
+folder, a FUSE mount or an object store URL; with the processor's stage-locally → publish → stats-last this makes
+every shard all-or-nothing.
 """
 
 from __future__ import annotations
 
-import fcntl
-import inspect
 import logging
 import os
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from mlcid.lease import LeaseConfig
+
+from cluster.actor import Processor, ShardActor, limit_threads  # noqa: F401 — re-exported
+
 log = logging.getLogger(__name__)
-
-LOCK_DIR = ".locks"
-
-
-class Processor(Protocol):
-    """What an actor holds: models loaded once by `setup()`, then `process(url, out_dir) -> stats` per shard."""
-
-    def setup(self) -> Any: ...
-
-    def process(self, input_url: str, out_dir: str) -> dict[str, Any]: ...
 
 
 class PoolListener(Protocol):
@@ -68,7 +64,8 @@ class PoolConfig:
     recycle_every: int = 0  # kill and restart an actor after this many shards (0 = never)
     max_startup_failures: int = 3  # actors dying during setup in a row before the pool gives up
     torch_threads: int | None = None  # torch intra-op threads per actor (default: max(1, int(num_cpus)))
-    lock_timeout_s: float = 900.0  # how long a shard waits for a lock held by a stale worker
+    lease_ttl_s: float = 300.0  # a shard's lease expires this long after its holder stopped renewing it
+    lease_wait_s: float = 7200.0  # how long a shard waits for a lease held by a live stale worker
     poll_seconds: float = 1.0  # how often live sample counts are polled from the actors
     startup_timeout_s: float = 1800.0  # give up if no actor is ready by then (e.g. no node has the resources)
 
@@ -81,6 +78,10 @@ class PoolConfig:
             raise ValueError(f"max_in_flight must be ≥ 1, got {self.max_in_flight}")
         if self.max_retries < 0 or self.recycle_every < 0 or self.max_startup_failures < 1:
             raise ValueError("max_retries and recycle_every must be ≥ 0 and max_startup_failures ≥ 1")
+
+    @property
+    def lease(self) -> LeaseConfig:
+        return LeaseConfig(ttl_s=self.lease_ttl_s, wait_s=self.lease_wait_s)
 
     @property
     def threads(self) -> int:
@@ -107,9 +108,9 @@ class ShardOutcome:
     actor: int | None = None  # serial number of the actor that finished it
     pid: int | None = None
     node: str | None = None
-    process_seconds: float = 0.0  # time inside processor.process (excludes the lock wait)
+    process_seconds: float = 0.0  # time inside processor.process (excludes the lease wait)
     cpu_seconds: float = 0.0  # CPU time of the actor process (all threads) during processor.process
-    lock_seconds: float = 0.0
+    lease_seconds: float = 0.0  # waiting for the shard's lease
 
 
 @dataclass
@@ -120,6 +121,7 @@ class PoolReport:
     actors_started: int = 0
     actors_recycled: int = 0
     actors_died: int = 0
+    actors_faulted: int = 0  # killed and replaced after a device fault (`retire_worker` on the error)
     startup_seconds: float = 0.0  # pool start → first actor ready (imports + model loading)
     wall_seconds: float = 0.0
     max_in_flight_seen: int = 0  # largest number of shards queued on one actor
@@ -127,85 +129,6 @@ class PoolReport:
     @property
     def failed(self) -> list[ShardOutcome]:
         return [o for o in self.outcomes if not o.ok]
-
-
-@contextmanager
-def shard_lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[float]:
-    """Hold an exclusive `flock` on `path` (released by the kernel if this process dies). Yields the wait time."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(path, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.perf_counter() - t0 > timeout_s:
-                    raise TimeoutError(f"shard lock {path} still held after {timeout_s:.0f}s (a stale worker?)")
-                time.sleep(poll_s)
-        try:
-            yield time.perf_counter() - t0
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def limit_threads(threads: int) -> None:
-    """Keep an actor's compute libraries (torch, OpenCV) within its CPU share."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
-    try:
-        import cv2
-
-        cv2.setNumThreads(threads)
-    except ImportError:
-        pass
-
-
-@ray.remote(concurrency_groups={"monitor": 1})
-class ShardActor:
-    """Owns one processor (all models loaded once) and runs shards one at a time; `progress` answers meanwhile."""
-
-    def __init__(self, make_processor: Callable[[], Processor], threads: int, lock_timeout_s: float) -> None:
-        limit_threads(threads)
-        self.lock_timeout_s = lock_timeout_s
-        self.samples = 0
-        self.processor = make_processor()
-        self.processor.setup()
-        params = inspect.signature(self.processor.process).parameters
-        self.reports_progress = "on_progress" in params
-
-    def ready(self) -> tuple[int, str]:
-        """(pid, node ip) once `setup()` has finished."""
-        return os.getpid(), ray.util.get_node_ip_address()
-
-    def _count(self, n: int) -> None:
-        self.samples += n
-
-    def process(self, task: ShardTask, out_dir: str) -> dict[str, Any]:
-        """Run one shard under its lock; the stats plus where and how long it ran."""
-        with shard_lock(Path(out_dir) / LOCK_DIR / f"{task.key}.lock", self.lock_timeout_s) as waited:
-            t0, c0 = time.perf_counter(), time.process_time()
-            if self.reports_progress:
-                stats = self.processor.process(task.url, out_dir, on_progress=self._count)
-            else:
-                stats = self.processor.process(task.url, out_dir)
-            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-        return {"stats": stats, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "process_seconds": seconds, "cpu_seconds": cpu, "lock_seconds": waited}
-
-    @ray.method(concurrency_group="monitor")
-    def progress(self) -> int:
-        """Samples this actor has pushed through its stages so far (all shards)."""
-        return self.samples
-
-    @ray.method(concurrency_group="monitor")
-    def pid(self) -> int:
-        return os.getpid()
 
 
 @dataclass
@@ -225,6 +148,12 @@ class _Slot:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
+
+
+def _retires_worker(err: RayTaskError) -> bool:
+    """True when the processor's exception asks for its actor to be replaced (e.g. a CUDA fault)."""
+    cause = getattr(err, "cause", None)
+    return bool(getattr(cause, "retire_worker", False) or getattr(err, "retire_worker", False))
 
 
 def _error_text(err: BaseException) -> str:
@@ -248,6 +177,7 @@ class _RunState:
     outcomes: dict[ShardTask, ShardOutcome] = field(default_factory=dict)
     attempts: Counter[ShardTask] = field(default_factory=Counter)  # failed runs charged to each shard
     errors: dict[ShardTask, list[str]] = field(default_factory=dict)
+    failed_on: dict[ShardTask, set[int]] = field(default_factory=dict)  # actor serials a shard failed on
     first_ready: float | None = None
 
 
@@ -270,7 +200,7 @@ class ShardPool:
     def _start_actor(self) -> None:
         cfg = self.config
         handle = ShardActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=0).remote(
-            self.make_processor, cfg.threads, cfg.lock_timeout_s)
+            self.make_processor, cfg.threads, cfg.lease)
         self._serial += 1
         self.slots.append(_Slot(self._serial, handle, handle.ready.remote()))
         log.debug("started actor #%d", self._serial)
@@ -306,14 +236,16 @@ class ShardPool:
     def _succeed(self, run: _RunState, slot: _Slot, task: ShardTask, result: dict[str, Any]) -> None:
         out = ShardOutcome(task, True, result["stats"], run.attempts[task] + 1, run.errors.get(task, []),
                            slot.serial, result["pid"], result["node"], result["process_seconds"],
-                           result["cpu_seconds"], result["lock_seconds"])
+                           result["cpu_seconds"], result["lease_seconds"])
         run.outcomes[task] = out
         if self.listener is not None:
             self.listener.on_shard(out)
 
-    def _charge(self, run: _RunState, task: ShardTask, error: str) -> None:
-        """Count one failed run of `task`; requeue it or, out of retries, record it as failed."""
+    def _charge(self, run: _RunState, task: ShardTask, error: str, slot: _Slot | None = None) -> None:
+        """Count one failed run of `task` (on `slot`); requeue it or, out of retries, record it as failed."""
         run.attempts[task] += 1
+        if slot is not None:
+            run.failed_on.setdefault(task, set()).add(slot.serial)
         run.errors.setdefault(task, []).append(error)
         if run.attempts[task] > self.config.max_retries:
             out = ShardOutcome(task, False, None, run.attempts[task], run.errors[task])
@@ -339,10 +271,10 @@ class ShardPool:
                 continue
             except RayError as e:  # (GetTimeoutError included)
                 if isinstance(e, RayTaskError) and not isinstance(e, RayActorError):
-                    self._charge(run, task, _error_text(e))
+                    self._charge(run, task, _error_text(e), slot)
                     continue
             if slot.ready and not charged:  # the oldest unfinished shard was the one running
-                self._charge(run, task, f"actor died while running it: {text}")
+                self._charge(run, task, f"actor died while running it: {text}", slot)
                 charged = True
             else:
                 run.queue.appendleft(task)
@@ -405,12 +337,37 @@ class ShardPool:
             self._start_actor()
             run.report.actors_started += 1
 
+    def _retire_faulty(self, run: _RunState, slot: _Slot, error: str) -> None:
+        """Kill an actor whose device faulted; the shards queued behind the failed one go back for free."""
+        for _, task in reversed(slot.inflight):
+            run.queue.appendleft(task)
+        slot.inflight.clear()
+        self._remove(slot)
+        run.report.actors_faulted += 1
+        log.warning("actor #%d raised a device fault (%s); replacing it", slot.serial, error)
+
+    @staticmethod
+    def _next_task(run: _RunState, slot: _Slot, live: set[int]) -> ShardTask | None:
+        """The first queued shard that has not failed on `slot` (unless it failed on every live actor)."""
+        for i, task in enumerate(run.queue):
+            tried = run.failed_on.get(task, set())
+            if slot.serial not in tried or live <= tried:
+                del run.queue[i]
+                return task
+        return None
+
     def _hand_out(self, run: _RunState) -> None:
-        """Queue shards on actors, least-loaded first, at most `max_in_flight` each; mark actors due to retire."""
+        """Queue shards on actors, least-loaded first, at most `max_in_flight` each; mark actors due to retire.
+
+        A retried shard goes to an actor it has not failed on, when there is one.
+        """
         cfg = self.config
+        live = {s.serial for s in self.slots}
         for slot in sorted(self.slots, key=lambda s: len(s.inflight)):
             while run.queue and not slot.retiring and len(slot.inflight) < cfg.max_in_flight:
-                task = run.queue.popleft()
+                task = self._next_task(run, slot, live)
+                if task is None:
+                    break
                 slot.inflight.append((slot.handle.process.remote(task, self.out_dir), task))
                 slot.assigned += 1
                 run.report.max_in_flight_seen = max(run.report.max_in_flight_seen, len(slot.inflight))
@@ -435,9 +392,11 @@ class ShardPool:
         except RayActorError as e:
             self._actor_died(run, slot, e)
             return
-        except RayTaskError as e:  # the processor raised; the actor is fine
+        except RayTaskError as e:  # the processor raised; the actor is fine unless the error says otherwise
             slot.inflight = [(r, t) for r, t in slot.inflight if r is not ref]
-            self._charge(run, task, _error_text(e))
+            self._charge(run, task, _error_text(e), slot)
+            if _retires_worker(e):
+                self._retire_faulty(run, slot, _error_text(e))
             return
         except RayError as e:  # worker crashed, OOM kill, lost object: treat the actor as gone
             self._actor_died(run, slot, e)

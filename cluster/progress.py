@@ -119,7 +119,9 @@ class RunSummary:
     actors_started: int
     actors_recycled: int
     actors_died: int
+    actors_faulted: int = 0  # replaced after a device fault
     failed: list[dict[str, Any]] = field(default_factory=list)  # url, attempts, errors
+    truncated: list[str] = field(default_factory=list)  # inputs cut short (complete keys kept; `input_truncated`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +156,9 @@ def summarize(report: PoolReport, skipped_up_front: int, workers: int, wall_seco
         actors_started=report.actors_started,
         actors_recycled=report.actors_recycled,
         actors_died=report.actors_died,
+        actors_faulted=report.actors_faulted,
         failed=[{"url": o.task.url, "attempts": o.attempts, "errors": o.errors} for o in report.failed],
+        truncated=[o.task.url for o in fresh if o.stats.get("input_truncated")],
     )
 
 
@@ -167,7 +171,8 @@ def format_summary(s: RunSummary) -> str:
         ("wall time", f"{s.wall_seconds:.1f} s (actor start-up {s.startup_seconds:.1f} s)"),
         ("throughput", f"{s.samples_per_second:.2f} samples/s read with {s.workers} worker(s) "
                        f"({s.steady_samples_per_second:.2f} after start-up)"),
-        ("actors", f"{s.actors_started} started, {s.actors_recycled} recycled, {s.actors_died} died"),
+        ("actors", f"{s.actors_started} started, {s.actors_recycled} recycled, {s.actors_died} died, "
+                   f"{s.actors_faulted} replaced after a device fault"),
     ]
     stage = {k: v for k, v in s.stage_seconds.items() if k not in IO_TIMINGS}
     if stage:
@@ -176,6 +181,8 @@ def format_summary(s: RunSummary) -> str:
     if s.dropped:
         lines += ["", "| drop reason | samples |", "|---|---:|",
                   *[f"| {k} | {v} |" for k, v in sorted(s.dropped.items(), key=lambda kv: -kv[1])]]
+    if s.truncated:
+        lines += ["", "| truncated input (complete keys kept) |", "|---|", *[f"| {url} |" for url in s.truncated]]
     if s.failed:
         lines += ["", "| failed shard | attempts | last error |", "|---|---:|---|",
                   *[f"| {f['url']} | {f['attempts']} | {(f['errors'] or ['?'])[-1].replace('|', '/')} |"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,32 @@ class LayerInfo:
                 raise ValueError(f"layer box must be 4 numbers, got {box!r:.200}")
             box = tuple(int(v) for v in box)
         return cls(prompt=data["prompt"], box=box, score=data.get("score"), area_frac=data.get("area_frac"))
+
+
+# Provenance in `source` (every sample; also columns of the builder's outcomes parquet):
+#   uid           stable id of the input sample: `sample_uid(input_shard, input_key, url)`
+#   url           where the image came from (img2dataset's json `url`), or None
+#   caption       the input's original caption (txt member, else json `caption`), or None
+#   license       licence-like fields the input carried ({field: value}, e.g. LAION's `LICENSE`), may be {}
+#   input_shard, input_key, input_url   which input shard and key the sample was made from
+PROVENANCE_FIELDS = ("uid", "url", "caption", "license", "input_shard", "input_key", "input_url")
+_LICENSE_NAMES = ("rights", "copyright", "attribution", "usage_terms")
+
+
+def sample_uid(input_shard: int, input_key: str, url: str | None) -> str:
+    """A stable id for an input sample: the same shard id, key and URL always give the same 24 hex digits."""
+    text = f"{int(input_shard)}\x1f{input_key}\x1f{url or ''}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def license_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The licence-like fields of an input's json (names containing 'licen', or rights/copyright/…), non-empty."""
+    out = {}
+    for name, value in meta.items():
+        low = str(name).lower()
+        if ("licen" in low or low in _LICENSE_NAMES) and value not in (None, "", [], {}):
+            out[str(name)] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, default=str)
+    return out
 
 
 @dataclass

@@ -35,17 +35,42 @@ def expand_braces(pattern: str) -> list[str]:
     return [s for part in parts for s in expand_braces(head + part + tail)]
 
 
+_TAR_NAME = re.compile(r"\.tar(\.gz)?$")
+
+
+def _list_tars(folder: str) -> list[str]:
+    """The *.tar / *.tar.gz files directly in a local folder or under an fsspec prefix, sorted, as URLs."""
+    if "://" not in folder:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder!r} not found (expected a shard file or a folder of *.tar shards)")
+        return sorted(os.path.join(folder, f) for f in os.listdir(folder) if _TAR_NAME.search(f))
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.invalidate_cache(root)
+    try:
+        names = fs.ls(root.rstrip("/"), detail=False)
+    except FileNotFoundError:
+        names = []
+    protocol = folder.split("://", 1)[0]
+    as_url = (lambda n: n) if protocol == "file" else (lambda n: f"{protocol}://{n.lstrip('/')}")
+    tars = sorted(as_url(str(n)) for n in names if _TAR_NAME.search(str(n)))
+    if not tars:
+        raise FileNotFoundError(f"{folder!r}: not found or holds no *.tar shards")
+    return tars
+
+
 def expand_urls(specs: str | Iterable[str]) -> list[str]:
-    """Space-separated specs or a list of them → a flat list of shard URLs (a local folder → its *.tar files)."""
+    """Space-separated specs or a list of them → a flat list of shard URLs.
+
+    A name ending in `.tar`/`.tar.gz` is taken as is (a missing one fails when it is read); anything else is a
+    folder — local or an fsspec prefix such as `s3://bucket/mlcid` — and stands for the tars directly in it.
+    A folder that does not exist raises `FileNotFoundError` saying so.
+    """
     if isinstance(specs, str):
         specs = specs.split()
     urls: list[str] = []
     for spec in specs:
         for url in expand_braces(spec):
-            if "://" not in url and os.path.isdir(url):
-                urls += sorted(os.path.join(url, f) for f in os.listdir(url) if f.endswith(".tar"))
-            else:
-                urls.append(url)
+            urls += [url] if _TAR_NAME.search(url) else _list_tars(url)
     if not urls:
         raise ValueError(f"no shards match {specs!r}")
     return urls

@@ -103,6 +103,7 @@ class StatsSummary:
     incomplete: list[str] = field(default_factory=list)  # shard URLs without a stats file
     bad_stats: list[str] = field(default_factory=list)  # shard URLs whose stats file is unreadable/malformed
     inconsistent: list[str] = field(default_factory=list)  # read != written + sum(dropped)
+    truncated: list[str] = field(default_factory=list)  # complete shards whose INPUT tar was cut short
     read: int = 0
     written: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason → count, most frequent first
@@ -127,6 +128,7 @@ class StatsSummary:
             "incomplete": list(self.incomplete),
             "bad_stats": list(self.bad_stats),
             "inconsistent": list(self.inconsistent),
+            "input_truncated": list(self.truncated),
             "read": self.read,
             "written": self.written,
             "dropped": dict(self.dropped),
@@ -165,6 +167,8 @@ def summarize(shards: Iterable[ShardStats]) -> StatsSummary:
             out.wall_seconds += float(s["wall_seconds"])
         if not shard.consistent:
             out.inconsistent.append(shard.url)
+        if s.get("input_truncated"):
+            out.truncated.append(shard.url)
     out.dropped = dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
     out.layer_counts = dict(sorted(layers.items()))
     out.timings = {k: round(v, 4) for k, v in sorted(timings.items())}
@@ -195,6 +199,8 @@ def format_summary(summary: StatsSummary) -> str:
         lines.append(f"incomplete (no stats file): {url}")
     for url in summary.bad_stats:
         lines.append(f"unreadable stats: {url}")
+    for url in summary.truncated:
+        lines.append(f"input truncated (its complete keys were kept): {url}")
     for url in summary.inconsistent:
         lines.append(f"inconsistent stats (read != written + dropped): {url}")
     return "\n".join(lines)

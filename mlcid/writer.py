@@ -1,9 +1,15 @@
-"""Shard writer: samples contiguous, `.tmp` then rename, `_stats.json` written last (it marks completion)."""
+"""Shard writer: samples contiguous, `.tmp` then rename, `_stats.json` written last (it marks completion).
+
+The writer works in a local folder. Attached files (the runner's outcomes parquet) are published together with
+the tar: both are renamed into place only after the tar is closed, then the stats file. A failure at any point
+(a full disk included) removes everything of the shard, and `abort()` never raises over the first error.
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tarfile
 import time
@@ -14,9 +20,11 @@ from typing import Any
 from mlcid.codec import encode_sample
 from mlcid.errors import SampleError
 from mlcid.schema import MLCIDSample
+from mlcid.storage import ShardStore
 from mlcid.validate import ValidationConfig, validate_sample
 
 DEFAULT_PREFIX = "mlcid"
+log = logging.getLogger(__name__)
 
 
 def shard_name(shard_id: int, prefix: str = DEFAULT_PREFIX) -> str:
@@ -28,20 +36,24 @@ def stats_name(shard_id: int, prefix: str = DEFAULT_PREFIX) -> str:
 
 
 def is_complete(out_dir: str | os.PathLike, shard_id: int, prefix: str = DEFAULT_PREFIX) -> bool:
-    """A shard is complete iff its stats file exists."""
-    return (Path(out_dir) / stats_name(shard_id, prefix)).exists()
+    """A shard is complete iff its stats file exists (`out_dir`: a local folder or an fsspec URL)."""
+    return ShardStore(out_dir).exists(stats_name(shard_id, prefix))
 
 
 def read_stats(out_dir: str | os.PathLike, shard_id: int, prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / stats_name(shard_id, prefix)).read_text())
+    return json.loads(ShardStore(out_dir).read_bytes(stats_name(shard_id, prefix)))
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _write_synced(tmp, data)
     os.replace(tmp, path)
 
 
@@ -74,12 +86,19 @@ class ShardWriter:
         self.keys: set[str] = set()
         self._start = time.perf_counter()
         self._tar: tarfile.TarFile | None = None
+        self._file: Any = None
+        self._attached: list[str] = []  # names of files published with the tar (e.g. the outcomes parquet)
         self._closed = False
 
     # -- context manager ------------------------------------------------------------------------------------
+    def _open_tmp(self) -> Any:
+        """The binary file the tar is written to (a test replaces it with one that fills up)."""
+        return open(self.tmp_path, "wb")
+
     def __enter__(self) -> "ShardWriter":
         self.stats_path.unlink(missing_ok=True)  # an old stats file must never vouch for new content
-        self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.GNU_FORMAT)
+        self._file = self._open_tmp()
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -118,6 +137,13 @@ class ShardWriter:
     def add_timing(self, name: str, seconds: float) -> None:
         self.timings[name] += seconds
 
+    def attach(self, name: str, data: bytes) -> None:
+        """Write `name` beside the shard as `.tmp` now; `close` renames it into place after the tar, before stats."""
+        if name in (self.path.name, self.stats_path.name) or "/" in name:
+            raise ValueError(f"cannot attach {name!r} to shard {self.path.name}")
+        _write_synced(self.out_dir / f"{name}.tmp", data)
+        self._attached.append(name)
+
     # -- finishing ------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         return {
@@ -131,23 +157,50 @@ class ShardWriter:
             "wall_seconds": round(time.perf_counter() - self._start, 4),
         }
 
+    @property
+    def names(self) -> list[str]:
+        """The files a complete shard consists of, in publication order (the stats file last)."""
+        return [self.path.name, *self._attached, self.stats_path.name]
+
     def close(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Finish the tar, rename it into place, then write the stats file (last). Returns the stats."""
+        """Finish the tar, rename it and the attachments into place, then write the stats file (last).
+
+        Returns the stats. On any failure (e.g. ENOSPC) every file of the shard is removed and the error raised.
+        """
         if self._closed:
             raise RuntimeError("ShardWriter closed twice")
-        assert self._tar is not None
-        self._tar.close()
-        with open(self.tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(self.tmp_path, self.path)
-        stats = self.stats() | (extra_stats or {})
-        _atomic_write_bytes(self.stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
+        assert self._tar is not None and self._file is not None
+        try:
+            self._tar.close()  # end-of-archive blocks
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp_path, self.path)
+            for name in self._attached:
+                os.replace(self.out_dir / f"{name}.tmp", self.out_dir / name)
+            stats = self.stats() | (extra_stats or {})
+            _atomic_write_bytes(self.stats_path, json.dumps(stats, indent=1, sort_keys=True).encode())
+        except BaseException:
+            self.abort(published=True)
+            raise
         self._closed = True
         return stats
 
-    def abort(self) -> None:
-        """Discard everything written so far."""
+    def abort(self, published: bool = False) -> None:
+        """Discard everything written so far (with `published`, also files already renamed). Never raises."""
         if self._tar is not None:
-            self._tar.close()
-        self.tmp_path.unlink(missing_ok=True)
+            self._tar.closed = True  # do not write end-of-archive blocks into a shard being thrown away
+        if self._file is not None:
+            try:
+                self._file.close()  # flushing may fail again (disk full): the first error is the one raised
+            except OSError as e:
+                log.debug("closing %s while aborting: %s", self.tmp_path, e)
+        tmps = [self.tmp_path, *(self.out_dir / f"{n}.tmp" for n in self._attached),
+                self.stats_path.with_name(self.stats_path.name + ".tmp")]
+        finals = [self.path, *(self.out_dir / n for n in self._attached), self.stats_path] if published else []
+        for path in tmps + finals:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("could not remove %s while aborting: %s", path, e)
         self._closed = True

@@ -23,13 +23,14 @@ import tarfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from mlcid import errors
 from mlcid.errors import SampleError
+from mlcid.schema import license_fields, sample_uid
 from mlcid.imageio import DEFAULT_MAX_PIXELS, decode_rgb, open_bounded
 from mlcid.shards import TailRecorder, open_url, split_member_name
 from pipelines.base import Item
@@ -50,6 +51,19 @@ def input_shard_id(url: str) -> int:
     return int(m.group(1))
 
 
+def plan_shard_ids(urls: list[str]) -> dict[int, str]:
+    """{shard id: url} for a run's inputs. Raises ValueError for a name without an id or two inputs with one id
+    (output shard id = input shard id, so they would overwrite each other)."""
+    by_id: dict[int, str] = {}
+    for url in urls:
+        sid = input_shard_id(url)
+        if sid in by_id:
+            raise ValueError(f"inputs {by_id[sid]!r} and {url!r} both have shard id {sid}; output shard id = "
+                             "input shard id, so one would overwrite the other — give each run unique shard ids")
+        by_id[sid] = url
+    return by_id
+
+
 @dataclass
 class RawRecord:
     """The members of one key: {suffix: bytes}."""
@@ -65,6 +79,7 @@ class Drop:
     key: str
     reason: str
     detail: str = ""
+    source: dict = field(default_factory=dict)  # provenance, when the record got that far (see `provenance`)
 
 
 @dataclass
@@ -180,24 +195,8 @@ def _text(data: bytes | None) -> str | None:
     return text or None
 
 
-def decode_record(record: RawRecord, opts: DecodeOptions) -> Item | Drop:
-    """One raw record → an `Item` (RGB, resized) or a `Drop` naming why not. Never raises for bad data."""
-    key = _safe_key(record.key)
-    suffix = next((s for s in IMAGE_SUFFIXES if s in record.members), None)
-    if suffix is None:
-        return Drop(key, MISSING_IMAGE, f"members: {', '.join(sorted(record.members))[:200]}")
-    data = record.members[suffix]
-    try:
-        w0, h0 = open_bounded(data, opts.max_pixels).size  # header only: refuses bombs before decoding
-        if min(w0, h0) < opts.min_side:
-            return Drop(key, TOO_SMALL, f"{w0}x{h0}, shorter side < {opts.min_side}")
-        rgb = decode_rgb(data, opts.max_pixels, exif_transpose=True)  # (H, W, 3) uint8
-    except SampleError as e:
-        return Drop(key, e.reason, e.detail)
-    h, w = rgb.shape[:2]
-    tw, th = output_size(w, h, opts.max_side)
-    if (tw, th) != (w, h):
-        rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS), dtype=np.uint8)
+def provenance(record: RawRecord, opts: DecodeOptions) -> dict:
+    """`source` fields known before the image is decoded: uid, url, original caption, licence fields, input ids."""
     meta: dict = {}
     if "json" in record.members:
         try:
@@ -208,15 +207,38 @@ def decode_record(record: RawRecord, opts: DecodeOptions) -> Item | Drop:
     caption = _text(record.members.get("txt"))
     if caption is None and isinstance(meta.get("caption"), str):
         caption = meta["caption"].strip() or None
-    source = {
-        "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
+    url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    return {
+        "uid": sample_uid(opts.shard_id, record.key, url),
+        "url": url,
         "caption": caption,
+        "license": license_fields(meta),
         "input_shard": opts.shard_id,
         "input_url": opts.shard_url,
         "input_key": record.key,
-        "original_size": [w, h],
-        "image_format": suffix,
     }
+
+
+def decode_record(record: RawRecord, opts: DecodeOptions) -> Item | Drop:
+    """One raw record → an `Item` (RGB, resized) or a `Drop` naming why not. Never raises for bad data."""
+    key = _safe_key(record.key)
+    source = provenance(record, opts)
+    suffix = next((s for s in IMAGE_SUFFIXES if s in record.members), None)
+    if suffix is None:
+        return Drop(key, MISSING_IMAGE, f"members: {', '.join(sorted(record.members))[:200]}", source)
+    data = record.members[suffix]
+    try:
+        w0, h0 = open_bounded(data, opts.max_pixels).size  # header only: refuses bombs before decoding
+        if min(w0, h0) < opts.min_side:
+            return Drop(key, TOO_SMALL, f"{w0}x{h0}, shorter side < {opts.min_side}", source)
+        rgb = decode_rgb(data, opts.max_pixels, exif_transpose=True)  # (H, W, 3) uint8
+    except SampleError as e:
+        return Drop(key, e.reason, e.detail, source)
+    h, w = rgb.shape[:2]
+    tw, th = output_size(w, h, opts.max_side)
+    if (tw, th) != (w, h):
+        rgb = np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.LANCZOS), dtype=np.uint8)
+    source.update(original_size=[w, h], image_format=suffix)
     rgb = rgb if rgb.flags.writeable and rgb.flags.c_contiguous else np.array(rgb, order="C")  # own the buffer
     return Item(key=key, image=rgb, source=source)
 

@@ -1,14 +1,17 @@
 """`ShardProcessor`: one img2dataset shard in → one MLCID shard + per-sample outcomes out (plain Python, no Ray).
 
-`setup()` builds and sets up every configured stage once; `process(input_url, out_dir)` then:
+`setup()` builds and sets up every configured stage once; `process(input_url, out)` then:
   1. skips the shard if its stats file exists (resume) — returns the stored stats with `skipped: True`;
   2. streams the input tar, decoding chunks of `chunk_size` on a thread pool (the next chunk decodes while
      the stages run on the current one);
-  3. runs the stages in DESIGN.md order on each chunk; a stage raising on a whole chunk is retried item by
-     item and the items that still fail are dropped with reason `stage_error:<kind>`;
+  3. runs the stages in DESIGN.md order on each chunk, classifying failures (`pipelines.faults`): a device
+     fault, an out-of-memory on a single item, a stage failing every item of a batch, or a stage-error share
+     over the `FaultPolicy` budget FAILS the shard (it raises; nothing is published); an out-of-memory halves
+     the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
   4. hands finished items to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
-  5. writes `{prefix}-{id:06d}.parquet` (per-sample outcomes) atomically, then closes the shard: tar renamed
-     into place, stats file LAST. Any exception leaves no visible shard and no stats.
+  5. closes the shard: tar and `{prefix}-{id:06d}.parquet` (per-sample outcomes and provenance) renamed into
+     place, stats file LAST; for an fsspec `out` (s3://…) this happens in a local staging folder and the three
+     files are then uploaded in that order. Any exception leaves no visible shard and no stats.
 Every input key is counted exactly once (written or dropped with its reason): `read == written + sum(dropped)`.
 The processor holds no global state, so a Ray actor can own one and call `process` repeatedly.
 """
@@ -18,24 +21,24 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
-import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from mlcid.errors import SampleError
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
-from mlcid.writer import ShardWriter, is_complete, read_stats
+from mlcid.storage import ShardStore
+from mlcid.writer import ShardWriter, read_stats, stats_name
 from pipelines.base import Item, Stage, alive, prompt_source_keys, prompt_sources
 from pipelines.config import STAGE_ORDER, PipelineConfig, make_stage
+from pipelines.faults import (STAGE_ERROR_PREFIX, DeviceFault, FaultPolicy, ShardFault, StageFault, describe,
+                              free_device_memory, is_device_fault, is_oom)
+from pipelines.outcomes import outcome_row, outcomes_parquet
 from pipelines.inputs import DecodeOptions, Drop, RawRecord, ReadStats, decode_record, input_shard_id, iter_raw_records
 
 log = logging.getLogger(__name__)
@@ -89,8 +92,10 @@ def _versions() -> dict[str, str]:
 class ShardProcessor:
     """Build the configured stages once, then turn input shards into MLCID shards with `process`."""
 
-    def __init__(self, config: PipelineConfig) -> None:
+    def __init__(self, config: PipelineConfig, faults: FaultPolicy | None = None) -> None:
         self.config = config
+        self.faults = faults or FaultPolicy()
+        self.batch_caps: dict[str, int] = {}  # kind → largest batch that fit after an out-of-memory
         self.stages: list[tuple[str, Stage]] = []
         self.pipeline_meta: dict[str, Any] = {}
 
@@ -126,23 +131,64 @@ class ShardProcessor:
         return self
 
     # -- one chunk ------------------------------------------------------------------------------------------
-    @staticmethod
-    def run_stage(kind: str, stage: Stage, items: list[Item]) -> None:
-        """Run `stage` on `items`; if it raises, retry one by one and drop the failures as `stage_error:<kind>`."""
+    def _call(self, kind: str, stage: Stage, items: list[Item]) -> None:
+        """`stage(items)` in slices of at most the kind's batch cap; an OOM halves the cap and retries the slice.
+
+        Raises `StageFault` when one item alone runs out of memory; other exceptions propagate unchanged.
+        """
+        cap = self.batch_caps.get(kind) or len(items)
+        start = 0
+        while start < len(items):
+            part = items[start:start + cap]
+            try:
+                stage(part)
+            except Exception as e:  # noqa: BLE001 — classified below
+                if not (self.faults.halve_on_oom and is_oom(e)):
+                    raise
+                for it in part:  # undo drops the failed call made
+                    it.drop_reason, it.drop_detail = None, ""
+                free_device_memory()
+                if len(part) == 1:
+                    raise StageFault(f"stage {kind} ran out of memory on a single item ({describe(e)})") from e
+                cap = max(1, len(part) // 2)
+                self.batch_caps[kind] = cap
+                log.warning("stage %s ran out of memory on a batch of %d; retrying in batches of %d",
+                            kind, len(part), cap)
+                continue
+            start += len(part)
+
+    def run_stage(self, kind: str, stage: Stage, items: list[Item]) -> None:
+        """Run `stage` on `items`, classifying failures (see `pipelines.faults`).
+
+        Device faults and whole-batch failures raise (the shard fails); other errors are retried item by item and
+        the items that still fail are dropped as `stage_error:<kind>`.
+        """
         try:
-            stage(items)
+            self._call(kind, stage, items)
             return
-        except Exception as e:  # noqa: BLE001 — one bad batch must not stop the shard
-            log.warning("stage %s failed on a batch of %d (%s: %s); retrying one by one",
-                        kind, len(items), type(e).__name__, e)
+        except ShardFault:
+            raise
+        except Exception as e:  # noqa: BLE001 — classified: a device fault fails the shard, the rest is retried
+            if is_device_fault(e):
+                raise DeviceFault(f"stage {kind} hit a device fault: {describe(e)}") from e
+            log.warning("stage %s failed on a batch of %d (%s); retrying one by one", kind, len(items), describe(e))
+        first_error: BaseException | None = None
         for it in items:  # undo drops made by the failed batch call, then retry alone
             it.drop_reason, it.drop_detail = None, ""
             try:
-                stage([it])
+                self._call(kind, stage, [it])
+            except ShardFault:
+                raise
             except Exception as e:  # noqa: BLE001
+                if is_device_fault(e):
+                    raise DeviceFault(f"stage {kind} hit a device fault: {describe(e)}") from e
+                first_error = first_error or e
                 it.drop_reason, it.drop_detail = None, ""
-                it.drop(f"stage_error:{kind}", f"{type(e).__name__}: {e}"[:500])
-                log.warning("stage %s dropped %s: %s: %s", kind, it.key, type(e).__name__, e)
+                it.drop(f"{STAGE_ERROR_PREFIX}{kind}", describe(e))
+                log.warning("stage %s dropped %s: %s", kind, it.key, describe(e))
+        if len(items) > 1 and all(it.drop_reason == f"{STAGE_ERROR_PREFIX}{kind}" for it in items):
+            raise StageFault(f"stage {kind} failed on every item of a batch of {len(items)}, one by one too: "
+                             f"{describe(first_error)}") from first_error
 
     def run_stages(self, items: list[Item], seconds: Counter[str]) -> None:
         """All stages in order on the alive items; per-stage seconds summed in `seconds` and split per item."""
@@ -191,7 +237,7 @@ class ShardProcessor:
         `seconds` is this thread's own counter (write and summed per-item decode seconds).
         """
         for res in results:
-            row: dict[str, Any] = {"key": res.key, "kept": False, "reason": None, "detail": "", "num_layers": 0}
+            row = outcome_row(res)
             if isinstance(res, Drop):
                 writer.drop(res.reason)
                 row.update(reason=res.reason, detail=res.detail)
@@ -221,16 +267,37 @@ class ShardProcessor:
             rows.append(row)
 
     # -- one shard ------------------------------------------------------------------------------------------
-    def process(self, input_url: str, out_dir: str, on_progress: Callable[[int], None] | None = None
-                ) -> dict[str, Any]:
-        """Turn one input shard into `{prefix}-{id:06d}.tar` (+ .parquet, + _stats.json last); return the stats."""
+    def process(self, input_url: str, out_dir: str, on_progress: Callable[[int], None] | None = None,
+                before_publish: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Turn one input shard into `{prefix}-{id:06d}.tar` (+ .parquet, + _stats.json last); return the stats.
+
+        `out_dir` is a local folder or an fsspec URL: a remote shard is built in a local staging folder and then
+        uploaded (tar, outcomes, stats last). `before_publish()` runs just before anything becomes visible and
+        may raise to stop it (the Ray actor checks that it still holds the shard's lease).
+        """
         if not self.stages:
             raise RuntimeError("ShardProcessor.setup() must be called before process()")
         cfg = self.config
         shard_id = input_shard_id(input_url)
-        if is_complete(out_dir, shard_id, cfg.prefix):
+        store = ShardStore(out_dir)
+        if store.exists(stats_name(shard_id, cfg.prefix)):
             log.info("shard %06d already complete in %s; skipping", shard_id, out_dir)
             return read_stats(out_dir, shard_id, cfg.prefix) | {"skipped": True}
+        if store.local:
+            return self._build(input_url, shard_id, store.local_dir(), on_progress, before_publish)
+        with tempfile.TemporaryDirectory(prefix=f"mlcid-{shard_id:06d}-") as staging:  # $TMPDIR
+            names: list[str] = []
+            stats = self._build(input_url, shard_id, staging, on_progress, None, names)
+            if before_publish is not None:
+                before_publish()
+            store.publish(staging, names)  # the tar, the outcomes, the stats file last
+        log.info("shard %06d uploaded to %s", shard_id, store.uri(names[0]))
+        return stats
+
+    def _build(self, input_url: str, shard_id: int, out_dir: str, on_progress: Callable[[int], None] | None,
+               before_publish: Callable[[], None] | None, published: list[str] | None = None) -> dict[str, Any]:
+        """Build the shard in the local folder `out_dir`; `published` receives the file names (stats last)."""
+        cfg = self.config
         opts = DecodeOptions(cfg.max_side, cfg.min_side, cfg.max_pixels, input_url, shard_id)
         self.prompt_counts: Counter[str] = Counter()  # written samples by prompt source (caption fallbacks)
         read = ReadStats()
@@ -278,10 +345,13 @@ class ShardProcessor:
             if writer.written + sum(writer.dropped.values()) != len(rows):
                 raise RuntimeError(f"bookkeeping bug: {len(rows)} outcomes but writer counted "
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")
-            # 4. Per-sample outcomes (atomic), then the shard and its stats file (last).
-            self._write_outcomes(Path(out_dir) / outcomes_name(shard_id, cfg.prefix), rows)
+            self._check_error_budget(rows)
+            # 4. Per-sample outcomes beside the tar; both are published when the tar is closed, stats last.
+            writer.attach(outcomes_name(shard_id, cfg.prefix), outcomes_parquet(rows, self.stage_columns()))
             for name, secs in (seconds + io_seconds).items():
                 writer.add_timing(name, secs)
+            if before_publish is not None:
+                before_publish()
             stats = writer.close({
                 "input_url": input_url, "preset": cfg.preset, "outcomes": outcomes_name(shard_id, cfg.prefix),
                 "late_members": read.late_members, "input_truncated": read.truncated, "skipped": False,
@@ -290,21 +360,21 @@ class ShardProcessor:
         except BaseException:
             writer.abort()
             raise
+        if published is not None:
+            published[:] = writer.names
         log.info("shard %06d: read %d, written %d, dropped %s", shard_id, stats["read"], stats["written"],
                  stats["dropped"])
         return stats
 
-    def _write_outcomes(self, path: Path, rows: list[dict[str, Any]]) -> None:
-        """One parquet row per input key: key, kept, reason, detail, num_layers, seconds_<stage>…"""
-        cols = ["decode", *[k for k, _ in self.stages], "write"]
-        table = pa.table({
-            "key": pa.array([r["key"] for r in rows], pa.string()),
-            "kept": pa.array([r["kept"] for r in rows], pa.bool_()),
-            "reason": pa.array([r["reason"] for r in rows], pa.string()),
-            "detail": pa.array([r["detail"] for r in rows], pa.string()),
-            "num_layers": pa.array([r["num_layers"] for r in rows], pa.int8()),
-            **{f"seconds_{c}": pa.array([r.get(f"seconds_{c}") for r in rows], pa.float32()) for c in cols},
-        })
-        tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+    def _check_error_budget(self, rows: list[dict[str, Any]]) -> None:
+        """Fail the shard (`StageFault`) when more of its items hit stage errors than `FaultPolicy` allows."""
+        errors = Counter(r["reason"] for r in rows if (r["reason"] or "").startswith(STAGE_ERROR_PREFIX))
+        total = sum(errors.values())
+        if self.faults.over_budget(total, len(rows)):
+            raise StageFault(f"{total} of {len(rows)} items hit stage errors ({dict(errors)}), more than the "
+                             f"{self.faults.max_stage_error_frac:.0%} budget; first: "
+                             f"{next(r['detail'] for r in rows if (r['reason'] or '').startswith(STAGE_ERROR_PREFIX))}")
+
+    def stage_columns(self) -> list[str]:
+        """Timing columns of the outcomes table: decode, each stage, write."""
+        return ["decode", *[k for k, _ in self.stages], "write"]

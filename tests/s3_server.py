@@ -1,10 +1,6 @@
-"""A real S3-compatible server on 127.0.0.1 for tests (moto's server mode), configured through the AWS_* variables.
+"""A real S3-compatible server for tests: moto's server mode on 127.0.0.1, reached through the standard AWS env.
 
-    from tests.s3_server import s3_server  # noqa: F401  (pytest finds the fixture by name)
-
-`s3_server` is session-scoped: it starts `moto.server.ThreadedMotoServer` on a free port, sets AWS_ENDPOINT_URL,
-AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION (so s3fs, boto3 and child processes find it with
-no custom plumbing) and yields the endpoint URL. `s3_bucket(name)` creates a bucket on it.
+Import the fixture where it is needed: `from tests.s3_server import s3_server  # noqa: F401`.
 """
 
 from __future__ import annotations
@@ -12,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 
-ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+       "AWS_SESSION_TOKEN": "testing"}
 
 
 def _free_port() -> int:
@@ -25,17 +23,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """Endpoint URL of a moto S3 server on 127.0.0.1 (AWS_* variables set for this process and its children)."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in the test log
+def s3_server() -> Iterator[str]:
+    """Start moto's S3 server on a free 127.0.0.1 port, point AWS_ENDPOINT_URL and credentials at it; yield the URL."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in (*ENV, "AWS_ENDPOINT_URL")}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=endpoint)
+    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(ENV | {"AWS_ENDPOINT_URL": endpoint})
     try:
         yield endpoint
     finally:
@@ -45,15 +43,3 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def s3_bucket(name: str) -> str:
-    """Create bucket `name` on the running server (idempotent); returns `s3://name`."""
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    try:
-        client.create_bucket(Bucket=name)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
-    return f"s3://{name}"

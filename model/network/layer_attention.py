@@ -28,6 +28,10 @@ from einops import rearrange, repeat
 from torch import nn
 
 LAYER_CONTEXT_KEY = "layer_context"
+# Inter-layer attention computes its L×L scores by broadcasting while B·L·L·N·C (the largest product it forms)
+# stays below this (≈ 8 MB of float32, cache-sized); larger maps use one SDPA call. Same math either way (tested
+# to 1e-5); set it to 0 to always use SDPA.
+BROADCAST_MAX_ELEMENTS = 2**21
 
 
 @dataclass(frozen=True)
@@ -132,18 +136,11 @@ class LayerCollaborativeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         """hidden_states (B·L, N, C) → (B·L, N, C)."""
-        L = ctx.num_layers
-        n_tokens = hidden_states.shape[1]
-
         # 1. inter-layer attention: each spatial position attends across the L layers of its sample
-        x = rearrange(self.norm_inter(hidden_states), "(b l) n c -> (b n) l c", l=L)
-        if self.layer_pos is not None:
-            x = x + self.layer_pos[:L].to(x.dtype)
-        key_mask = None
-        if ctx.layer_valid is not None:
-            key_mask = repeat(ctx.layer_valid, "b l -> (b n) l", n=n_tokens)  # (B·N, L)
-        x = self.inter_attn(x, key_mask=key_mask)  # (B·N, L, C)
-        hidden_states = hidden_states + rearrange(x, "(b n) l c -> (b l) n c", n=n_tokens)
+        x = self.norm_inter(hidden_states)
+        small = x.shape[0] * ctx.num_layers * x.shape[1] * x.shape[2] <= BROADCAST_MAX_ELEMENTS
+        inter = self._inter_layer_broadcast if small else self._inter_layer_sdpa
+        hidden_states = hidden_states + inter(x, ctx)
 
         # 2. text-guided intra-layer attention: each layer's tokens attend to that layer's prompt
         text = ctx.layer_text.to(hidden_states.dtype)  # (B·L, T, D)
@@ -151,6 +148,38 @@ class LayerCollaborativeBlock(nn.Module):
 
         # 3. FFN
         return hidden_states + self.ff(self.norm_ff(hidden_states))
+
+
+    def _with_layer_position(self, x: torch.Tensor, L: int) -> torch.Tensor:
+        """x (B, L, N, C) plus the layer-index embedding of each layer."""
+        return x if self.layer_pos is None else x + self.layer_pos[:L, None].to(x.dtype)
+
+    def _inter_layer_sdpa(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """Inter-layer attention as one SDPA call with every (sample, position) a batch item of L tokens:
+        normed x (B·L, N, C) → (B·L, N, C)."""
+        L, n_tokens = ctx.num_layers, x.shape[1]
+        x = self._with_layer_position(rearrange(x, "(b l) n c -> b l n c", l=L), L)
+        x = rearrange(x, "b l n c -> (b n) l c")  # (B·N, L, C)
+        key_mask = None
+        if ctx.layer_valid is not None:
+            key_mask = repeat(ctx.layer_valid, "b l -> (b n) l", n=n_tokens)  # (B·N, L)
+        x = self.inter_attn(x, key_mask=key_mask)  # (B·N, L, C)
+        return rearrange(x, "(b n) l c -> (b l) n c", n=n_tokens)
+
+    def _inter_layer_broadcast(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        """The same attention for small maps, in the UNet's own (B, L, N) layout: projections without any
+        transpose, the L×L scores and the weighted sum as broadcast products (L ≤ max_layers is tiny, where SDPA
+        pays per (position, head) for sequences of 2–4 tokens). normed x (B·L, N, C) → (B·L, N, C)."""
+        attn, L = self.inter_attn, ctx.num_layers
+        BL, N, C = x.shape
+        x = self._with_layer_position(x.view(BL // L, L, N, C), L)  # (B, L, N, C)
+        q, k, v = (proj(x).view(BL // L, L, N, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        scores = (q[:, :, None] * k[:, None]).sum(-1) * q.shape[-1] ** -0.5  # (B, L query, M key, N, H)
+        if ctx.layer_valid is not None:
+            scores = scores.masked_fill(~ctx.layer_valid[:, None, :, None, None], float("-inf"))
+        weights = scores.float().softmax(dim=2).to(v.dtype)  # over the key layers
+        out = (weights[..., None] * v[:, None]).sum(2)  # (B, L, N, H, d)
+        return attn.to_out(out.reshape(BL, N, C))
 
 
 class LayerCollabTransformerBlock(nn.Module):

@@ -30,16 +30,40 @@ from model.network.layer_attention import (
 )
 from model.network.prompt_enhancer import LayerPromptEnhancer
 
-# UNet2DConditionModel options the explicit SD-1.x forward below does not implement: name → allowed value.
+# Every UNet2DConditionModel constructor option falls in one of three groups (a test checks the union is all of
+# them, so a new diffusers option has to be classified here before LayerDiffUNet accepts a config):
+# 1. options the explicit forward below implements as diffusers' forward does (parity-tested, tests/model/test_unet.py)
+SUPPORTED_UNET_OPTIONS = frozenset({
+    "sample_size", "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "only_cross_attention",
+    "block_out_channels", "layers_per_block", "downsample_padding", "mid_block_scale_factor", "dropout", "act_fn",
+    "norm_num_groups", "norm_eps", "cross_attention_dim", "transformer_layers_per_block",
+    "reverse_transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
+    "upcast_attention", "resnet_time_scale_shift", "time_embedding_type", "time_embedding_dim",
+    "time_embedding_act_fn", "timestep_post_act", "conv_in_kernel", "conv_out_kernel", "cross_attention_norm",
+    "mid_block_only_cross_attention",
+    "resnet_skip_time_act", "resnet_out_scale_factor",  # read only by the Simple*/Resnet* blocks refused in 3.
+})
+# 2. options it does not implement (extra embeddings or inputs the forward never computes): name → the only value
 _UNSUPPORTED = {
+    "center_input_sample": False,
     "class_embed_type": None,
     "num_class_embeds": None,
+    "class_embeddings_concat": False,
+    "projection_class_embeddings_input_dim": None,
     "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "addition_embed_type_num_heads": 64,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_cond_proj_dim": None,
-    "timestep_post_act": None,
-    "center_input_sample": False,
+    "dual_cross_attention": False,
+    "attention_type": "default",
+}
+# 3. block types: only those whose transformer blocks are SD's BasicTransformerBlocks (a collab block follows each)
+_BLOCK_TYPES = {
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
 }
 _WRAPPED_KEY = re.compile(r"(transformer_blocks\.\d+)\.")
 # Weights live in `diffusion_pytorch_model.layerdiff.safetensors` (diffusers' variant naming), so a plain
@@ -60,8 +84,15 @@ def _clean_unet_config(unet_config: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of an SD UNet config (drops diffusers' private `_…` keys), checked for SD-1.x."""
     cfg = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
     bad = {k: cfg[k] for k, allowed in _UNSUPPORTED.items() if cfg.get(k, allowed) != allowed}
-    if bad:
-        raise ValueError(f"LayerDiffUNet supports SD-1.x-style UNets only; unsupported UNet options: {bad}")
+    unknown = sorted(set(cfg) - SUPPORTED_UNET_OPTIONS - set(_UNSUPPORTED) - set(_BLOCK_TYPES))
+    if bad or unknown:
+        raise ValueError(f"LayerDiffUNet supports SD-1.x-style UNets only; unsupported UNet options: {bad}"
+                         + (f", unknown options: {unknown}" if unknown else ""))
+    for key, allowed in _BLOCK_TYPES.items():
+        values = cfg[key] if isinstance(cfg.get(key), (list, tuple)) else [cfg.get(key, allowed[0])]
+        wrong = [v for v in values if v not in allowed]
+        if wrong:
+            raise ValueError(f"LayerDiffUNet supports {key} in {allowed} only; got {wrong}")
     if cfg.get("in_channels", 4) != cfg.get("out_channels", 4):
         raise ValueError(
             f"the SD UNet must predict noise for its own input latent: in_channels={cfg.get('in_channels')} "
@@ -234,6 +265,10 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
                 layer_valid = None  # all valid: skip masking (faster attention kernels)
         return timesteps, layer_valid
 
+    # The forward is diffusers' UNet2DConditionModel.forward for the options in SUPPORTED_UNET_OPTIONS (the ones in
+    # _UNSUPPORTED are refused at construction), with the mask branch added at conv_in/conv_out and the layer
+    # context passed down in cross_attention_kwargs. tests/model/test_unet.py proves it against diffusers' own
+    # forward on the same weights, including the full SD 1.5 geometry (slow test).
     def forward(
         self,
         sample: torch.Tensor,
@@ -261,7 +296,9 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         # 3. time embedding, one timestep per layer
         x = rearrange(sample, "b l c h w -> (b l) c h w")  # (B·L, 8, h, w)
         t_emb = unet.get_time_embed(sample=x, timestep=rearrange(timesteps, "b l -> (b l)"))
-        emb = unet.time_embedding(t_emb)  # (B·L, E)
+        emb = unet.time_embedding(t_emb)  # (B·L, E); applies `timestep_post_act` itself
+        if unet.time_embed_act is not None:  # `time_embedding_act_fn`
+            emb = unet.time_embed_act(emb)
 
         # 4. conv_in on the image latent + gated conv_in_mask on the mask latent
         h = unet.conv_in(x[:, :c]) + self.mask_scale.to(x.dtype) * self.conv_in_mask(x[:, c:])  # (B·L, C0, h, w)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ ALLOWED_LIBRARIES = {"unet": ("model.network.unet",), "vae": ("diffusers",), "te
                      "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
 OUTPUT_TYPES = ("pil", "np", "latent")
 SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latents"}  # mode → degrader method
+# Tensors `callback_on_step_end` may ask for (diffusers' `callback_on_step_end_tensor_inputs`), all (B, L, 8, h, w):
+# "latents" x_{t-1} after the step (and after any x0 replacement), "noise_pred" the guided ε the scheduler stepped
+# with, "pred_original_sample" the scheduler's x̂_0 before any replacement.
+CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred", "pred_original_sample")
 
 
 class _StoreAttentionProcessor:
@@ -81,7 +86,9 @@ class LayerDiffPipeline(DiffusionPipeline):
         if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(f"LayerDiff predicts ε; scheduler prediction_type is {scheduler.config.prediction_type!r}")
         if not isinstance(scheduler, DDIMScheduler):  # §5.2 samples with DDIM; the x0 replacement assumes it
-            log.info("using DDIMScheduler with the config of the given %s", type(scheduler).__name__)
+            warnings.warn(f"LayerDiffPipeline samples with DDIM (paper §5.2; the layer editing's x0 replacement is "
+                          f"DDIM's Eq. 12): the given {type(scheduler).__name__} is replaced by a DDIMScheduler "
+                          "with its config", UserWarning, stacklevel=2)
             scheduler = DDIMScheduler.from_config(scheduler.config)
         self.register_modules(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
@@ -203,7 +210,8 @@ class LayerDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                      smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
-                     latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1) -> None:
+                     latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1,
+                     callback_tensor_inputs=("latents",), smg_start=0.0, smg_end=1.0) -> None:
         """Raise ValueError naming the first bad argument (before any model runs)."""
         if not isinstance(global_prompt, str) or not global_prompt.strip():
             raise ValueError(f"global_prompt must be a non-empty string describing the whole image (an empty one is "
@@ -239,6 +247,11 @@ class LayerDiffPipeline(DiffusionPipeline):
             raise ValueError(f"strength {strength} leaves no denoising step out of {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if not 0.0 <= float(smg_start) < float(smg_end) <= 1.0:
+            raise ValueError(f"need 0 <= smg_start < smg_end <= 1 (fractions of the steps), got {smg_start}, {smg_end}")
+        if any(n not in CALLBACK_TENSOR_INPUTS for n in callback_tensor_inputs):
+            raise ValueError(f"callback_on_step_end_tensor_inputs must name some of {CALLBACK_TENSOR_INPUTS}, "
+                             f"got {callback_tensor_inputs!r}")
         shape = (num_images, L, 2 * self.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is not None and tuple(latents.shape) != shape:
@@ -316,6 +329,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         smg_kernel: int = G.SMG_KERNEL,
         smg_sigma: float = G.SMG_SIGMA,
         smg_mask_interval: int = 1,
+        smg_start: float = 0.0,
+        smg_end: float = 1.0,
         negative_prompt: str | None = None,
         negative_layer_prompts: list[str] | None = None,
         height: int | None = None,
@@ -331,6 +346,7 @@ class LayerDiffPipeline(DiffusionPipeline):
         return_intermediates: bool = False,
         intermediate_every: int = 5,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         return_dict: bool = True,
     ) -> LayerDiffPipelineOutput | tuple:
         """Sample `num_images` layered images.
@@ -338,17 +354,20 @@ class LayerDiffPipeline(DiffusionPipeline):
         layer_prompts[0] is the background ("the background"), then foregrounds back→front. Guidance: CFG with
         the paper's negatives (override with `negative_prompt` / `negative_layer_prompts`), plus self-mask
         guidance ("cfg+smg", blur `smg_blur_side` of each layer's predicted mask; masks re-decoded every
-        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`. `latents` (B, L, 8, h, w) are
+        `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`, on the steps i with smg_start <=
+        i / steps < smg_end (default all, as the paper; a window trades quality for speed, see BENCHMARKS.md). `latents` (B, L, 8, h, w) are
         the start at the first kept timestep (`strength` < 1: SDEdit); `keep` pins known layers' x0
-        (applications). `max_batch` caps samples per UNet call. `callback_on_step_end(pipe, step, t,
-        {"latents": …})` may return {"latents": …} to replace them.
+        (applications). `max_batch` caps samples per UNet call. After every step `callback_on_step_end(pipe,
+        step, t, {name: tensor})` gets the `callback_on_step_end_tensor_inputs` (`CALLBACK_TENSOR_INPUTS`) and
+        may return {"latents": …} to replace them.
         """
         # 1. Check inputs (nothing has run yet).
         height = height or self.default_size
         width = width or self.default_size
         self.check_inputs(global_prompt, layer_prompts, num_inference_steps, guidance_scale, smg_scale, guidance,
                           smg_blur_side, smg_kernel, smg_sigma, height, width, num_images, strength, output_type,
-                          latents, smg_mask_interval, max_batch, eta, intermediate_every)
+                          latents, smg_mask_interval, max_batch, eta, intermediate_every,
+                          tuple(callback_on_step_end_tensor_inputs), smg_start, smg_end)
         neg_global, neg_layers = paper_negatives(list(layer_prompts))
         neg_global = neg_global if negative_prompt is None else negative_prompt
         neg_layers = neg_layers if negative_layer_prompts is None else list(negative_layer_prompts)
@@ -400,7 +419,7 @@ class LayerDiffPipeline(DiffusionPipeline):
                     eps_cond, base_eps = eps_all[:B], eps_all[-B:]
                     eps = G.cfg(base_eps, eps_cond, guidance_scale) if do_cfg else eps_cond
                     # 5b. self-guidance: degraded latents through the base branch, pushed away from
-                    if degrade is not None:
+                    if degrade is not None and smg_start <= i / len(timesteps) < smg_end:
                         x_deg = degrade(latents, eps, base_eps, alpha, i, state, opts)
                         eps_deg = self._predict(x_deg, t, base_g, base_l, max_batch)
                         eps = torch.cat([G.smg_combine(eps[:, :, :c], base_eps[:, :, :c], eps_deg[:, :, :c],
@@ -418,7 +437,9 @@ class LayerDiffPipeline(DiffusionPipeline):
                     if return_intermediates and (i % intermediate_every == 0 or i == len(timesteps) - 1):
                         intermediates.append(self._preview(i, int(t), out.pred_original_sample, max_batch))
                     if callback_on_step_end is not None:
-                        result = callback_on_step_end(self, i, int(t), {"latents": latents}) or {}
+                        named = {"latents": latents, "noise_pred": eps, "pred_original_sample": out.pred_original_sample}
+                        result = callback_on_step_end(self, i, int(t), {n: named[n] for n in
+                                                                         callback_on_step_end_tensor_inputs}) or {}
                         latents = result.get("latents", latents)
                     progress.update()
         finally:

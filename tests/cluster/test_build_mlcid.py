@@ -32,7 +32,7 @@ CONFIGS = REPO / "cluster" / "configs"
 
 
 # -- the CLI on real shards -----------------------------------------------------------------------------------
-def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_path):
+def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_path, capfd):
     import ray
     write_dataset(tmp_path / "raw", tmp_path / "gt", samples=8, seed=5, shards=2, config=SceneConfig(size=64),
                   progress=False)
@@ -44,6 +44,9 @@ def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_p
 
     # 1. Two good shards and one that cannot be read (no retries): exit 1, the failure is in the summary.
     assert build_mlcid.main(["--shards", good, missing, "--max-retries", "0", *common]) == 1
+    printed = capfd.readouterr()
+    assert f"| {missing} | 1 | SampleError: unreadable_shard" in printed.out  # the summary names it
+    assert "Traceback" not in printed.out + printed.err
     s = json.loads(summary.read_text())
     assert s["shards_total"] == 3 and s["shards_processed"] == 2 and s["shards_failed"] == 1
     assert s["failed"][0]["url"] == missing and s["failed"][0]["attempts"] == 1
@@ -73,8 +76,8 @@ def test_help_and_bad_arguments(tmp_path, capsys):
         parse_args(["--help"])
     assert e.value.code == 0
     assert "--workers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="shared-filesystem"):
-        build_mlcid.main(["--shards", str(tmp_path / "00000.tar"), "--out", "s3://bucket/mlcid", "--preset", "tiny"])
+    with pytest.raises(SystemExit, match="not found"):  # a wrong input folder says so (not "cannot read an id")
+        build_mlcid.main(["--shards", str(tmp_path / "no-such-folder"), "--out", str(tmp_path), "--preset", "tiny"])
     with pytest.raises(SystemExit, match="both have shard id 1"):
         build_mlcid.main(["--shards", "a/00001.tar", "b/00001.tar", "--out", str(tmp_path), "--preset", "tiny"])
 

@@ -14,6 +14,7 @@ import sys
 import tarfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from mlcid.synthetic import SceneConfig, write_dataset
 from mlcid.writer import read_stats
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor
+from tests.s3_server import s3_server  # noqa: F401 — fixture
 
 REPO = Path(__file__).resolve().parents[2]
 SHARDS = 3
@@ -76,7 +78,7 @@ def data(tmp_path_factory, tiny_models) -> dict[str, Path]:
     return {"raw": root / "raw", "ref": root / "ref", "root": root}
 
 
-def driver_cmd(raw: Path, out: Path, summary: Path, *extra: str) -> list[str]:
+def driver_cmd(raw: Path, out: Path | str, summary: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cluster.build_mlcid", "--shards", str(raw / f"{{00000..{SHARDS - 1:05d}}}.tar"),
             "--out", str(out), "--preset", "tiny", "--max-side", str(MAX_SIDE), "--workers", "1",
             "--num-cpus", "2", "--no-progress", "--log-level", "WARNING", "--summary-json", str(summary), *extra]
@@ -219,3 +221,45 @@ def test_repeated_driver_kills_at_various_moments(data, tmp_path, delays):
             proc.wait()
     run_to_end(cmd)
     assert_clean_and_equal(out, data["ref"])
+
+
+@pytest.mark.slow  # ~2 min on a loaded 2-core machine: two driver starts with Ray
+def test_sigkill_driver_writing_to_s3_then_resume_validates(data, tmp_path, s3_server):
+    """--out s3://…: SIGKILL the driver while a shard holds its lease, re-run, and `mlcid.validate s3://…` passes."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    bucket = f"kill-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    out = f"s3://{bucket}/run/mlcid"
+    summary = tmp_path / "summary.json"
+    cmd = driver_cmd(data["raw"], out, summary)  # type: ignore[arg-type]
+
+    def leased() -> bool:  # a worker holds a shard's lease: it is building that shard right now
+        fs.invalidate_cache()
+        return bool(fs.find(f"{bucket}/run/mlcid/.leases"))
+
+    # 1. Kill the driver (-9) while a shard is being built (its lease object exists).
+    with driver(cmd) as proc:
+        wait_for(leased, 300, "a shard lease on S3", proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fs.invalidate_cache()
+    done_before = len(fs.glob(f"{bucket}/run/mlcid/*_stats.json"))
+    assert done_before < SHARDS, "the run finished before it could be killed"
+    # 2. Re-run to the end: it resumes from the remote listing and writes the same keys.
+    run_to_end(cmd)
+    s = json.loads(summary.read_text())
+    assert s["shards_failed"] == 0 and s["shards_skipped"] >= done_before
+    local = tmp_path / "downloaded"
+    local.mkdir()
+    fs.invalidate_cache()  # this process listed the prefix before the re-run wrote to it
+    for name in fs.ls(f"{bucket}/run/mlcid", detail=False):
+        if not name.endswith("/.leases") and fs.isfile(name):
+            fs.get_file(name, str(local / name.rsplit("/", 1)[-1]))
+    assert_clean_and_equal(local, data["ref"])
+    # 3. The validator reads the prefix straight from S3.
+    check = subprocess.run([sys.executable, "-m", "mlcid.validate", out], cwd=REPO, env=driver_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("OK   s3://") == SHARDS

@@ -10,6 +10,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import psutil
@@ -21,7 +22,7 @@ from mlcid.writer import read_stats, shard_name, stats_name
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor
 
-from cluster.pool import PoolConfig, PoolError, ShardOutcome, ShardPool, ShardTask, shard_lock
+from cluster.pool import PoolConfig, PoolError, ShardOutcome, ShardPool, ShardTask, _RunState, _Slot, PoolReport
 
 
 
@@ -91,31 +92,6 @@ def test_duplicate_task_keys_are_refused(make_processor, tmp_path):
         pool.run([ShardTask("mlcid-000001", "a/00001.tar"), ShardTask("mlcid-000001", "b/00001.tar")])
 
 
-def test_shard_lock_waits_for_holder_and_is_freed_when_it_is_killed(tmp_path):
-    lock = tmp_path / ".locks" / "mlcid-000000.lock"
-    lock.parent.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        t0 = time.perf_counter()
-        with pytest.raises(TimeoutError, match="still held"):
-            with shard_lock(lock, timeout_s=0.5):
-                pass
-        assert time.perf_counter() - t0 >= 0.5
-        os.kill(holder.pid, signal.SIGKILL)  # the kernel releases a dead holder's lock
-        holder.wait()
-        with shard_lock(lock, timeout_s=5) as waited:
-            assert waited < 5
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait()
-
-
-# -- with Ray -----------------------------------------------------------------------------------------------
 def test_in_flight_limit_retries_and_failure_report(ray_cpus, raw_shards, make_processor, tmp_path):
     """One actor, ≤2 queued; an unreadable shard is retried max_retries times then reported; the rest finish."""
     bad = str(tmp_path / "missing" / "00007.tar")
@@ -197,3 +173,59 @@ def test_actors_that_cannot_load_models_stop_the_pool(ray_cpus, raw_shards, tmp_
         pool.run(tasks_for(raw_shards[:1]))
     assert "no-such-model" in str(e.value)  # the exception that killed the actor is in the message
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+class BadGpuProcessor(ShardProcessor):
+    """The real tiny-preset processor; the FIRST actor to set up plays a broken GPU: its segment stage raises
+    the CUDA error a faulty card gives. Its pid is written to `flag` so the test can tell the actors apart."""
+
+    def __init__(self, config: PipelineConfig, flag: str) -> None:
+        super().__init__(config)
+        self.flag = flag
+
+    def setup(self) -> "BadGpuProcessor":
+        super().setup()
+        try:
+            fd = os.open(self.flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return self
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        i = next(i for i, (k, _) in enumerate(self.stages) if k == "segment")
+
+        def broken(batch):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        self.stages[i] = ("segment", broken)
+        return self
+
+
+def test_device_fault_replaces_the_actor_and_retries_the_shard_elsewhere(ray_cpus, raw_shards, tmp_path):
+    flag = tmp_path / "bad-gpu.pid"
+    make = functools.partial(BadGpuProcessor, PipelineConfig.from_preset("tiny", max_side=64), str(flag))
+    out = tmp_path / "out"
+    pool = ShardPool(make, out, PoolConfig(workers=1, max_in_flight=2, max_retries=1))
+    report = pool.run(tasks_for(raw_shards[:2]))
+
+    bad_pid = int(flag.read_text())
+    first, second = report.outcomes
+    assert first.ok and second.ok, [o.errors for o in report.outcomes]
+    assert first.attempts == 2 and "illegal memory access" in first.errors[0]
+    assert second.attempts == 1  # it was only queued behind the fault: put back without using a retry
+    assert report.actors_faulted == 1 and report.actors_started == 2
+    assert bad_pid not in {first.pid, second.pid}
+    for o in report.outcomes:
+        sid = int(o.task.key.split("-")[1])
+        assert read_stats(out, sid)["read"] == 4 and "stage_error:segment" not in read_stats(out, sid)["dropped"]
+
+
+def test_a_retried_shard_goes_to_an_actor_it_has_not_failed_on():
+    a, b, c = (ShardTask(f"mlcid-00000{i}", f"{i:05d}.tar") for i in range(3))
+    run = _RunState(deque([a, b, c]), PoolReport(outcomes=[]))
+    run.failed_on[a] = {1}
+    slot1, slot2 = _Slot(1, None, None), _Slot(2, None, None)
+    assert ShardPool._next_task(run, slot1, {1, 2}) is b  # a failed on actor 1: skip it there
+    assert ShardPool._next_task(run, slot2, {1, 2}) is a
+    run.queue.appendleft(a)
+    run.failed_on[a] = {1, 2}
+    assert ShardPool._next_task(run, slot1, {1, 2}) is a  # failed everywhere alive: any actor may retry it

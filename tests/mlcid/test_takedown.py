@@ -156,10 +156,9 @@ def test_takedown_on_s3(data: Path, s3_server) -> None:
     """In place on a real S3-compatible server (moto on 127.0.0.1): shards, sidecars and stats rewritten there."""
     import fsspec
 
-    from tests.s3_server import s3_bucket
-
-    bucket = s3_bucket("takedown")
     fs = fsspec.filesystem("s3")
+    fs.mkdir("takedown")  # a bucket on the local server
+    bucket = "s3://takedown"
     for name in (shard_name(0), stats_name(0), "mlcid-000000.parquet"):
         fs.put_file(str(data / name), f"takedown/data/{name}")
     result = takedown(f"{bucket}/data/{shard_name(0)}", TakedownConfig(out=f"{bucket}/data", keys=frozenset({"a0"})))

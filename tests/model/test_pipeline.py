@@ -305,10 +305,15 @@ def test_bench_sample_runs_on_a_tiny_geometry():
     assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table
 
 
-def test_non_ddim_scheduler_is_replaced_by_ddim(pipe):
+def test_non_ddim_scheduler_is_replaced_by_ddim_with_a_warning(pipe, recwarn):
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    other = LayerDiffPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                              scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
+    with pytest.warns(UserWarning, match="DDPMScheduler is replaced by a DDIMScheduler"):
+        other = LayerDiffPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                                  tokenizer=pipe.tokenizer, scheduler=DDPMScheduler.from_config(pipe.scheduler.config))
     assert isinstance(other.scheduler, DDIMScheduler)
     assert other.scheduler.config.beta_schedule == pipe.scheduler.config.beta_schedule
+    recwarn.clear()
+    LayerDiffPipeline(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                      scheduler=pipe.scheduler)
+    assert not [w for w in recwarn if "DDIMScheduler" in str(w.message)]  # DDIM itself: no warning

@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from model.network.layer_attention import LAYER_CONTEXT_KEY, LayerContext
 from model.network.unet import LayerDiffUNet
 
 TEXT_DIM, T_GLOBAL, T_LAYER, SIZE = 32, 7, 5, 16
@@ -270,3 +271,123 @@ def test_full_sd15_geometry_shapes_on_meta_device():
     assert len(model.collab_blocks()) == 16  # one per SD transformer block
     n_sd = sum(p.numel() for p in sd.parameters())
     assert sum(p.numel() for p in model.parameters()) - n_sd == sum(p.numel() for p in model.new_parameters().values())
+
+
+# ------------------------------------------------------------------ the forward copy vs diffusers' own forward
+
+
+@torch.no_grad()
+def diffusers_forward(model: LayerDiffUNet, sample, timesteps, global_text, layer_text) -> torch.Tensor:
+    """Reference: diffusers' own `UNet2DConditionModel.forward` on the same module and weights. The mask branch is
+    attached by hooks (conv_in sees the image latent and gets the gated conv_in_mask term added; conv_out's input
+    also goes through conv_out_mask), the layer context travels in cross_attention_kwargs → (B, L, 8, h, w)."""
+    B, L, C2, h, w = sample.shape
+    c = C2 // 2
+    x = sample.reshape(B * L, C2, h, w)  # (B·L, 8, h, w)
+    enhanced = model.prompt_enhancer(layer_text, global_text, None) if model.prompt_enhancer else layer_text
+    ctx = LayerContext(num_layers=L, layer_text=enhanced.reshape(B * L, *enhanced.shape[2:]))
+    unet = model.unet
+    hooks = [
+        unet.conv_in.register_forward_pre_hook(lambda _m, args: (args[0][:, :c],)),
+        unet.conv_in.register_forward_hook(lambda _m, _a, out: out + model.mask_scale * model.conv_in_mask(x[:, c:])),
+        unet.conv_out.register_forward_hook(lambda _m, args, out: torch.cat([out, model.conv_out_mask(args[0])], 1)),
+    ]
+    try:
+        out = unet(x, timesteps.reshape(B * L), global_text.repeat_interleave(L, dim=0),
+                   cross_attention_kwargs={LAYER_CONTEXT_KEY: ctx}).sample
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.reshape(B, L, C2, h, w)
+
+
+def parity_inputs(model: LayerDiffUNet, B: int, L: int, size: int, seed: int = 3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d = model.unet.config.cross_attention_dim
+    return {"sample": torch.randn(B, L, 8, size, size, generator=g),
+            "timesteps": torch.randint(0, 1000, (B, L), generator=g),
+            "global_text": torch.randn(B, 7, d, generator=g), "layer_text": torch.randn(B, L, 5, d, generator=g)}
+
+
+PARITY_CONFIGS = {
+    "sd-1.x": {},
+    "time_embedding_act_fn + timestep_post_act": dict(time_embedding_act_fn="silu", timestep_post_act="mish"),
+    "scale_shift, linear projection, upcast, 2 transformer layers": dict(
+        resnet_time_scale_shift="scale_shift", use_linear_projection=True, upcast_attention=True,
+        transformer_layers_per_block=2),
+    "fourier time embedding, conv kernels 1/5": dict(time_embedding_type="fourier", time_embedding_dim=64,
+                                                      conv_in_kernel=1, conv_out_kernel=5),
+    "no mid block, only_cross_attention": dict(mid_block_type=None, only_cross_attention=True),
+}
+
+
+@pytest.mark.parametrize("overrides", PARITY_CONFIGS.values(), ids=PARITY_CONFIGS.keys())
+@pytest.mark.parametrize("size", [SIZE, 15])  # 15: not a multiple of the up factor (explicit upsample sizes)
+def test_forward_equals_diffusers_forward(sd_unet, overrides, size):
+    torch.manual_seed(0)
+    model = LayerDiffUNet(unet_config={**dict(sd_unet.config), **overrides}, max_layers=3).eval()
+    randomize_new_modules(model)  # every new branch live, mask gate included
+    if overrides.get("time_embedding_act_fn"):
+        assert model.unet.time_embed_act is not None
+    inputs = parity_inputs(model, B=2, L=3, size=size)
+    with torch.no_grad():
+        ours = model(**inputs).sample
+    ref = diffusers_forward(model, **inputs)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert ours[:, :, 4:].abs().max() > 0
+
+
+# Non-default values for every option the forward refuses.
+REFUSED = {
+    "center_input_sample": True, "class_embed_type": "timestep", "num_class_embeds": 10,
+    "class_embeddings_concat": True, "projection_class_embeddings_input_dim": 16, "addition_embed_type": "text",
+    "addition_time_embed_dim": 8, "addition_embed_type_num_heads": 4, "encoder_hid_dim": 16,
+    "encoder_hid_dim_type": "text_proj", "time_cond_proj_dim": 8, "dual_cross_attention": True,
+    "attention_type": "gated",
+    "down_block_types": ("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "SimpleCrossAttnUpBlock2D"),
+    "mid_block_type": "UNetMidBlock2DSimpleCrossAttn",
+}
+
+
+def test_every_unet_option_is_supported_or_refused():
+    import inspect
+
+    from model.network import unet as U
+
+    options = set(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+    assert options == U.SUPPORTED_UNET_OPTIONS | set(U._UNSUPPORTED) | set(U._BLOCK_TYPES)
+    assert set(REFUSED) == set(U._UNSUPPORTED) | set(U._BLOCK_TYPES)  # each refusal is tested below
+
+
+@pytest.mark.parametrize(("option", "value"), REFUSED.items(), ids=REFUSED.keys())
+def test_unsupported_unet_option_is_refused(sd_unet, option, value):
+    with pytest.raises(ValueError, match=option):
+        LayerDiffUNet(unet_config={**dict(sd_unet.config), option: value})
+
+
+# diffusers' SD 1.5 unet/config.json (runwayml/stable-diffusion-v1-5), verbatim apart from the private keys
+SD15_UNET_CONFIG = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+
+@pytest.mark.slow
+def test_forward_equals_diffusers_forward_on_full_sd15_geometry():
+    """The full SD 1.5 UNet (860 M parameters, random weights) + every LayerDiff branch randomised: our forward
+    equals diffusers' own on the same weights (5.6 GB RAM; 3 min wall here, 20 s of it CPU)."""
+    torch.manual_seed(0)
+    model = LayerDiffUNet(unet_config=SD15_UNET_CONFIG, max_layers=4).eval()
+    assert len(model.collab_blocks()) == 16
+    randomize_new_modules(model, std=0.02)
+    inputs = parity_inputs(model, B=1, L=3, size=16)
+    with torch.no_grad():
+        ours = model(**inputs).sample
+    ref = diffusers_forward(model, **inputs)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert ours.abs().max() > 0 and ours[:, :, 4:].abs().max() > 0

@@ -1,0 +1,70 @@
+"""Sampling speed levers keep their promise: SMG on a window of steps runs SMG exactly there (and is plain CFG
+elsewhere), and `make bench-sample` writes its ratios to JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS, LayerDiffPipeline
+from tests.model.test_pipeline import UNetSpy, make_run
+
+PROMPTS = ["the background", "a red ball", "a dog"]
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    p = LayerDiffPipeline.from_pretrained(make_run(tmp_path_factory.mktemp("layerdiff-speed")))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def per_step_latents(pipe, **kw) -> tuple[list[torch.Tensor], list[int]]:
+    """Latents after every step and the UNet batch sizes of the whole call."""
+    seen = []
+    spy = UNetSpy(pipe)
+    try:
+        pipe("a dog with a red ball", PROMPTS, num_inference_steps=4, height=SIZE, width=SIZE,
+             generator=torch.Generator().manual_seed(0), output_type="latent",
+             callback_on_step_end=lambda _p, _i, _t, d: seen.append(d["latents"].clone()) and None,
+             callback_on_step_end_tensor_inputs=CALLBACK_TENSOR_INPUTS[:1], **kw)
+    finally:
+        spy.close()
+    return seen, [c[0] for c in spy.calls]
+
+
+def test_smg_window_runs_smg_only_inside_it(pipe):
+    full, full_calls = per_step_latents(pipe, guidance="cfg+smg")
+    cfg, _ = per_step_latents(pipe, guidance="cfg")
+    early, early_calls = per_step_latents(pipe, guidance="cfg+smg", smg_end=0.5)
+    late, late_calls = per_step_latents(pipe, guidance="cfg+smg", smg_start=0.5)
+    assert full_calls == [2, 1] * 4
+    assert early_calls == [2, 1, 2, 1, 2, 2] and late_calls == [2, 2, 2, 1, 2, 1]
+    same = [torch.equal(a, b) for a, b in zip(early, full)]
+    assert same == [True, True, False, False]  # SMG steps 0–1 as the full run, then CFG only
+    assert [torch.equal(a, b) for a, b in zip(late, cfg)] == [True, True, False, False]
+    assert not torch.allclose(late[-1], full[-1], atol=1e-4)
+    window_all, _ = per_step_latents(pipe, guidance="cfg+smg", smg_start=0.0, smg_end=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(window_all, full))
+
+
+@pytest.mark.parametrize(("start", "end"), [(0.5, 0.5), (-0.1, 1.0), (0.0, 1.5)])
+def test_bad_smg_window_is_refused_before_any_unet_call(pipe, start, end):
+    spy = UNetSpy(pipe)
+    try:
+        with pytest.raises(ValueError, match="smg_start < smg_end"):
+            pipe("g", PROMPTS, num_inference_steps=2, height=SIZE, width=SIZE, smg_start=start, smg_end=end)
+    finally:
+        spy.close()
+    assert spy.calls == []
