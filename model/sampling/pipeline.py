@@ -15,7 +15,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ from einops import rearrange
 from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
-from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
