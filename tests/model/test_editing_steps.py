@@ -13,19 +13,13 @@ import torch
 
 from model.sampling import applications as A
 from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS, LayerDiffPipeline
-from tests.model.test_pipeline import make_run
+from tests.builders import make_run
 
 SIZE = 32
 PROMPTS = ["the background", "a red ball", "a dog"]
 ATOL = 1e-5  # float32 arithmetic: DDIM step + x0 swap vs the closed form below
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def pipe(tmp_path_factory):
 def source(pipe):
     out = pipe("a dog with a red ball", PROMPTS, num_inference_steps=2, height=SIZE, width=SIZE,
                generator=torch.Generator().manual_seed(0), output_type="np")
-    return A.load_source(out)
+    return out.layered(0)
 
 
 def gen(seed=1):
@@ -123,9 +117,7 @@ def test_layer_inpaint_keeps_layers_at_every_step(pipe, source):
 
 def test_inpainted_layer_is_generated_in_the_kept_layers_context(pipe, source):
     """Same seed, same target noise, different kept layers → a different prediction for the target layer."""
-    other = A.LayeredSource(source.global_prompt, source.layer_prompts,
-                            [255 - source.images[0], source.images[1], np.roll(source.images[2], 9, axis=1)],
-                            source.masks)
+    other = source.replace(images=[255 - source.images[0], source.images[1], np.roll(source.images[2], 9, axis=1)])
     runs = []
     for src in (source, other):
         rec = StepRecorder()
@@ -179,7 +171,7 @@ def test_iterative_adding_keeps_existing_layers_at_every_step(pipe, source):
                                     num_inference_steps=3, height=SIZE, width=SIZE, generator=gen(5), **rec.kwargs)
     assert len(rec.runs) == 2 and all(len(run) == 3 for run in rec.runs)
     # round 1 merges the source into one background; round 2 merges the source + round 1's layer
-    after_one = A.add_foreground(source, result.steps[0].layer_images[0, 1], result.steps[0].masks[0, 1], "a cat")
+    after_one = source.with_foreground(result.steps[0].layer_images[0, 1], result.steps[0].masks[0, 1], "a cat")
     rounds = [(source.composite, A.prior_masks(1, SIZE, SIZE, boxes=[box])),
               (after_one.composite, [np.full((SIZE, SIZE), 255, np.uint8), np.zeros((SIZE, SIZE), np.uint8)])]
     for run, (merged, priors) in zip(rec.runs, rounds):

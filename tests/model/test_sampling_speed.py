@@ -9,18 +9,12 @@ import pytest
 import torch
 
 from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS, LayerDiffPipeline
-from tests.model.test_pipeline import UNetSpy, make_run
+from tests.builders import UNetSpy, make_run
 
 PROMPTS = ["the background", "a red ball", "a dog"]
 SIZE = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
 
 @pytest.fixture(scope="module")
