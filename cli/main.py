@@ -17,6 +17,8 @@ MLCID_COMMANDS = {
     "validate": "cli.validate",
     "stats": "mlcid.stats:main",
     "view": "mlcid.view:main",
+    "takedown": "cli.takedown",
+    "wids-index": "cli.wids_index",
 }
 LAYERDIFF_COMMANDS = {
     "tiny-models": "cli.tiny_models",

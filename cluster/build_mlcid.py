@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlcid.shards import expand_urls
 from mlcid.storage import ShardStore
+from mlcid.wids_index import index_folder
 from mlcid.writer import stats_name
 from pipelines.build import add_pipeline_arguments, fault_policy_from_args, pipeline_options_from_args
 from pipelines.config import PipelineConfig
@@ -116,7 +117,8 @@ def build(config: BuildConfig) -> RunSummary:
             report = pool.run(tasks)
         finally:
             progress.close()
-    # 4. Totals.
+    # 4. The wids index over every complete shard in `out`, then the totals.
+    index_folder(out, config.pipeline.prefix)
     return summarize(report, len(complete), pool_cfg.workers, time.perf_counter() - t0)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import fsspec
 
 STATS_SUFFIX = "_stats.json"
+OUTCOMES_SUFFIX = ".parquet"  # per-input-sample outcomes (key, kept, reason, detail, …) written by the pipeline
 
 
 def stats_url_for(shard_url: str) -> str:
@@ -20,6 +21,13 @@ def stats_url_for(shard_url: str) -> str:
     if not shard_url.endswith(".tar"):
         raise ValueError(f"cannot name a stats file for {shard_url!r}: shard URLs must end in '.tar'")
     return shard_url[: -len(".tar")] + STATS_SUFFIX
+
+
+def outcomes_url_for(shard_url: str) -> str:
+    """'dir/mlcid-000003.tar' → 'dir/mlcid-000003.parquet' (one row per input sample, kept or dropped)."""
+    if not shard_url.endswith(".tar"):
+        raise ValueError(f"cannot name an outcomes file for {shard_url!r}: shard URLs must end in '.tar'")
+    return shard_url[: -len(".tar")] + OUTCOMES_SUFFIX
 
 
 def check_stats(stats: Any) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from mlcid.errors import SampleError
 from mlcid.reader import iter_shard_samples
 from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MAX_LAYERS, DEFAULT_MIN_AREA_FRAC, MLCIDSample
 from mlcid.shards import expand_urls
-from mlcid.stats import StatsSummary, load_shard_stats, summarize
+from mlcid.stats import StatsSummary, load_shard_stats, outcomes_url_for, summarize
 from mlcid.validate import ValidationConfig, validate_sample
 from mlcid.view_assets import (
     CardView,
+    DroppedView,
     LayerView,
     PageLink,
     ShardRow,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".mlcid-view"  # written into the output folder; only such folders are cleaned before a rebuild
 MAX_ERROR_CHARS = 600
+MAX_DROPPED_LISTED = 500  # dropped samples listed per shard on the index (the total is always shown)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,8 @@ def _sample_card(
     stem = f"{number:06d}"
     _save_image(sample.composite, page_dir / f"{stem}-composite.jpg", config.thumb_size)
     _save_image(sample.background, page_dir / f"{stem}-layer00.jpg", config.thumb_size)
-    layers = [LayerView(0, sample.layers[0].prompt, f"{rel}/{stem}-layer00.jpg")]
+    size = (sample.width, sample.height)
+    layers = [LayerView(0, sample.layers[0].prompt, f"{rel}/{stem}-layer00.jpg", size=size)]
     for i, (fg, m) in enumerate(zip(sample.foregrounds, sample.masks), start=1):
         _save_image(fg, page_dir / f"{stem}-layer{i:02d}.png", config.thumb_size)
         _save_image(m, page_dir / f"{stem}-mask{i:02d}.png", config.thumb_size, nearest=True)
@@ -115,6 +118,7 @@ def _sample_card(
                 box=info.box,
                 score=info.score,
                 area_frac=info.area_frac,
+                size=size,
             )
         )
     return CardView(
@@ -183,8 +187,37 @@ def _prepare_out_dir(out_dir: Path) -> None:
     (out_dir / MARKER).write_text("written by python -m mlcid.view\n")
 
 
-def _shard_name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
+def display_names(urls: list[str]) -> list[str]:
+    """Shortest trailing path of each URL that tells it apart: 'a/mlcid-000000.tar' vs 'b/mlcid-000000.tar'."""
+    parts = [url.rstrip("/").split("/") for url in urls]
+    depth = [1] * len(urls)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        seen = Counter(names)
+        clashing = [i for i, n in enumerate(names) if seen[n] > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            return [urls[i] if seen[n] > 1 else n for i, n in enumerate(names)]
+        for i in clashing:
+            depth[i] += 1
+
+
+def load_dropped(url: str, limit: int = MAX_DROPPED_LISTED) -> tuple[list[DroppedView], int] | None:
+    """The dropped rows (key, reason, detail) of the outcomes parquet beside a shard, at most `limit`, and their
+    total; None when the shard has no outcomes file. An unreadable file is reported as one row."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    try:
+        with fsspec.open(outcomes_url_for(url), "rb") as f:
+            table = pq.read_table(f, columns=["key", "kept", "reason", "detail"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on a bad file
+        return [DroppedView("", "unreadable_outcomes", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS])], 1
+    rows = [r for r in table.to_pylist() if not r["kept"]]
+    listed = [DroppedView(str(r["key"]), str(r["reason"] or ""), str(r["detail"] or "")[:MAX_ERROR_CHARS])
+              for r in rows[:limit]]
+    return listed, len(rows)
 
 
 def _items(urls: list[str]) -> Iterator[tuple[int, MLCIDSample | SampleError]]:
@@ -206,7 +239,7 @@ def build_view(
         raise ValueError(f"shard file(s) not found: {', '.join(missing[:5])}{more}")
     shard_stats = [load_shard_stats(url) for url in urls]
     summary = summarize(shard_stats)
-    rows = [ShardRow(st, _shard_name(st.url)) for st in shard_stats]
+    rows = [ShardRow(st, name, dropped=load_dropped(st.url)) for st, name in zip(shard_stats, display_names(urls))]
     out = Path(out_dir)
     _prepare_out_dir(out)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +45,10 @@ main { padding: 16px 20px; }
 .label { display: inline-block; min-width: 46px; color: var(--muted); font-size: 12px; }
 .prompt { overflow-wrap: anywhere; }
 .layers { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; width: var(--thumb); }
+figure { margin: 0; width: calc(var(--thumb) + 2px); }
 .imgbox { width: var(--thumb); height: var(--thumb); display: flex; align-items: center; justify-content: center;
-          border: 1px solid var(--line); border-radius: 4px; overflow: hidden; background: #eef1f4; }
+          border: 1px solid var(--line); border-radius: 4px; overflow: hidden; background: #eef1f4;
+          box-sizing: content-box; }
 .imgbox + .imgbox { margin-top: 4px; }
 .imgbox img { width: 100%; height: 100%; object-fit: contain; display: block; }
 .checker { background-color: #fff;
@@ -92,6 +94,7 @@ class LayerView:
     box: tuple[int, int, int, int] | None = None
     score: float | None = None
     area_frac: float | None = None
+    size: tuple[int, int] | None = None  # (width, height) of the full-size layer: the box takes its aspect
 
 
 @dataclass
@@ -112,11 +115,28 @@ class CardView:
 
 
 _BADGE = {"ok": "valid", "invalid": "invalid", "error": "unreadable"}
+THUMB_PX = 116  # the CSS --thumb: longest side of an image box on the page
 
 
-def _img(src: str, alt: str, pixelated: bool = False) -> str:
+def box_size(size: tuple[int, int] | None) -> tuple[int, int]:
+    """(width, height) in CSS px of the box showing an image of `size` = (W, H): its aspect, longest side THUMB_PX."""
+    if size is None or min(size) <= 0:
+        return THUMB_PX, THUMB_PX
+    w, h = size
+    scale = THUMB_PX / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _box(classes: str, inner: str, size: tuple[int, int] | None) -> str:
+    """An image box exactly the image's aspect (so a checkerboard behind it marks only transparent pixels)."""
+    bw, bh = box_size(size)
+    return f'<div class="imgbox{classes}" style="width:{bw}px;height:{bh}px">{inner}</div>'
+
+
+def _img(src: str, alt: str, size: tuple[int, int] | None = None, pixelated: bool = False) -> str:
     cls = ' class="px"' if pixelated else ""
-    return f'<img src="{esc(src)}" alt="{esc(alt)}"{cls} loading="lazy" decoding="async">'
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return f'<img src="{esc(src)}" alt="{esc(alt)}"{dims}{cls} loading="lazy" decoding="async">'
 
 
 def _layer_html(layer: LayerView) -> str:
@@ -127,9 +147,10 @@ def _layer_html(layer: LayerView) -> str:
         facts.append(f"area {layer.area_frac:.1%}")
     if layer.box is not None:
         facts.append("box " + ",".join(str(int(v)) for v in layer.box))
-    boxes = f'<div class="imgbox{" checker" if layer.index else ""}">{_img(layer.image, f"layer {layer.index}")}</div>'
+    image = _img(layer.image, f"layer {layer.index}", layer.size)
+    boxes = _box(" checker" if layer.index else "", image, layer.size)
     if layer.mask is not None:
-        boxes += f'<div class="imgbox mask">{_img(layer.mask, f"mask {layer.index}", pixelated=True)}</div>'
+        boxes += _box(" mask", _img(layer.mask, f"mask {layer.index}", layer.size, pixelated=True), layer.size)
     facts_html = f'<span class="facts">{esc(" · ".join(facts))}</span>' if facts else ""
     kind = "fg" if layer.index else "bg"
     return (
@@ -161,7 +182,7 @@ def card_html(card: CardView) -> str:
     figures = []
     if card.composite is not None:
         figures.append(
-            f'<figure class="composite"><div class="imgbox">{_img(card.composite, "composite")}</div>'
+            f'<figure class="composite">{_box("", _img(card.composite, "composite", card.size), card.size)}'
             f"<figcaption>composite</figcaption></figure>"
         )
     figures += [_layer_html(layer) for layer in card.layers]
@@ -228,14 +249,44 @@ def _bars(rows: list[tuple[str, int]], total: int, head: tuple[str, str]) -> str
 
 
 @dataclass
+class DroppedView:
+    """One input sample the pipeline dropped, from the outcomes parquet beside the shard."""
+
+    key: str
+    reason: str
+    detail: str
+
+
+@dataclass
 class ShardRow:
     """One row of the index's shard table: the stats file's view and what the viewer itself read."""
 
     shard: ShardStats
-    name: str
+    name: str  # unique among the shards shown (a parent folder is added when two share a file name)
     viewed: dict[str, int] = field(default_factory=dict)  # status ('ok'/'invalid'/'error') → cards shown
     reasons: dict[str, int] = field(default_factory=dict)  # reason → count among invalid/error cards
     read_by_viewer: bool = False
+    dropped: tuple[list[DroppedView], int] | None = None  # (listed rows, total) from the outcomes file; None: none
+
+
+def _dropped_section(rows: list[ShardRow]) -> str:
+    """Per shard: the dropped input samples with their reasons (a collapsed table each)."""
+    out = ["<h2>Dropped samples (from the outcomes files beside the shards)</h2>"]
+    with_file = [(i, r) for i, r in enumerate(rows) if r.dropped is not None]
+    if not with_file:
+        return out[0] + '<p class="empty">no outcomes files (mlcid-NNNNNN.parquet) beside these shards</p>'
+    for i, row in with_file:
+        listed, total = row.dropped
+        reasons = Counter(d.reason for d in listed)
+        head = f"{esc(row.name)}: {total} dropped" + (
+            " (" + ", ".join(f"{esc(k)}={v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")
+        if total > len(listed):
+            head += f" — first {len(listed)} listed"
+        body = "".join(f"<tr><td><code>{esc(d.key)}</code></td><td>{esc(d.reason)}</td><td>{esc(d.detail)}</td></tr>"
+                       for d in listed)
+        table = f"<table><tr><th>key</th><th>reason</th><th>detail</th></tr>{body}</table>" if listed else ""
+        out.append(f'<details class="dropped" id="dropped-{i}"><summary>{head}</summary>{table}</details>')
+    return "".join(out)
 
 
 @dataclass
@@ -287,7 +338,7 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         "<h2>Shards</h2><table id=shards><tr><th>shard</th><th>status</th><th>read</th><th>written</th>"
         "<th>dropped</th><th>shown: valid / invalid / unreadable</th><th>problems seen by the viewer</th></tr>"
     )
-    for row in rows:
+    for i, row in enumerate(rows):
         st, s = row.shard, row.shard.stats
         status = {"complete": "complete", "incomplete": "incomplete (no stats file)"}.get(st.status, "bad stats file")
         if st.error:
@@ -302,8 +353,12 @@ def index_page(title: str, summary: StatsSummary, rows: list[ShardRow], pages: l
         parts.append(
             f'<tr class="{esc(st.status)}"><td title="{esc(st.url)}">{esc(row.name)}</td>'
             f'<td class="status {esc(st.status)}">{esc(status)}</td>'
-            + "".join(f"<td class=n>{esc(n)}</td>" for n in nums)
+            + "".join(f"<td class=n>{esc(n)}</td>" for n in nums[:2])
+            + (f'<td class=n><a href="#dropped-{i}">{esc(nums[2])}</a></td>' if row.dropped else
+               f"<td class=n>{esc(nums[2])}</td>")
             + f"<td class=n>{esc(shown)}</td><td>{esc(problems)}</td></tr>"
         )
-    parts.append("</table></main>")
+    parts.append("</table>")
+    parts.append(_dropped_section(rows))
+    parts.append("</main>")
     return document(f"{title} — summary", "".join(parts))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlcid.shards import expand_urls
+from mlcid.wids_index import index_folder
 from pipelines.config import PRESETS, STAGE_ORDER, PipelineConfig
 from pipelines.faults import FaultPolicy, describe
 from pipelines.inputs import plan_shard_ids
@@ -125,6 +126,8 @@ def build_local(config: LocalBuildConfig, on_shard: Callable[[str, dict[str, Any
             report.add(url, stats)
         if on_shard is not None:
             on_shard(url, stats)
+    # 4. The wids index (index.json) over every complete shard in the output.
+    index_folder(config.out, config.pipeline.prefix)
     return report
 
 

@@ -66,6 +66,11 @@ _BLOCK_TYPES = {
     "mid_block_type": ("UNetMidBlock2DCrossAttn", None),
 }
 _WRAPPED_KEY = re.compile(r"(transformer_blocks\.\d+)\.")
+# Weights live in `diffusion_pytorch_model.layerdiff.safetensors` (diffusers' variant naming), so a plain
+# `UNet2DConditionModel.from_pretrained(run, subfolder="unet")` finds no weights file and raises instead of
+# "succeeding" with random weights; LayerDiffUNet.from_pretrained / the pipeline pick the variant by default.
+WEIGHTS_VARIANT = "layerdiff"
+WEIGHTS_NAME = f"diffusion_pytorch_model.{WEIGHTS_VARIANT}.safetensors"
 
 
 @dataclass
@@ -152,6 +157,19 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
             if use_prompt_enhancer else None
         )
         self.initialize_new_modules()
+
+    # ------------------------------------------------------------------ persistence (see WEIGHTS_VARIANT)
+    def save_pretrained(self, save_directory, *args, variant: str | None = None, safe_serialization: bool = True,
+                        **kwargs) -> None:
+        variant = WEIGHTS_VARIANT if variant is None else f"{WEIGHTS_VARIANT}_{variant}"
+        super().save_pretrained(save_directory, *args, variant=variant, safe_serialization=safe_serialization,
+                                **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "LayerDiffUNet":
+        variant = kwargs.pop("variant", None)
+        kwargs["variant"] = WEIGHTS_VARIANT if variant is None else f"{WEIGHTS_VARIANT}_{variant}"
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # ------------------------------------------------------------------ construction
     @classmethod

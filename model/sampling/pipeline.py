@@ -15,7 +15,7 @@ import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,18 +23,17 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.models.attention_processor import Attention
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from einops import rearrange
 from PIL import Image
 
 from mlcid.composite import composite as composite_eq4
-from mlcid.layered import LayeredImage
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, SMGConfig, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import encode_prompts
 from model.training.run_folder import fetch_pipeline_folder
 from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
+from model.sampling.output import Intermediate, LayerDiffPipelineOutput  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
 RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -46,46 +45,6 @@ SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latent
 # "latents" x_{t-1} after the step (and after any x0 replacement), "noise_pred" the guided ε the scheduler stepped
 # with, "pred_original_sample" the scheduler's x̂_0 before any replacement.
 CALLBACK_TENSOR_INPUTS = ("latents", "noise_pred", "pred_original_sample")
-
-
-@dataclass
-class Intermediate:
-    """An x0 preview (Fig. 13): decoded layer images (B, L, H, W, 3) and one-hot masks (B, L, H, W), uint8."""
-
-    step: int
-    timestep: int
-    images: np.ndarray
-    masks: np.ndarray
-
-
-@dataclass
-class LayerDiffPipelineOutput(BaseOutput):
-    """Per sample b and layer l (0 = background): RGB image, binary mask (0/255, one-hot over layers), RGBA layer
-    (alpha = mask; background opaque) and the Eq. 4 composite. `output_type="pil"`: nested lists [b][l] of PIL
-    images; "np": uint8 arrays images (B, L, H, W, 3), masks (B, L, H, W), rgba_layers (B, L, H, W, 4),
-    composites (B, H, W, 3); "latent": only `latents`."""
-
-    latents: torch.Tensor  # (B, L, 8, h, w) final image ‖ mask latents
-    layer_images: Any = None
-    masks: Any = None
-    rgba_layers: Any = None
-    composites: Any = None
-    global_prompt: str = ""
-    layer_prompts: list[str] = field(default_factory=list)
-    intermediates: list[Intermediate] | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.latents.shape[0])
-
-    def layered(self, index: int = 0) -> LayeredImage:
-        """Batch item `index` as a `LayeredImage` with this output's prompts (export it, edit it, score it)."""
-        if self.layer_images is None:
-            raise ValueError("this output holds latents only (output_type='latent'); sample with 'pil' or 'np'")
-        if not 0 <= index < self.batch_size:
-            raise IndexError(f"batch index {index} outside 0..{self.batch_size - 1}")
-        return LayeredImage.from_arrays(list(self.layer_images[index]), list(self.masks[index]), self.global_prompt,
-                                        self.layer_prompts)
 
 
 class _StoreAttentionProcessor:
@@ -119,8 +78,9 @@ class LayerDiffPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler):
+    def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, training_resolution: int | None = None):
         super().__init__()
+        self.register_to_config(training_resolution=training_resolution)  # px; the default sampling size
         if not isinstance(unet, LayerDiffUNet):
             raise ValueError(f"LayerDiffPipeline needs a LayerDiffUNet, got {type(unet).__name__}")
         if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
@@ -172,6 +132,26 @@ class LayerDiffPipeline(DiffusionPipeline):
         return super().from_pretrained(str(path), **kwargs)
 
     @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, reading a run folder's custom-pipeline `_class_name` (model.hub.RUN_CLASS_NAME,
+        for plain `DiffusionPipeline` users) as this class: the folder's pipeline.py is never executed here."""
+        from model.hub import RUN_CLASS_NAME
+
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if config.get("_class_name") == RUN_CLASS_NAME:
+            config["_class_name"] = cls.__name__
+        return out
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """diffusers' save, then the hub files (model card, pipeline.py entry, `_class_name`; see model.hub)."""
+        from model.hub import ModelCardInfo, write_run_files
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_run_files(save_directory, ModelCardInfo(resolution=self.config.training_resolution,
+                                                      max_layers=int(self.unet.config.max_layers)))
+
+    @classmethod
     def from_sd(cls, sd: str | Path, max_layers: int = 4, dtype: torch.dtype = torch.float32,
                 **unet_options: Any) -> "LayerDiffPipeline":
         """An UNTRAINED LayerDiff initialised from an SD-1.x folder or hub id (Appendix A): for tests and demos
@@ -193,7 +173,9 @@ class LayerDiffPipeline(DiffusionPipeline):
 
     @property
     def default_size(self) -> int:
-        return int(self.unet.unet.config.sample_size) * self.vae_scale_factor
+        """The run's training resolution when recorded, else the UNet's native size."""
+        trained = self.config.get("training_resolution")
+        return int(trained) if trained else int(self.unet.unet.config.sample_size) * self.vae_scale_factor
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -232,8 +214,9 @@ class LayerDiffPipeline(DiffusionPipeline):
                      latents, smg_mask_interval, max_batch, eta=0.0, intermediate_every=1,
                      callback_tensor_inputs=("latents",), smg_start=0.0, smg_end=1.0) -> None:
         """Raise ValueError naming the first bad argument (before any model runs)."""
-        if not isinstance(global_prompt, str):
-            raise ValueError(f"global_prompt must be a string, got {type(global_prompt).__name__}")
+        if not isinstance(global_prompt, str) or not global_prompt.strip():
+            raise ValueError(f"global_prompt must be a non-empty string describing the whole image (an empty one is "
+                             f"the unconditional input CFG steers away from), got {global_prompt!r:.80}")
         if not layer_prompts:
             raise ValueError("no layer prompts: give the background prompt first, e.g. ['the background', 'a dog']")
         if isinstance(layer_prompts, str) or not all(isinstance(p, str) for p in layer_prompts):
@@ -478,8 +461,10 @@ class LayerDiffPipeline(DiffusionPipeline):
         # 6. Decode layer images and masks; composite (Eq. 4).
         self.maybe_free_model_hooks()
         result = self._outputs(latents, output_type, max_batch)
+        settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, smg_scale=smg_scale,
+                        guidance=guidance, strength=strength, eta=eta, height=height, width=width)
         output = LayerDiffPipelineOutput(latents=latents, global_prompt=global_prompt,
-                                         layer_prompts=list(layer_prompts),
+                                         layer_prompts=list(layer_prompts), settings=settings,
                                          intermediates=intermediates if return_intermediates else None, **result)
         return output if return_dict else (output.layer_images, output.masks, output.composites, output.latents)
 

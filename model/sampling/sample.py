@@ -51,6 +51,14 @@ class SampleConfig:
     dtype: str = "float32"
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.global_prompt.strip():
+            raise ValueError("--prompt is empty: give a global prompt describing the whole image")
+
+    def folders(self) -> list[Path]:
+        """The output folder of each image: OUT itself for one image, OUT/000, OUT/001, … for several."""
+        return [self.out] if self.num_images == 1 else [self.out / f"{i:03d}" for i in range(self.num_images)]
+
 
 def parse_layers(text: str) -> list[str]:
     """'the background|a red ball|a dog' → ['the background', 'a red ball', 'a dog'] (empty parts refused)."""
@@ -96,8 +104,10 @@ def save_previews(path: Path, intermediates) -> None:
 def run(config: SampleConfig) -> list[Path]:
     """Sample and export; returns the written output folders."""
     from model.sampling.applications import sample_with_mask_priors
-    from model.sampling.export import OutputMeta, save_output
 
+    existing = [f for f in config.folders() if f.exists()]
+    if existing and not config.overwrite:  # before any model loads or samples
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
@@ -112,17 +122,13 @@ def run(config: SampleConfig) -> list[Path]:
         out = pipe(config.global_prompt, config.layer_prompts, **kwargs)
     log.info("sampled %d × %d layers in %.1f s", config.num_images, len(config.layer_prompts),
              time.perf_counter() - start)
-    folders = []
-    for i in range(config.num_images):
-        folder = config.out if config.num_images == 1 else config.out / f"{i:03d}"
-        meta = OutputMeta(seed=config.seed, num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
-                          guidance=config.guidance, model=config.model,
-                          extra={"batch_index": i, "smg_blur_side": config.blur_side,
-                                 "boxes": [list(b) for b in config.boxes], "untrained": config.from_sd})
-        save_output(folder, out.layered(i), meta, overwrite=config.overwrite)
+    folders = config.folders()
+    for i, folder in enumerate(folders):
+        out.save(folder, index=i, overwrite=config.overwrite, seed=config.seed, model=config.model,
+                 extra={"batch_index": i, "smg_blur_side": config.blur_side, "boxes": [list(b) for b in config.boxes],
+                        "untrained": config.from_sd})
         if out.intermediates:
             save_previews(folder / "previews.png", [_one(item, i) for item in out.intermediates])
-        folders.append(folder)
         log.info("wrote %s", folder)
     return folders
 
@@ -153,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SMG: blur inside each layer's mask (paper text) or outside (Eq. 9 as printed)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="pixels (default: the run's training resolution)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--boxes", default="", help="mask priors: 'x0,y0,x1,y1;…' in pixels, one per foreground")
     p.add_argument("--max-batch", type=int, default=None, help="samples per UNet call (memory cap)")

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 UNET_DIR = "unet"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS = "diffusion_pytorch_model.layerdiff.safetensors"  # = model.network.unet.WEIGHTS_NAME (no diffusers import here)
 COMPLETE = "complete.json"
 REQUIRED = (f"{UNET_DIR}/config.json", f"{UNET_DIR}/{WEIGHTS}", "optimizer.pt", "rng.pt", "state.json")
 

@@ -424,12 +424,17 @@ class Trainer:
 
     def save_pipeline(self) -> str:
         """Write the final diffusers-style pipeline folder into the run folder (model_index.json last)."""
+        from model.hub import card_info_from_training, write_run_files
+
         if self.ema is not None:
             self.ema.copy_to(self.unet)  # the sampler gets the averaged weights
         c = self.components
         write_pipeline_folder(self.run, {"unet": self.unet, "vae": c.vae.to(torch.float32),
                                          "text_encoder": c.text_encoder.to(torch.float32), "tokenizer": c.tokenizer,
                                          "scheduler": c.scheduler})
+        info = card_info_from_training(self.config, self.data, self.step, self.run.local)
+        for name in write_run_files(self.run.local, info):  # card, entry file, model_index.json last
+            self.run.publish(name)
         log.info("wrote pipeline folder %s (unet %s)", self.run.url, "EMA" if self.ema else "last step")
         return self.run.url
 

@@ -58,6 +58,9 @@ def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_p
         assert valid == stats["written"] and not bad
         outcomes = pq.read_table(out / outcomes_name(sid, "mlcid")).to_pylist()
         assert len(outcomes) == stats["read"] == 4
+    index = json.loads((out / "index.json").read_text())  # the wids index over the complete shards
+    assert {e["url"]: e["nsamples"] for e in index["shardlist"]} == {
+        shard_name(sid): read_stats(out, sid)["written"] for sid in (0, 1) if read_stats(out, sid)["written"]}
     assert not list(out.glob("*.tmp"))
     assert not ray.is_initialized()  # the CLI shut its Ray down
 

@@ -216,3 +216,61 @@ def test_truncated_shard_is_counted_not_fatal(shards: Path, tmp_path: Path) -> N
     assert result.status_counts["error"] == 1  # the sample cut in half (how the reader names it depends on the cut)
     assert set(result.reasons) <= {"truncated_shard", "missing_member", "undecodable_image"}
     assert result.status_counts["ok"] >= 3  # the samples before the cut, and all of the next shard
+
+
+def write_outcomes(shard: Path, rows: list[tuple[str, bool, str | None, str | None]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys, kept, reasons, details = (list(c) for c in zip(*rows))
+    table = pa.table({"key": pa.array(keys, pa.string()), "kept": pa.array(kept, pa.bool_()),
+                      "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string())})
+    pq.write_table(table, shard.with_suffix(".parquet"))
+
+
+def test_dropped_samples_listed_per_shard(tmp_path: Path) -> None:
+    d = tmp_path / "shards"
+    s0 = write_shard(d, [make_sample("k0"), make_sample("k1")], 0, {"no_foreground": 2, "mask_area": 1})
+    write_outcomes(s0, [("k0", True, None, None), ("r1", False, "no_foreground", "no box above 0.1"),
+                        ("r2", False, "no_foreground", None), ("k1", True, None, None),
+                        ("r3", False, "mask_area", XSS)])
+    s1 = write_shard(d, [make_sample("k2")], 1)  # no outcomes file
+    s2 = write_shard(d, [make_sample("k3")], 2)
+    s2.with_suffix(".parquet").write_bytes(b"not parquet")
+    index = build_view([str(s0), str(s1), str(s2)], tmp_path / "view").index.read_text()
+    section = index[index.index("Dropped samples"):]
+    assert "mlcid-000000.tar: 3 dropped (mask_area=1, no_foreground=2)" in section
+    listed = re.findall(r"<tr><td><code>([^<]*)</code></td><td>([^<]*)</td><td>([^<]*)</td></tr>", section)
+    assert listed[:3] == [("r1", "no_foreground", "no box above 0.1"), ("r2", "no_foreground", ""),
+                          ("r3", "mask_area", html.escape(XSS, quote=True))]
+    assert "<script>" not in index and "mlcid-000001.tar" not in section  # no file, no entry
+    assert "mlcid-000002.tar: 1 dropped (unreadable_outcomes=1)" in section
+    assert '<a href="#dropped-0">3</a>' in index and 'id="dropped-0"' in section  # the shard table links the list
+
+
+def test_same_shard_name_in_two_folders(tmp_path: Path) -> None:
+    a = write_shard(tmp_path / "run-a" / "out", [make_sample("a0")])
+    b = write_shard(tmp_path / "run-b" / "out", [make_sample("b0")])
+    result = build_view([str(a), str(b)], tmp_path / "view")
+    index = result.index.read_text()
+    rows = re.findall(r'<tr class="complete"><td title="[^"]*">([^<]+)</td>', index)
+    assert rows == ["run-a/out/mlcid-000000.tar", "run-b/out/mlcid-000000.tar"]
+    page = result.pages[0].read_text()
+    assert "run-a/out/mlcid-000000.tar · 48×48" in page and "run-b/out/mlcid-000000.tar · 48×48" in page
+    from mlcid.view import display_names
+
+    assert display_names(["x/s.tar", "y/s.tar", "y/t.tar"]) == ["x/s.tar", "y/s.tar", "t.tar"]
+    assert display_names(["s.tar", "s.tar"]) == ["s.tar", "s.tar"]  # the same URL twice stays as given
+
+
+def test_non_square_images_keep_their_aspect(tmp_path: Path) -> None:
+    from PIL import Image
+
+    wide = make_sample("wide", size=32, width=48, n_fg=2)  # 48 × 32
+    shard = write_shard(tmp_path / "shards", [wide])
+    result = build_view(str(shard), tmp_path / "view", ViewConfig(thumb_size=24))
+    page = result.pages[0].read_text()
+    assert Image.open(result.out_dir / "img/p0001/000001-layer01.png").size == (24, 16)
+    boxes = re.findall(r'<div class="imgbox[^"]*" style="width:(\d+)px;height:(\d+)px"><img [^>]*width="48" '
+                       r'height="32"', page)
+    assert len(boxes) == 1 + 1 + 2 * 2 and set(boxes) == {("116", "77")}  # composite, background, 2 × (fg, mask)

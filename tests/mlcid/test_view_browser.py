@@ -113,3 +113,32 @@ def test_gallery_pages(browser, gallery: Path) -> None:
     assert last.locator("article.card").count() == 1
     assert last.get_by_role("link", name="next →").count() == 0
     last.close()
+
+
+@pytest.fixture(scope="module")
+def wide_gallery(tmp_path_factory) -> Path:
+    """A 48 × 32 sample in a shard whose outcomes file lists a dropped input with a hostile detail."""
+    from tests.mlcid.test_view import write_outcomes
+
+    root = tmp_path_factory.mktemp("wide")
+    shard = write_shard(root / "shards", [make_sample("w0", size=32, width=48, n_fg=2)], 0, {"mask_area": 1})
+    write_outcomes(shard, [("w0", True, None, None), ("gone", False, "mask_area", EVIL)])
+    build_view(str(shard), root / "view", ViewConfig(title=TITLE))
+    return root / "view"
+
+
+def test_non_square_and_dropped_list(browser, wide_gallery: Path) -> None:
+    page, seen = _open(browser, wide_gallery / "page-0001.html")
+    _check_clean(page, seen)
+    # every box and every image in it is drawn at the sample's 3:2 aspect (the checker marks only transparency)
+    for kind in ("img", ".imgbox"):
+        sizes = page.locator(f"article.card {kind}").evaluate_all(
+            "els => els.map(e => [e.getBoundingClientRect().width, e.getBoundingClientRect().height])")
+        assert len(sizes) == 6 and all(abs(w / h - 1.5) < 0.03 for w, h in sizes), sizes
+    page.close()
+    index, seen = _open(browser, wide_gallery / "index.html")
+    _check_clean(index, seen)
+    index.locator("details.dropped summary").first.click()
+    assert index.locator("details.dropped tr td").nth(2).text_content() == EVIL  # shown as text, not markup
+    assert index.locator("details.dropped img[src='x'], details.dropped script").count() == 0
+    index.close()

@@ -43,7 +43,8 @@ def sample(pipe, **kw):
 
 def test_run_folder_round_trip(run_dir, pipe):
     index = json.loads((run_dir / "model_index.json").read_text())
-    assert index["_class_name"] == "LayerDiffPipeline" and index["unet"] == ["model.network.unet", "LayerDiffUNet"]
+    assert index["_class_name"] == ["pipeline", "LayerDiffPipeline"]  # diffusers' custom-pipeline form (model.hub)
+    assert index["unet"] == ["model.network.unet", "LayerDiffUNet"]
     assert type(pipe.unet).__name__ == "LayerDiffUNet" and pipe.unet.config.max_layers == 4
     assert pipe.default_size == 256 and pipe.vae_scale_factor == 8
 

@@ -109,6 +109,10 @@ def test_config_recipe_and_errors(tmp_path):
 # -- end to end ----------------------------------------------------------------------------------------------------
 
 
+def index_resolution(run_dir) -> int:
+    return json.loads((run_dir / "model_index.json").read_text())["training_resolution"]
+
+
 def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, shards, tmp_path):
     from model.network.unet import LayerDiffUNet
 
@@ -134,6 +138,10 @@ def test_tiny_run_writes_metrics_checkpoints_and_a_pipeline_folder(tiny_models, 
 
     pipe = LayerDiffPipeline.from_pretrained(out)
     assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), final.state_dict().values()))
+    # the final save also wrote the model card (model.hub): steps, resolution, last loss; sampling defaults to it
+    card = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert card["training_steps"] == 3 and card["metrics"]["final_train_loss"] == pytest.approx(lines[-1]["loss"])
+    assert card["training_resolution"] == pipe.default_size == index_resolution(out)
     keys = (out / "keys-rank0.txt").read_text().split()
     assert len(keys) == 2 * 3 * 2  # (step, key) × batch 2 × 3 steps
     assert list(out.glob("tb/events.out.tfevents.*"))

@@ -144,7 +144,11 @@ def test_save_and_load_round_trip(sd_unet, tmp_path):
     model = LayerDiffUNet.from_unet(sd_unet, max_layers=3, use_prompt_enhancer=True).eval()
     randomize_new_modules(model)
     model.save_pretrained(tmp_path / "ld")
-    assert (tmp_path / "ld" / "diffusion_pytorch_model.safetensors").exists()
+    from model.network.unet import WEIGHTS_NAME
+    from model.training.checkpoint import WEIGHTS
+
+    assert WEIGHTS == WEIGHTS_NAME and (tmp_path / "ld" / WEIGHTS_NAME).exists()
+    assert not (tmp_path / "ld" / "diffusion_pytorch_model.safetensors").exists()
     loaded = LayerDiffUNet.from_pretrained(tmp_path / "ld").eval()
     assert loaded.config.max_layers == 3 and loaded.in_channels_per_layer == 8 and loaded.latent_channels == 4
     inputs = make_inputs(B=1, L=3)
@@ -152,6 +156,15 @@ def test_save_and_load_round_trip(sd_unet, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs, layer_valid=valid).sample,
                                    model(**inputs, layer_valid=valid).sample, atol=0, rtol=0)
+
+
+def test_plain_sd_unet_class_refuses_a_layerdiff_folder(sd_unet, tmp_path):
+    """The trap: UNet2DConditionModel.from_pretrained on a LayerDiff unet/ folder must fail, not load random weights."""
+    from diffusers import UNet2DConditionModel
+
+    LayerDiffUNet.from_unet(sd_unet, max_layers=2).save_pretrained(tmp_path / "run" / "unet")
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "run", subfolder="unet")
 
 
 @pytest.mark.parametrize("mode", ["full", "layer_blocks"])

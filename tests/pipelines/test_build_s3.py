@@ -38,7 +38,8 @@ def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bu
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["processed"] == 2 and totals["read"] == 6
     store = ShardStore(out)
-    assert store.names() == {n.format(i) for i in range(2) for n in NAMES}  # no .tmp, no staging left behind
+    # no .tmp, no staging left behind; the wids index (mlcid.wids_index) beside the shards
+    assert store.names() == {n.format(i) for i in range(2) for n in NAMES} | {"index.json"}
     for i in range(2):  # the stats object, the completion marker, was uploaded last
         info = {n.format(i): store.fs.info(store.path(n.format(i)))["LastModified"] for n in NAMES}
         assert info[NAMES[2].format(i)] >= max(info.values())

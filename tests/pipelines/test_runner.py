@@ -267,6 +267,9 @@ def test_cli_builds_and_resumes(tmp_path, capsys):
     assert main(argv) == 0
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["read"] == 3 and totals["skipped"] == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())  # wids index beside the shards
+    assert index["shardlist"] == [{"url": "mlcid-000005.tar", "nsamples": totals["written"],
+                                   "filesize": (tmp_path / "out" / "mlcid-000005.tar").stat().st_size}]
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
 
