@@ -27,6 +27,22 @@ class FillingFile(io.FileIO):
         return super().write(data)
 
 
+class FullAtClose(io.FileIO):
+    """A real file that takes every member but raises ENOSPC on the tar's end-of-archive zero blocks (at close)."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path, "wb")
+
+    def write(self, data) -> int:
+        if len(data) >= 1024 and not any(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def full_at_close(self):
+    return FullAtClose(self.tmp_path)
+
+
 def filling(room: int):
     def _open_tmp(self):
         return FillingFile(self.tmp_path, room)

@@ -31,7 +31,9 @@ def store(request, tmp_path) -> ShardStore:
 
 def test_only_one_of_many_contenders_gets_the_lease(store):
     leases = [Lease(store, "mlcid-000001", FAST) for _ in range(6)]
-    won, start = [], threading.Barrier(len(leases))
+    won, start, race = [], threading.Barrier(len(leases)), threading.Barrier(len(leases))
+    for lease in leases:  # every contender has listed "no lease yet" before any of them creates one
+        lease._create = (lambda real: lambda gen: (race.wait(), real(gen))[1])(lease._create)
 
     def contend(lease: Lease) -> None:
         start.wait()

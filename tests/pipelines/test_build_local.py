@@ -15,7 +15,7 @@ from mlcid.schema import MLCIDSample, sample_uid
 from mlcid.writer import ShardWriter, is_complete, shard_name
 from pipelines.build import LocalBuildConfig, PipelineOptions, build_local, main
 from pipelines.runner import ShardProcessor, outcomes_name
-from tests.mlcid.test_disk_full import filling
+from tests.mlcid.test_disk_full import filling, full_at_close
 from tests.pipelines.test_runner import classical_config, raw_records, write_raw_shard
 
 CLASSICAL = ["--preset", "tiny", "--log-level", "WARNING", "--backend", "caption=none", "--backend",
@@ -84,6 +84,12 @@ def test_disk_full_while_writing_leaves_no_outcomes_and_no_shard(tmp_path, monke
         proc.process(url, str(tmp_path / "out"))
     assert info.value.errno == errno.ENOSPC
     assert os.listdir(tmp_path / "out") == []  # the outcomes parquet is never published before the tar
+    # Full exactly when the tar is closed (every sample fit): the outcomes must not be left behind either.
+    monkeypatch.setattr(ShardWriter, "_open_tmp", full_at_close)
+    with pytest.raises(OSError) as info:
+        proc.process(url, str(tmp_path / "out"))
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path / "out") == []
 
 
 def test_every_sample_and_outcome_row_carries_its_provenance(tmp_path):

@@ -31,10 +31,21 @@ def bucket(s3_server) -> str:
     return name
 
 
-def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bucket, tmp_path, capsys):
+def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bucket, tmp_path, capsys,
+                                                                              monkeypatch):
     raw = [write_raw_shard(tmp_path / f"{i:05d}.tar", raw_records(3, seed=20 + i, shard=i)) for i in range(2)]
     out = f"s3://{bucket}/runs/mlcid"
+    store = ShardStore(out)
+    uploads: list[str] = []
+    real_put = store.fs.put_file  # fsspec caches the filesystem: the builder's store uses this same instance
+
+    def put_file(lpath, rpath, *args, **kwargs):
+        uploads.append(rpath.rsplit("/", 1)[-1])
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "put_file", put_file)
     assert main(["--shards", *raw, "--out", out, *CLASSICAL]) == 0
+    assert uploads == [n.format(i) for i in range(2) for n in NAMES]  # per shard: tar, outcomes, stats LAST
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["processed"] == 2 and totals["read"] == 6
     store = ShardStore(out)
