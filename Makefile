@@ -24,11 +24,11 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 export WANDB_MODE ?= disabled
 export LAYERDIFF_TINY_MODELS ?= $(WORK)/tiny-models
 export PYTHONUNBUFFERED ?= 1
-OFFLINE_TARGETS := demo test test-all learn-bench bench-io bench-train bench-loader bench-sample bench-orchestration
+OFFLINE_TARGETS := demo test test-all learn-bench bench-io bench-train bench-loader bench-sample bench-orchestration bench-pipeline-cost bench-gpu
 $(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
 $(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench
+.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench bench-pipeline-cost bench-gpu
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -164,6 +164,15 @@ bench-io: env ## reader/writer throughput (numbers go to BENCHMARKS.md)
 
 bench-pipeline-gpu: env ## full-size MLCID stages, random weights, one GPU (~8 min): s/sample per stage + H100-hours per 2M
 	$(PY) -m benchmarks.pipeline_gpu --out $(WORK)/bench/pipeline_gpu.json
+
+COST_ARGS ?=
+bench-pipeline-cost: env ## H100-hours per 2M written samples: real pipeline code, tiny models, CPU, LAION-shaped mix (~5-10 min) → .work/bench/pipeline_cost.json [COST_ARGS='--samples 128']
+	$(LAYERDIFF) tiny-models --missing-only
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.pipeline_cost --out $(WORK)/bench/pipeline_cost.json $(COST_ARGS)
+
+DRY ?=
+bench-gpu: env ## every GPU measurement in one call (≤ 8 min, one H100/H200) → benchmarks/results/bench_gpu-*.json; DRY=1: tiny models on CPU
+	$(if $(DRY),$(LAYERDIFF) tiny-models --missing-only &&) $(PY) -m benchmarks.gpu $(if $(DRY),--dry)
 
 clean: ## remove the work dir (caches, demo output, tiny models)
 	rm -rf $(WORK)

@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-tokens", type=int, help="generated tokens per global caption (default 60)")
     parser.add_argument("--object-tokens", type=int, help="generated tokens per object caption (default 20)")
     parser.add_argument("--sd-steps", type=int, help="SD inpainting denoising steps (default 25)")
+    parser.add_argument("--batch-size", action="append", default=[], metavar="STAGE=N",
+                        help="micro-batch size of a stage (repeatable), e.g. inpaint=1")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -317,6 +319,11 @@ def main(argv: list[str] | None = None) -> None:
         "caption_tokens": args.caption_tokens, "object_tokens": args.object_tokens, "sd_steps": args.sd_steps,
     }.items() if v is not None}
     cfg = BenchConfig.tiny_profile(**overrides) if args.tiny else BenchConfig(**overrides)
+    for item in args.batch_size:
+        stage, _, n = item.partition("=")
+        if stage not in STAGES or not n.isdigit() or int(n) < 1:
+            parser.error(f"--batch-size wants STAGE=N with STAGE in {', '.join(STAGES)} and N ≥ 1, got {item!r}")
+        cfg.batch_sizes[stage] = int(n)
     report = run(cfg)
     print(format_report(report))
     if args.out:

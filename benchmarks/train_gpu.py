@@ -142,7 +142,7 @@ def run(cfg: GpuBenchConfig) -> list[Result]:
     log.info("plain UNet built: %.0fM params", sum(p.numel() for p in plain.parameters()) / 1e6)
 
     def sweep(model: torch.nn.Module, loss_fn) -> None:
-        model.training.trainer()
+        model.train()
         modes = ("off", "full", "collab") if isinstance(model, LayerDiffUNet) else ("off", "full")
         for ckpt in modes:
             _set_ckpt_mode(model, ckpt)

@@ -1,0 +1,321 @@
+"""`make bench-pipeline-cost`: H100-hours per 2M written MLCID samples, from the real pipeline code on CPU.
+
+1. Writes a LAION-shaped img2dataset shard (`benchmarks.laion_mix`: LAION's aspect-ratio spread at img2dataset's
+   512 short side, the paper's layer mix).
+2. Runs the real `ShardProcessor` over it with the `real` preset's backends, micro-batch sizes, chunk size and
+   working sizes, but the tiny random-weight models (CPU). `benchmarks.pipeline_probe` wraps each stage from the
+   outside: items in / out, survival rates applied by hash (`DEFAULT_SURVIVAL`, options), model batches formed
+   and their fill, main-thread CPU seconds.
+3. Multiplies the batches each stage really formed by the full-size models' GPU seconds per batch
+   (`benchmarks.unit_costs`: a committed `make bench-gpu` result when there is one, else published figures),
+   adds the CPU work that runs on the GPU actor's thread (mask rules, cut-outs, the inpainter's own resizing
+   and pasting), and divides by the samples written.
+
+Counterfactuals (§2 of issue 10) as options: `caption_after_rules` really reorders the stages (measured),
+`full_inpaint_batches` costs inpainting as if every SD batch were full (modelled), `inpaint_steps` scales SD
+by steps, `segment_speedup` divides SAM's cost (modelled, e.g. bf16 + SDPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from benchmarks.laion_mix import LaionMix, write_laion_shard
+from benchmarks.pipeline_probe import CPU_KINDS, MODELLED, Recorder, instrument
+from benchmarks.unit_costs import UnitCost, load_costs
+
+log = logging.getLogger("bench_pipeline_cost")
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+UNIT_STEPS = 25  # the unit costs are for the inpainter's default 25 steps
+
+# Fraction of the items entering a stage that leave it alive. Estimates (no published per-stage yields for
+# this pipeline): OWLv2 at score ≥ 0.1 over 365 Objects365 queries finds a box on nearly every LAION photo
+# (text-only graphics, logos and screenshots excepted); the Appendix B mask rules (saliency overlap > 10%,
+# area 1–80%, containment) are the main filter — the paper builds 1M samples from LAION-400M without giving
+# the yield; 0.45 is what makes the issue's "roughly half of it waste" estimate. Replace with a real build's
+# `mlcid stats` (kept / dropped by reason) when one exists.
+DEFAULT_SURVIVAL = {
+    "caption": 0.998, "detect": 0.92, "segment": 0.99, "saliency": 1.0, "mask_rules": 0.45,
+    "object_caption": 1.0, "cutout": 1.0, "inpaint": 1.0,
+}
+PAPER_OBJECT_WEIGHTS = (1.7, 0.3, 0.08)  # MLCID Sec. 4.1: samples with 1, 2, 3 foregrounds
+
+
+@dataclass
+class CostConfig:
+    """One cost-model run."""
+
+    samples: int = 256  # LAION-shaped inputs pushed through the pipeline
+    seed: int = 0
+    mix: LaionMix = field(default_factory=LaionMix)
+    survival: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SURVIVAL))
+    object_weights: tuple[float, ...] | None = PAPER_OBJECT_WEIGHTS
+    caption_after_rules: bool = False  # measured: the global caption runs after the mask rules
+    full_inpaint_batches: bool = False  # modelled: every SD batch full (ideal bucketing)
+    inpaint_steps: int = UNIT_STEPS  # modelled: SD cost × steps / 25
+    segment_speedup: float = 1.0  # modelled: SAM cost ÷ this
+    total_written: int = 2_000_000
+    tiny_sd_steps: int = 2  # denoising steps of the tiny SD run on CPU (only its batching is used)
+    tiny_sd_downscale: int = 4  # the tiny SD runs at 1/4 of the working size (CPU time); batches are as formed
+    results_dir: Path | None = RESULTS  # where a committed `make bench-gpu` JSON is looked for
+    pipeline_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.inpaint_steps < 1 or self.segment_speedup <= 0:
+            raise ValueError("need samples ≥ 1, inpaint_steps ≥ 1 and segment_speedup > 0")
+        bad = {k: v for k, v in self.survival.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"survival rates must lie in [0, 1], got {bad}")
+
+
+def pipeline_config(cfg: CostConfig):
+    """The `real` profile (backends, batch sizes, sizes) on the tiny models, CPU, loose tiny-model thresholds."""
+    from pipelines.config import PipelineConfig
+
+    overrides = dict(
+        preset="tiny", device="cpu", dtype="float32", decode_threads=2,
+        # Random weights decide nothing: keep what the models give and let the survival rates decide.
+        min_saliency_overlap=0.0, containment=1.0,
+        stage_options={
+            "detect": {"score_threshold": 0.0, "max_detections": 8},
+            "segment": {"clip_to_box": True},
+            "caption": {"max_new_tokens": 4},
+            "object_caption": {"max_new_tokens": 3},
+            "inpaint": {"num_inference_steps": cfg.tiny_sd_steps},
+        },
+    )
+    for key, value in cfg.pipeline_overrides.items():
+        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+            overrides[key] = {**overrides[key], **value}
+        else:
+            overrides[key] = value
+    return PipelineConfig.from_preset("real", **overrides)
+
+
+def measure(cfg: CostConfig, work: Path) -> tuple[Recorder, dict[str, Any], dict[str, bool], Any]:
+    """Run the instrumented pipeline on a fresh LAION-shaped shard; (recorder, shard stats, kept by key, config)."""
+    from pipelines.config import STAGE_ORDER
+    from pipelines.runner import ShardProcessor
+
+    shard = work / "raw" / "00000.tar"
+    write_laion_shard(shard, cfg.samples, cfg.mix, cfg.seed)
+    pcfg = pipeline_config(cfg)
+    proc = ShardProcessor(pcfg).setup()
+    order = STAGE_ORDER
+    if cfg.caption_after_rules:
+        order = tuple(k for k in STAGE_ORDER if k != "caption")
+        at = order.index("mask_rules") + 1
+        order = order[:at] + ("caption",) + order[at:]
+    recorder = instrument(proc, cfg.survival, cfg.object_weights, order, cfg.tiny_sd_downscale)
+    stats = proc.process(str(shard), str(work / "out"))
+    table = pq.read_table(work / "out" / stats["outcomes"], columns=["key", "kept"]).to_pylist()
+    return recorder, stats, {r["key"]: bool(r["kept"]) for r in table}, pcfg
+
+
+def _round(x: float, n: int = 4) -> float:
+    return float(f"{x:.{n}g}") if x else 0.0
+
+
+def stage_costs(kind: str, rec, unit: UnitCost | None, batch_size: int, cfg: CostConfig) -> tuple[float, float]:
+    """(GPU seconds as formed, GPU seconds with full batches) of one stage's recorded batches on one H100."""
+    if unit is None or not rec.batches:
+        return 0.0, 0.0
+    scale = 1.0
+    if kind == "inpaint":
+        scale = cfg.inpaint_steps / UNIT_STEPS
+    if kind == "segment":
+        scale = 1.0 / cfg.segment_speedup
+    formed = sum(unit.batch_seconds(b, a) for b, a in zip(rec.batches, rec.batch_areas)) * scale
+    n, area = sum(rec.batches), sum(b * a for b, a in zip(rec.batches, rec.batch_areas)) / sum(rec.batches)
+    full_batches = n // batch_size
+    full = (full_batches * unit.batch_seconds(batch_size, area)
+            + (unit.batch_seconds(n % batch_size, area) if n % batch_size else 0.0)) * scale
+    return formed, full
+
+
+def account(cfg: CostConfig, recorder: Recorder, stats: dict[str, Any], kept: dict[str, bool], pcfg,
+            costs: dict[str, UnitCost], cost_source: str | None) -> dict[str, Any]:
+    """Counts, fills, GPU and CPU seconds per stage → the report (see the module docstring)."""
+    written = int(stats["written"])
+    per_written = 1.0 / max(1, written)
+    to_hours = cfg.total_written / 3600.0
+    stages: dict[str, Any] = {}
+    gpu_total = cpu_total = 0.0
+    fills = {}
+    for kind, rec in recorder.stages.items():
+        unit = costs.get(kind)
+        batch_size = int(pcfg.batch_sizes.get(kind, 1))
+        formed, full = stage_costs(kind, rec, unit, batch_size, cfg)
+        gpu_s = full if (kind == "inpaint" and cfg.full_inpaint_batches) else formed
+        # CPU on the actor's thread: all of a model-free stage; for the inpainter its own hole/resize/paste work.
+        cpu_s = rec.cpu_s if kind in CPU_KINDS else (rec.cpu_s - rec.model_cpu_s if kind == "inpaint" else 0.0)
+        written_from_here = sum(kept.get(k, False) for k in rec.keys_in)
+        fill = (sum(rec.batches) / (len(rec.batches) * batch_size)) if rec.batches else None
+        fills[kind] = fill
+        gpu_total += gpu_s
+        cpu_total += max(0.0, cpu_s)
+        stages[kind] = {
+            "items_in": rec.items_in, "items_out": rec.items_out,
+            "dropped_here": rec.items_in - rec.items_out,
+            "dropped_by_stage": rec.natural_drops, "dropped_by_survival_rate": rec.modelled_drops,
+            "dropped_later": rec.items_out - written_from_here, "written_from_here": written_from_here,
+            "objects_in": rec.objects_in, "batch_size": batch_size, "batches": len(rec.batches),
+            "items_batched": sum(rec.batches),
+            "mean_batch": _round(sum(rec.batches) / len(rec.batches)) if rec.batches else None,
+            "batch_fill": _round(fill) if fill is not None else None,
+            "gpu_s_per_written": _round(gpu_s * per_written),
+            "gpu_s_per_written_formed": _round(formed * per_written),
+            "gpu_s_per_written_full_batches": _round(full * per_written),
+            "wasted_fraction": _round(1.0 - written_from_here / rec.items_in) if rec.items_in else 0.0,
+            "cpu_ms_per_item": _round(1000.0 * rec.cpu_s / max(1, rec.items_in)),
+            "critical_cpu_s_per_written": _round(max(0.0, cpu_s) * per_written),
+            "h100_hours_per_2m_written": _round((gpu_s + max(0.0, cpu_s)) * per_written * to_hours),
+            "unit_cost": dataclasses.asdict(unit) if unit else None,
+        }
+    actor_s = gpu_total + cpu_total
+    wasted_gpu = sum(s["gpu_s_per_written"] * s["wasted_fraction"] for s in stages.values())
+    return {
+        "h100_hours_per_2m_written": _round(actor_s * per_written * to_hours),
+        "gpu_hours_per_2m_written": _round(gpu_total * per_written * to_hours),
+        "critical_cpu_hours_per_2m_written": _round(cpu_total * per_written * to_hours),
+        "wasted_gpu_fraction": _round(wasted_gpu / max(1e-12, gpu_total * per_written)),
+        "inpaint_batch_fill": _round(fills.get("inpaint") or 0.0),
+        "read": int(stats["read"]), "written": written, "yield": _round(written / max(1, int(stats["read"]))),
+        "dropped": stats["dropped"], "layer_counts": stats["layer_counts"],
+        "decode_wait_s_per_item": _round(stats["timings"].get("decode_wait", 0.0) / max(1, int(stats["read"]))),
+        "stages": stages,
+        "unit_costs_from": cost_source or "published figures (benchmarks/unit_costs.py PUBLISHED; BENCHMARKS.md)",
+        "options": {
+            "samples": cfg.samples, "seed": cfg.seed, "caption_after_rules": cfg.caption_after_rules,
+            "full_inpaint_batches": cfg.full_inpaint_batches, "inpaint_steps": cfg.inpaint_steps,
+            "segment_speedup": cfg.segment_speedup, "total_written": cfg.total_written, "survival": cfg.survival,
+            "object_weights": cfg.object_weights, "mix": dataclasses.asdict(cfg.mix),
+            "batch_sizes": dict(pcfg.batch_sizes), "chunk_size": pcfg.chunk_size, "max_side": pcfg.max_side,
+        },
+    }
+
+
+def run(cfg: CostConfig, work: Path | None = None) -> dict[str, Any]:
+    """Measure (in `work`, else a temporary folder) and account; returns the report."""
+    costs, source = load_costs(cfg.results_dir)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="pipeline-cost-") as tmp:
+        recorder, stats, kept, pcfg = measure(cfg, Path(work or tmp))
+    report = account(cfg, recorder, stats, kept, pcfg, costs, source)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def scenarios(cfg: CostConfig, report: dict[str, Any], after: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The §2 changes, cumulatively: re-accounted from the measured runs (`after` = caption after the rules)."""
+    rows = [{"scenario": "current code (before)", "how": "measured", **_summary(report)}]
+    if after is None:
+        return rows
+    rows.append({"scenario": "+ caption after the mask rules", "how": "measured run", **_summary(after)})
+    steps = [("+ full inpainting batches", "modelled", dict(full_inpaint_batches=True)),
+             ("+ SAM bf16 + SDPA (2× assumed)", "modelled", dict(segment_speedup=2.0)),
+             ("+ DPM-Solver++ 15 steps (vs 25)", "modelled", dict(inpaint_steps=15))]
+    options: dict[str, Any] = {}
+    for name, how, change in steps:
+        options.update(change)
+        rows.append({"scenario": name, "how": how, **_summary(after | {"_options": options})})
+    return rows
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    if "_options" in report:  # re-account the stored stage batches under new options
+        report = reaccount(report, report["_options"])
+    return {"h100_hours_per_2m_written": report["h100_hours_per_2m_written"],
+            "inpaint_batch_fill": report["inpaint_batch_fill"] if not report["options"]["full_inpaint_batches"]
+            else 1.0, "wasted_gpu_fraction": report["wasted_gpu_fraction"]}
+
+
+def reaccount(report: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """The report with modelled options changed, from its stored per-stage GPU seconds (no rerun)."""
+    ran, opts = report["options"], {**report["options"], **changes}
+    total = 0.0
+    for kind, s in report["stages"].items():
+        full = kind == "inpaint" and opts["full_inpaint_batches"]
+        gpu = s["gpu_s_per_written_full_batches"] if full else s["gpu_s_per_written_formed"]
+        if kind == "inpaint":
+            gpu *= opts["inpaint_steps"] / ran["inpaint_steps"]
+        if kind == "segment":
+            gpu *= ran["segment_speedup"] / opts["segment_speedup"]
+        total += gpu + s["critical_cpu_s_per_written"]
+    return dict(report, options=opts, h100_hours_per_2m_written=_round(total * opts["total_written"] / 3600.0))
+
+
+def format_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> str:
+    lines = ["| stage | in | out | dropped later | batches | mean batch / size | fill | GPU s per written "
+             "| CPU ms/item | H100-h per 2M |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, s in report["stages"].items():
+        mb = f"{s['mean_batch']} / {s['batch_size']}" if s["mean_batch"] else "–"
+        lines.append(f"| {kind} | {s['items_in']} | {s['items_out']} | {s['dropped_later']} | {s['batches']} | {mb} "
+                     f"| {s['batch_fill'] if s['batch_fill'] is not None else '–'} | {s['gpu_s_per_written']} "
+                     f"| {s['cpu_ms_per_item']} | {s['h100_hours_per_2m_written']} |")
+    lines += ["", "| scenario | how | H100-h per 2M written | inpaint fill | GPU work on dropped items |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['scenario']} | {r['how']} | {r['h100_hours_per_2m_written']:.0f} | {r['inpaint_batch_fill']} "
+              f"| {r['wasted_gpu_fraction']:.0%} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=CostConfig.samples, help="LAION-shaped inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--short-side", type=int, default=LaionMix.short_side, help="img2dataset --image_size")
+    p.add_argument("--odd-fraction", type=float, default=LaionMix.odd_fraction,
+                   help="share of inputs with an aspect ratio outside LAION's common formats")
+    p.add_argument("--survival", action="append", default=[], metavar="STAGE=RATE",
+                   help="survival rate of a stage (repeatable), e.g. mask_rules=0.5")
+    p.add_argument("--caption-after-rules", action="store_true", help="only this variant (no before/after)")
+    p.add_argument("--full-inpaint-batches", action="store_true")
+    p.add_argument("--inpaint-steps", type=int, default=UNIT_STEPS)
+    p.add_argument("--segment-speedup", type=float, default=1.0)
+    p.add_argument("--no-after", action="store_true", help="skip the second (caption after the rules) run")
+    p.add_argument("--results-dir", type=Path, default=RESULTS, help="committed make bench-gpu JSONs")
+    p.add_argument("--out", type=Path, default=REPO / ".work" / "bench" / "pipeline_cost.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    survival = dict(DEFAULT_SURVIVAL)
+    for item in args.survival:
+        stage, _, rate = item.partition("=")
+        if stage not in survival or not rate:
+            raise SystemExit(f"error: --survival wants STAGE=RATE with STAGE in {', '.join(survival)}")
+        survival[stage] = float(rate)
+    mix = LaionMix(short_side=args.short_side, odd_fraction=args.odd_fraction)
+    cfg = CostConfig(samples=args.samples, seed=args.seed, mix=mix, survival=survival,
+                     caption_after_rules=args.caption_after_rules, full_inpaint_batches=args.full_inpaint_batches,
+                     inpaint_steps=args.inpaint_steps, segment_speedup=args.segment_speedup,
+                     results_dir=args.results_dir)
+    report = run(cfg)
+    after = None if (args.no_after or cfg.caption_after_rules) else run(dataclasses.replace(
+        cfg, caption_after_rules=True))
+    report["scenarios"] = scenarios(cfg, report, after)
+    if after is not None:
+        report["after_caption_after_rules"] = after
+    print(format_table(report["scenarios"], report))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    tmp.replace(args.out)
+    print(f"report: {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
