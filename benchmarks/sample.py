@@ -71,6 +71,7 @@ class BenchConfig:
     smg_window_end: float = 0.5  # the "SMG on a window" row: SMG on steps i < end·steps, masks every 2 steps
     seed: int = 0
     threads: int | None = None
+    compile: bool = False  # torch.compile both UNets (SD's and LayerDiff's) before the warm-up
 
     def sd_config(self) -> TinySDConfig:
         n = len(self.block_out_channels)
@@ -118,6 +119,8 @@ def build(config: BenchConfig, device: torch.device) -> tuple:
     for pipe in (sd, ld):
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        if config.compile:
+            pipe.unet.compile()  # nn.Module.compile: in place, the module keeps its type and config
     return sd, ld
 
 
@@ -302,7 +305,8 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls:g} | {r.seconds:.2f} | {r.wall_seconds:.2f} | "
+        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls:g} | {r.seconds:.2f} | "
+                     f"{r.wall_seconds:.2f} | "
                      f"{r.seconds / r.layers:.2f} | {r.seconds / sd_time[r.layers]:.2f} | {r.peak_mib:.0f} |")
     names = list(next(iter(parts.values())))
     lines += ["", f"Per-call cost of a step's pieces ({unit}, median of 3); SMG step ×SD = (CFG call + SMG call + mask "
@@ -350,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=defaults.latent_size * 8, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (compiles in the warm-up)")
     parser.add_argument("--tiny", action="store_true", help="a tiny geometry (tests: seconds, not a measurement)")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the rows and ratio_vs_sd as JSON here (make bench-sample: "
@@ -362,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
     config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
                          mask_interval=args.mask_interval, threads=args.threads,
-                         latent_size=args.size // 8, **(TINY if args.tiny else {}))
+                         latent_size=args.size // 8, compile=args.compile, **(TINY if args.tiny else {}))
     device = torch.device(args.device)
     rows, parts = run(config, device)
     command = "python -m benchmarks.sample " + shlex.join(argv if argv is not None else sys.argv[1:])
