@@ -108,7 +108,7 @@ bench-train-gpu: env ## full SD 1.5 geometry, random weights, 256², bf16, ± gr
 	$(PY) -m benchmarks.train_gpu --out $(WORK)/bench/train_gpu.json
 
 bench-sample: env ## one LayerDiff sample (CFG+SMG, CFG) vs StableDiffusionPipeline on L images, side by side
-	$(PY) -m benchmarks.sample --threads 1
+	$(PY) -m benchmarks.sample --threads 1 --json $(WORK)/bench/sample.json
 
 bench-orchestration: env ## MLCID on Ray with tiny presets: 1 vs 2 workers, framework overhead per sample
 	$(PY) -m benchmarks.orchestration

@@ -6,8 +6,11 @@ Method
 - One seeded SD-shaped pipeline (model.tiny's builder at the geometry below: 4 UNet levels, SD 1.5's channels
   and VAE widths divided by ~10, 128² images by default) is the baseline; LayerDiff is `LayerDiffUNet.from_unet` of the
   same UNet with the same VAE, text encoder and DDIM scheduler. Weights are random: cost does not depend on them.
-- Rows per L: SD (L images, CFG), LayerDiff CFG, LayerDiff CFG+SMG (the paper's sampler: masks decoded every
-  step), and CFG+SMG with masks re-decoded every 5 steps. "×SD" = time / SD's time for the same L images.
+- Rows per L: SD (L images, CFG); LayerDiff CFG and CFG+SMG (the paper's sampler: SMG and a mask decode at every
+  step) as they were before the speed work ("before": inter-layer attention through SDPA at every size) and as
+  they are now; CFG+SMG with masks re-decoded every k steps; CFG+SMG on the first half of the steps with masks
+  every 2 steps (an option, not the default). "×SD" = time / SD's time for the same L images; `--json` also gets
+  `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
 - Time: one full call (text encoding, all steps, final decode) after a 1-step warm-up of each variant; variants
   alternate (order flipped every repeat); medians. On CPU the ratios use the process's CPU time, which other
   jobs on shared cores barely disturb (wall time is shown too; pin `--threads` so both mean the same work); on
@@ -19,7 +22,9 @@ Method
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import logging
 import shlex
 import statistics
@@ -36,6 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from model.network import layer_attention
 from model.sampling.pipeline import LayerDiffPipeline
 from model.tiny import TinySDConfig, build_sd_pipeline
 from model.network.unet import LayerDiffUNet
@@ -62,8 +68,10 @@ class BenchConfig:
     smg: float = 3.0
     repeats: int = 1
     mask_interval: int = 5  # the extra "SMG, masks every k steps" row
+    smg_window_end: float = 0.5  # the "SMG on a window" row: SMG on steps i < end·steps, masks every 2 steps
     seed: int = 0
     threads: int | None = None
+    compile: bool = False  # torch.compile both UNets (SD's and LayerDiff's) before the warm-up
 
     def sd_config(self) -> TinySDConfig:
         n = len(self.block_out_channels)
@@ -74,6 +82,10 @@ class BenchConfig:
             attention_head_dim=self.attention_head_dim, sample_size=self.latent_size, text_hidden=self.text_hidden,
             text_layers=self.text_layers, text_heads=4, text_intermediate=4 * self.text_hidden,
             vae_block_out_channels=self.vae_block_out_channels, vae_norm_groups=8, seed=self.seed)
+
+
+TINY = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, text_hidden=32,
+            vae_block_out_channels=(8, 8, 8, 8))  # `--tiny`: the same code path in seconds
 
 
 def clock(device: torch.device) -> float:
@@ -94,7 +106,7 @@ class Row:
     seconds: float  # CPU seconds on CPU, wall seconds on CUDA (see `clock`)
     wall_seconds: float
     peak_mib: float
-    unet_calls: int
+    unet_calls: float  # per step (averaged: SMG on a window of steps)
     times: list[float] = field(default_factory=list)
 
 
@@ -107,7 +119,33 @@ def build(config: BenchConfig, device: torch.device) -> tuple:
     for pipe in (sd, ld):
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
+        if config.compile:
+            pipe.unet.compile()  # nn.Module.compile: in place, the module keeps its type and config
     return sd, ld
+
+
+@contextlib.contextmanager
+def sdpa_inter_layer_attention():
+    """The layer-collaborative blocks as before the speed work: inter-layer attention through SDPA at every size."""
+    before = layer_attention.BROADCAST_MAX_ELEMENTS
+    layer_attention.BROADCAST_MAX_ELEMENTS = 0
+    try:
+        yield
+    finally:
+        layer_attention.BROADCAST_MAX_ELEMENTS = before
+
+
+# row name → short key in "ratio_vs_sd" (suffixed "_L{L}")
+KEYS = {"SD 1.5 pipeline, CFG": "sd", "LayerDiff CFG, before": "cfg_before", "LayerDiff CFG": "cfg",
+        "LayerDiff CFG+SMG, before": "cfg+smg_before", "LayerDiff CFG+SMG": "cfg+smg"}
+
+
+def row_key(name: str) -> str:
+    if name in KEYS:
+        return KEYS[name]
+    if "window" in name:
+        return "cfg+smg_window"
+    return "cfg+smg_masks" + name.rsplit(" ", 1)[-1]
 
 
 def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], object]]:
@@ -118,29 +156,37 @@ def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], o
     def gen():
         return torch.Generator("cpu").manual_seed(config.seed)
 
-    def layerdiff(guidance: str, interval: int = 1):
-        return lambda steps: ld(GLOBAL_PROMPT, prompts, num_inference_steps=steps, guidance_scale=config.cfg,
-                                smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval, height=size,
-                                width=size, generator=gen(), output_type="np")
+    def layerdiff(guidance: str, interval: int = 1, before: bool = False, smg_end: float = 1.0):
+        def run_one(steps):
+            with sdpa_inter_layer_attention() if before else contextlib.nullcontext():
+                return ld(GLOBAL_PROMPT, prompts, num_inference_steps=steps, guidance_scale=config.cfg,
+                          smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval, smg_end=smg_end,
+                          height=size, width=size, generator=gen(), output_type="np")
+        return run_one
 
     return {
         "SD 1.5 pipeline, CFG": lambda steps: sd(GLOBAL_PROMPT, num_inference_steps=steps, guidance_scale=config.cfg,
                                                  num_images_per_prompt=L, height=size, width=size, generator=gen(),
                                                  output_type="np"),
+        "LayerDiff CFG, before": layerdiff("cfg", before=True),
         "LayerDiff CFG": layerdiff("cfg"),
+        "LayerDiff CFG+SMG, before": layerdiff("cfg+smg", before=True),
         "LayerDiff CFG+SMG": layerdiff("cfg+smg"),
         f"LayerDiff CFG+SMG, masks every {config.mask_interval}": layerdiff("cfg+smg", config.mask_interval),
+        f"LayerDiff CFG+SMG on a window (first {config.smg_window_end:.0%} of the steps), masks every 2":
+            layerdiff("cfg+smg", 2, smg_end=config.smg_window_end),
     }
 
 
-def count_unet_calls(pipe, fn: Callable[[int], object], steps: int) -> int:
+def unet_calls_per_step(pipe, fn: Callable[[int], object], steps: int) -> float:
+    """UNet forwards per denoising step, averaged over a `steps`-step call."""
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         fn(steps)
     finally:
         handle.remove()
-    return len(calls)
+    return len(calls) / steps
 
 
 class StoragePeak(TorchDispatchMode):
@@ -236,7 +282,7 @@ def run(config: BenchConfig, device: torch.device) -> tuple[list[Row], dict[int,
         for name, fn in fns.items():
             owner = owners[name]
             mem = peak_memory_mib(fn, device)
-            calls = count_unet_calls(owner, fn, 2) // 2
+            calls = unet_calls_per_step(owner, fn, 4)
             rows.append(Row(L, name, statistics.median(times[name]), statistics.median(walls[name]), mem, calls,
                             times[name]))
     return rows, parts
@@ -259,7 +305,8 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls} | {r.seconds:.2f} | {r.wall_seconds:.2f} | "
+        lines.append(f"| {r.layers} | {r.layers} | {r.name} | {r.unet_calls:g} | {r.seconds:.2f} | "
+                     f"{r.wall_seconds:.2f} | "
                      f"{r.seconds / r.layers:.2f} | {r.seconds / sd_time[r.layers]:.2f} | {r.peak_mib:.0f} |")
     names = list(next(iter(parts.values())))
     lines += ["", f"Per-call cost of a step's pieces ({unit}, median of 3); SMG step ×SD = (CFG call + SMG call + mask "
@@ -269,6 +316,27 @@ def markdown(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchC
         smg = (p[names[1]] + p[names[2]] + p[names[3]]) / p[names[0]]
         lines.append(f"| {L} | " + " | ".join(f"{p[n]:.3f}" for n in names) + f" | {smg:.2f} |")
     return "\n".join(lines)
+
+
+def ratios_vs_sd(rows: list[Row]) -> dict[str, float]:
+    """{"cfg_L2": time / SD's time for L = 2, "cfg+smg_L2": …} for every LayerDiff row."""
+    sd_time = {r.layers: r.seconds for r in rows if r.name.startswith("SD")}
+    return {f"{row_key(r.name)}_L{r.layers}": round(r.seconds / sd_time[r.layers], 3)
+            for r in rows if not r.name.startswith("SD")}
+
+
+def results(rows: list[Row], parts: dict[int, dict[str, float]], config: BenchConfig, device: torch.device,
+            command: str) -> dict:
+    return {"command": command, "config": asdict(config), "device": str(device), "threads": torch.get_num_threads(),
+            "ratio_vs_sd": ratios_vs_sd(rows), "rows": [asdict(r) for r in rows], "parts": parts}
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` atomically (a .tmp file renamed), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,7 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=defaults.latent_size * 8, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (compiles in the warm-up)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny geometry (tests: seconds, not a measurement)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the rows and ratio_vs_sd as JSON here (make bench-sample: "
+                             ".work/bench/sample.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if min(args.layers) < 2 or args.steps < 1 or args.repeats < 1:
@@ -295,14 +367,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
     config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
                          mask_interval=args.mask_interval, threads=args.threads,
-                         latent_size=args.size // 8)
+                         latent_size=args.size // 8, compile=args.compile, **(TINY if args.tiny else {}))
     device = torch.device(args.device)
     rows, parts = run(config, device)
     command = "python -m benchmarks.sample " + shlex.join(argv if argv is not None else sys.argv[1:])
     print(markdown(rows, parts, config, device, command.strip()))
     if args.json:
-        args.json.write_text(json.dumps({"config": asdict(config), "device": str(device),
-                                         "rows": [asdict(r) for r in rows], "parts": parts}, indent=2))
+        write_json(args.json, results(rows, parts, config, device, command.strip()))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Loading code shared by training, sampling and evaluation: SD-1.x components, prompts, CLIP scorer, FID extractor.
+"""Loading code shared by training, sampling and evaluation: SD-1.x components, prompts, CLIP scorer, FID extractor,
+the LayerDiff run-folder check.
 
 Real and tiny models go through the same calls: `from_pretrained` on a hub id or a local folder
 (`mlcid.registry.resolve` says which), safetensors preferred, never `trust_remote_code`.
@@ -6,6 +7,7 @@ Real and tiny models go through the same calls: `from_pretrained` on a hub id or
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -355,3 +357,38 @@ def load_fid_extractor(preset: str = "real", path: str | os.PathLike | None = No
             f"no Inception weights for FID and HF_HUB_OFFLINE=1: download {INCEPTION_FILE} (torch-fidelity "
             "release v0.2.0) once and set LAYERDIFF_FID_WEIGHTS to it, or use preset 'tiny'")
     return FidExtractor(INCEPTION_NAME, None, "2048")
+
+
+# ------------------------------------------------------------------ LayerDiff run folders
+
+RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+ALLOWED_LIBRARIES = {"unet": ("model.network.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
+                     "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
+
+
+def check_run_folder(folder: str | Path) -> Path:
+    """Raise ValueError unless `folder` is a LayerDiff run/pipeline folder (model_index.json naming the
+    LayerDiff UNet and only diffusers/transformers parts, five subfolders)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a LayerDiff run: not a local folder (train one with `make train`)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ValueError(f"{path} is not a LayerDiff run: model_index.json is missing")
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not a LayerDiff run: model_index.json is unreadable ({err})") from err
+    unet_entry = index.get("unet")
+    if unet_entry != ["model.network.unet", "LayerDiffUNet"]:
+        raise ValueError(f"{path} is not a LayerDiff run: its unet is {unet_entry!r}, want "
+                         "['model.network.unet', 'LayerDiffUNet'] (a plain SD folder must be trained first)")
+    for name, libraries in ALLOWED_LIBRARIES.items():
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries):
+            raise ValueError(f"{path} is not a LayerDiff run: component {name!r} is {entry!r} "
+                             f"(allowed libraries: {libraries})")
+    missing = [s for s in RUN_SUBFOLDERS if not (path / s).is_dir()]
+    if missing:
+        raise ValueError(f"{path} is not a LayerDiff run: missing {', '.join(m + '/' for m in missing)}")
+    return path

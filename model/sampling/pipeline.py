@@ -11,7 +11,6 @@ empty prompts when the SMG variant reads them), then — with self-guidance — 
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -30,15 +29,12 @@ from PIL import Image
 from mlcid.composite import composite as composite_eq4
 from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, SMGConfig, paper_negatives  # noqa: F401 (part of this module's API)
-from model.loading import encode_prompts
+from model.loading import check_run_folder, encode_prompts
 from model.training.run_folder import fetch_pipeline_folder
 from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
 from model.sampling.output import Intermediate, LayerDiffPipelineOutput  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
-RUN_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-ALLOWED_LIBRARIES = {"unet": ("model.network.unet",), "vae": ("diffusers",), "text_encoder": ("transformers",),
-                     "tokenizer": ("transformers",), "scheduler": ("diffusers",)}
 OUTPUT_TYPES = ("pil", "np", "latent")
 SELF_GUIDANCE = {"cfg": None, "cfg+smg": "_smg_latents", "cfg+sag": "_sag_latents"}  # mode → degrader method
 # Tensors `callback_on_step_end` may ask for (diffusers' `callback_on_step_end_tensor_inputs`), all (B, L, 8, h, w):
@@ -95,31 +91,8 @@ class LayerDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ loading
     @classmethod
     def check_run_folder(cls, folder: str | Path) -> Path:
-        """Raise ValueError unless `folder` is a LayerDiff run/pipeline folder (model_index.json naming the
-        LayerDiff UNet and only diffusers/transformers parts, five subfolders)."""
-        path = Path(folder)
-        if not path.is_dir():
-            raise ValueError(f"{path} is not a LayerDiff run: not a local folder (train one with `make train`)")
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise ValueError(f"{path} is not a LayerDiff run: model_index.json is missing")
-        try:
-            index = json.loads(index_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not a LayerDiff run: model_index.json is unreadable ({err})") from err
-        unet_entry = index.get("unet")
-        if unet_entry != ["model.network.unet", "LayerDiffUNet"]:
-            raise ValueError(f"{path} is not a LayerDiff run: its unet is {unet_entry!r}, want "
-                             "['model.network.unet', 'LayerDiffUNet'] (a plain SD folder must be trained first)")
-        for name, libraries in ALLOWED_LIBRARIES.items():
-            entry = index.get(name)
-            if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in libraries):
-                raise ValueError(f"{path} is not a LayerDiff run: component {name!r} is {entry!r} "
-                                 f"(allowed libraries: {libraries})")
-        missing = [s for s in RUN_SUBFOLDERS if not (path / s).is_dir()]
-        if missing:
-            raise ValueError(f"{path} is not a LayerDiff run: missing {', '.join(m + '/' for m in missing)}")
-        return path
+        """Raise ValueError unless `folder` is a LayerDiff run folder (`model.loading.check_run_folder`)."""
+        return check_run_folder(folder)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> "LayerDiffPipeline":
@@ -449,7 +422,7 @@ class LayerDiffPipeline(DiffusionPipeline):
                     if return_intermediates and (i % intermediate_every == 0 or i == len(timesteps) - 1):
                         intermediates.append(self._preview(i, int(t), out.pred_original_sample, max_batch))
                     if callback_on_step_end is not None:
-                        named = {"latents": latents, "noise_pred": eps, "pred_original_sample": out.pred_original_sample}
+                        named = dict(latents=latents, noise_pred=eps, pred_original_sample=out.pred_original_sample)
                         result = callback_on_step_end(self, i, int(t), {n: named[n] for n in
                                                                          callback_on_step_end_tensor_inputs}) or {}
                         latents = result.get("latents", latents)

@@ -354,19 +354,6 @@ def test_storage_peak_sees_cpu_allocations():
     assert tracker.peak == 2 * 2**20 and tracker.current == c.nbytes
 
 
-def test_bench_sample_runs_on_a_tiny_geometry():
-    from benchmarks.sample import BenchConfig, markdown, run
-
-    config = BenchConfig(block_out_channels=(32, 32, 32, 32), layers_per_block=1, latent_size=8, text_hidden=32,
-                         vae_block_out_channels=(8, 8, 8, 8), layers=(2,), steps=1, mask_interval=2)
-    rows, parts = run(config, torch.device("cpu"))
-    assert [r.name for r in rows] == ["SD 1.5 pipeline, CFG", "LayerDiff CFG", "LayerDiff CFG+SMG",
-                                      "LayerDiff CFG+SMG, masks every 2"]
-    assert [r.unet_calls for r in rows] == [1, 1, 2, 2] and all(r.seconds > 0 and r.peak_mib > 0 for r in rows)
-    table = markdown(rows, parts, config, torch.device("cpu"), "python -m benchmarks.sample --steps 1")
-    assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table
-
-
 def test_non_ddim_scheduler_is_replaced_by_ddim_with_a_warning(pipe, recwarn):
     from diffusers import DDIMScheduler, DDPMScheduler
 
