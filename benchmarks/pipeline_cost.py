@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from benchmarks.laion_mix import LaionMix, write_laion_shard
 from benchmarks.pipeline_probe import CPU_KINDS, MODELLED, Recorder, instrument
 from benchmarks.unit_costs import UnitCost, load_costs
+from pipelines.segment import AUTO_BATCH, SegmentOptions
 
 log = logging.getLogger("bench_pipeline_cost")
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,8 @@ def account(cfg: CostConfig, recorder: Recorder, stats: dict[str, Any], kept: di
     for kind, rec in recorder.stages.items():
         unit = costs.get(kind)
         batch_size = int(pcfg.batch_sizes.get(kind, 1))
+        if batch_size == AUTO_BATCH:  # sized from free GPU memory: an 80 GB H100 reaches the stage's cap
+            batch_size = SegmentOptions().max_batch_size
         formed, full = stage_costs(kind, rec, unit, batch_size, cfg)
         gpu_s = full if (kind == "inpaint" and cfg.full_inpaint_batches) else formed
         # CPU on the actor's thread: all of a model-free stage; for the inpainter its own hole/resize/paste work.

@@ -111,3 +111,16 @@ class LayerDiffObjective:
         with self.autocast():
             pred = unet(noisy, t, global_text, layer_text, layer_valid=valid).sample  # (B, L, 8, h, w)
         return layered_noise_loss(pred, noise, valid, latent_channels=z_img.shape[2], mask_weight=cfg.mask_loss_weight)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16/fp16 autocast on CUDA, none (fp32) on CPU."""
+    if device.type != "cuda" or mixed_precision == "no":
+        return None
+    if mixed_precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]

@@ -39,7 +39,7 @@ from model.loading import load_sd_components, resolve_sd
 from model.training.interrupt import StopRequest, TrainingInterrupted
 from model.training.outcome import EXIT_BAD_INPUT, EXIT_DIVERGED, TrainingDiverged, run_with_exit_codes  # noqa: F401
 from model.training.run_folder import RunFolder, is_remote, write_pipeline_folder
-from model.training.train_step import Generators, LayerDiffObjective
+from model.training.train_step import Generators, LayerDiffObjective, autocast_dtype, pick_device
 from model.training import validation
 from model.network.unet import LayerDiffUNet
 
@@ -54,19 +54,6 @@ class RunResult:
     step: int
     losses: list[float] = field(default_factory=list)  # one per optimiser step run by this call
     run: str | None = None  # the run folder's path or URL
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16/fp16 autocast on CUDA, none (fp32) on CPU."""
-    if device.type != "cuda" or mixed_precision == "no":
-        return None
-    if mixed_precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
 def _dist() -> tuple[int, int]:

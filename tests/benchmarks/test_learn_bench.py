@@ -63,7 +63,7 @@ def test_smoke_run_trains_through_the_trainer_and_scores_every_condition(smoke_r
     # The VAE is the SD folder's VAE, with the fitted scaling factor; the run folder is the trainer's.
     vae_cfg = json.loads((out / "sd" / "vae" / "config.json").read_text())
     assert vae_cfg["scaling_factor"] == pytest.approx(stages["vae"]["scaling_factor"])
-    assert json.loads((out / "run" / "model_index.json").read_text())["_class_name"] == "LayerDiffPipeline"
+    assert json.loads((out / "run" / "model_index.json").read_text())["_class_name"] == ["pipeline", "LayerDiffPipeline"]
     steps = [json.loads(ln)["step"] for ln in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, cfg.train_steps + 1))
     # Samples of every condition and group (sweep points equal to a main condition are not sampled twice);

@@ -12,26 +12,12 @@ from mlcid.schema import LayerInfo, MLCIDSample
 from model.sampling import applications as A
 from model.sampling.export import load_layers, save_output
 from model.sampling.pipeline import LayerDiffPipeline
-from tests.builders import UNetSpy, make_run
+from tests.builders import UNetSpy
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
 
 SIZE = 32
 PROMPTS = ["the background", "a red ball", "a dog"]
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    p = LayerDiffPipeline.from_pretrained(make_run(tmp_path_factory.mktemp("layerdiff-apps")))
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def source(pipe):
-    out = pipe("a dog with a red ball", PROMPTS, num_inference_steps=2, height=SIZE, width=SIZE,
-               generator=torch.Generator().manual_seed(0), output_type="np")
-    return out.layered(0)
 
 
 def gen(seed=1):

@@ -12,28 +12,13 @@ import pytest
 import torch
 
 from model.sampling import applications as A
-from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS, LayerDiffPipeline
-from tests.builders import make_run
+from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS
 
 SIZE = 32
 PROMPTS = ["the background", "a red ball", "a dog"]
 ATOL = 1e-5  # float32 arithmetic: DDIM step + x0 swap vs the closed form below
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    p = LayerDiffPipeline.from_pretrained(make_run(tmp_path_factory.mktemp("layerdiff-steps")))
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
-def source(pipe):
-    out = pipe("a dog with a red ball", PROMPTS, num_inference_steps=2, height=SIZE, width=SIZE,
-               generator=torch.Generator().manual_seed(0), output_type="np")
-    return out.layered(0)
 
 
 def gen(seed=1):

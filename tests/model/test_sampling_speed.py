@@ -6,20 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS, LayerDiffPipeline
-from tests.builders import UNetSpy, make_run
+from model.sampling.pipeline import CALLBACK_TENSOR_INPUTS
+from tests.builders import UNetSpy
 
 PROMPTS = ["the background", "a red ball", "a dog"]
 SIZE = 32
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    p = LayerDiffPipeline.from_pretrained(make_run(tmp_path_factory.mktemp("layerdiff-speed")))
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def per_step_latents(pipe, **kw) -> tuple[list[torch.Tensor], list[int]]:
