@@ -275,15 +275,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-steps", type=int, help="trainer steps (default: the YAML's max_steps)")
     p.add_argument("--per-group", type=int, help="test prompts per group")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--sweep-per-group", type=int, help="prompts per group of the SMG scale sweep")
+    p.add_argument("--sweep-variants", type=lambda v: tuple(v.split(",")),
+                   help=f"comma-separated SMG variants to sweep, of {','.join(SMG_VARIANTS)} (empty: none)")
+    p.add_argument("--sweep-scales", type=lambda v: tuple(float(x) for x in v.split(",")),
+                   help="comma-separated SMG scales of the sweep (0 = CFG alone is always included)")
     p.add_argument("--until", choices=("train",), help="stop after this stage (e.g. train now, sample later)")
     p.add_argument("--results-json", type=Path, default=Path("docs/learn_bench_results.json"),
                    help="where the machine-readable results go besides OUT (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
-    for name in ("train_steps", "per_group", "threads"):
+    for name in ("train_steps", "per_group", "threads", "sweep_per_group", "sweep_variants", "sweep_scales"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    cfg.sweep_variants = tuple(v for v in cfg.sweep_variants if v)
+    unknown = [v for v in cfg.sweep_variants if v not in SMG_VARIANTS]
+    if unknown:
+        p.error(f"unknown SMG variants {unknown}; known: {', '.join(SMG_VARIANTS)}")
     cfg.results_json = None if args.smoke else str(args.results_json)
     run_bench(cfg, args.out, args.until)
     if args.until:

@@ -62,12 +62,16 @@ def nearest_colour(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]] = C
     return names[int(np.argmin(dist))]
 
 
-def dominant_colour(image: np.ndarray, mask: np.ndarray | None = None) -> str | None:
-    """Nearest palette name of the median RGB of `image` (H, W, 3) inside `mask` (H, W) bool; None if empty."""
+BACKGROUND_MIN_SATURATION = 0.1  # backgrounds are pale tints (a pattern's light tone has saturation ≈ 0.16)
+
+
+def dominant_colour(image: np.ndarray, mask: np.ndarray | None = None, min_saturation: float = 0.2) -> str | None:
+    """Nearest palette name of the median RGB of `image` (H, W, 3) inside `mask` (H, W) bool; None if empty
+    or too grey (`min_saturation`)."""
     pixels = image.reshape(-1, 3) if mask is None else image[mask]  # (N, 3)
     if len(pixels) == 0:
         return None
-    return nearest_colour(np.median(pixels.astype(np.float32), axis=0))
+    return nearest_colour(np.median(pixels.astype(np.float32), axis=0), min_saturation=min_saturation)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -164,7 +168,7 @@ def score_sample(images: np.ndarray, masks: np.ndarray, composite: np.ndarray, l
     shapes = classifier.predict(list(fg))
     nonempty = [bool(m.mean() >= min_area_frac) for m in fg]
     disjoint = bool((fg.sum(0) <= 1).all())
-    bg = dominant_colour(images[0])  # None (too grey to name) counts as wrong
+    bg = dominant_colour(images[0], min_saturation=BACKGROUND_MIN_SATURATION)  # None (grey) counts as wrong
     mae = float(np.abs(composite_eq4(images, masks) - composite.astype(np.float32)).mean())
     return SampleFidelity(
         colour_ok=[ne and c == want for c, ne, (want, _) in zip(colours, nonempty, labels.foregrounds)],
