@@ -43,8 +43,8 @@ def test_unreadable_inputs_fail_only_their_shard_and_the_run_exits_1_without_tra
     assert totals["failed"] == 3 and totals["processed"] == 2
     assert is_complete(out, 0) and is_complete(out, 4)
     assert not any(is_complete(out, i) for i in (1, 2, 3))
-    assert sorted(os.listdir(out)) == sorted(f"mlcid-00000{i}{s}" for i in (0, 4)
-                                             for s in (".tar", ".parquet", "_stats.json"))
+    assert sorted(os.listdir(out)) == sorted([f"mlcid-00000{i}{s}" for i in (0, 4)
+                                              for s in (".tar", ".parquet", "_stats.json")] + ["index.json"])  # wids
 
 
 def test_a_wrong_folder_says_not_found(tmp_path, capsys):
