@@ -64,6 +64,10 @@ def _passthrough(target: str):
 
 
 def _dispatch(prog: str, description: str, commands: dict[str, str], argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and ":" in commands.get(argv[0], ""):  # its own parser takes every argument (argparse's REMAINDER
+        module_name, function = commands[argv[0]].split(":")  # would refuse leading options)
+        return int(getattr(importlib.import_module(module_name), function)(argv[1:]) or 0)
     args = build_parser(prog, description, commands).parse_args(argv)
     return int(args.run(args) or 0)
 
