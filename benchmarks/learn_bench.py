@@ -80,7 +80,14 @@ def _scratch_sd(cfg: BenchConfig):
         block_out_channels=cfg.unet_channels, down_block_types=("CrossAttnDownBlock2D",) * len(cfg.unet_channels),
         up_block_types=("CrossAttnUpBlock2D",) * len(cfg.unet_channels), sample_size=cfg.size // 8,
         text_hidden=cfg.text_hidden, text_layers=cfg.text_layers, text_heads=4,
-        text_intermediate=2 * cfg.text_hidden, seed=cfg.seed))
+        text_intermediate=2 * cfg.text_hidden, seed=cfg.seed, vocabulary=_vocabulary(cfg)))
+
+
+def _vocabulary(cfg: BenchConfig) -> tuple[str, ...] | None:
+    """The words CLIP's tokenizer is pruned to (every word synthetic prompts can use), or None (full)."""
+    from mlcid.synthetic import prompt_vocabulary
+
+    return tuple(prompt_vocabulary()) if cfg.prune_vocabulary else None
 
 
 def prompt_facts(source: dict[str, Any]) -> list[str]:
@@ -139,7 +146,8 @@ def stage_sd(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     pipe.text_encoder = CLIPTextModel.from_pretrained(out / "text_encoder")
     pipe.register_modules(vae=pipe.vae, text_encoder=pipe.text_encoder)
     pipe.save_pretrained(out / "sd", safe_serialization=True)
-    write_clip_vocab_files(out / "sd" / "tokenizer")
+    vocabulary = _vocabulary(cfg)
+    write_clip_vocab_files(out / "sd" / "tokenizer", None if vocabulary is None else list(vocabulary))
     return {"unet_params_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6,
             "text_params_m": sum(p.numel() for p in pipe.text_encoder.parameters()) / 1e6}
 

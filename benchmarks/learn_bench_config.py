@@ -61,9 +61,12 @@ class BenchConfig:
     max_radius: float = 0.32
     vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
         block_out_channels=(16, 32, 64, 64), steps=1500, max_samples=1500))
-    unet_channels: tuple[int, ...] = (64, 128)
+    # small enough to ship (issue 15): ~1.5M-parameter LayerDiff UNet, a text encoder over CLIP's tokenizer
+    # pruned to the synthetic prompts' words (`prune_vocabulary`; ~600 tokens instead of 49,408)
+    unet_channels: tuple[int, ...] = (32, 64)
     text_hidden: int = 64
     text_layers: int = 2
+    prune_vocabulary: bool = True
     # caption pre-training of the frozen text encoder (None: keep it random, as before)
     text_train: TextTrainConfig | None = field(default_factory=TextTrainConfig)
     text_train_samples: int = 4000  # training scenes whose captions and layer prompts it reads

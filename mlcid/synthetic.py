@@ -48,7 +48,7 @@ from mlcid.validate import ValidationConfig
 from mlcid.writer import ShardWriter
 
 __all__ = [
-    "BACKGROUND_PATTERNS", "COLOURS", "SHAPES", "SceneConfig", "make_scene", "write_shard", "write_dataset",
+    "BACKGROUND_PATTERNS", "COLOURS", "SHAPES", "SceneConfig", "prompt_vocabulary", "make_scene", "write_shard", "write_dataset",
     "raw_key", "shard_ranges", "encode_jpeg_444", "default_mlcid_out", "build_parser", "main",
 ]
 
@@ -63,6 +63,14 @@ GLOBAL_TEMPLATES = (  # {background} carries its article: "a striped green", "an
 )
 
 Pair = tuple[str, str]  # (colour, shape)
+
+
+def prompt_vocabulary() -> list[str]:
+    """Every word a synthetic caption or layer prompt can hold (templates, joiners, articles, colours, shapes,
+    pattern adjectives, the background prompt): what a tokenizer pruned to these prompts must know."""
+    phrases = [t.format(objects="", background="") for t in GLOBAL_TEMPLATES]
+    phrases += ["a an in front of and", BACKGROUND_PROMPT, *COLOURS, *SHAPES, *BACKGROUND_PATTERNS.values()]
+    return sorted({word for phrase in phrases for word in phrase.split()})
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class TinySDConfig:
     text_layers: int = 2
     text_heads: int = 4
     text_intermediate: int = 64
+    vocabulary: tuple[str, ...] | None = None  # texts to prune CLIP's tokenizer to (None: the full 49,408 tokens)
     vae_block_out_channels: tuple[int, ...] = (16, 16, 32, 32)  # 4 blocks -> downscale ×8 like SD
     vae_norm_groups: int = 8
     seed: int = 0
@@ -141,9 +142,9 @@ def build_sd_pipeline(config: TinySDConfig):
                            StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from model.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+    from model.tokenizer import CLIP_MAX_LENGTH, build_clip_tokenizer
 
-    tokenizer = build_clip_tokenizer()
+    tokenizer = build_clip_tokenizer(texts=None if config.vocabulary is None else list(config.vocabulary))
     unet = _seeded(config.seed, lambda: UNet2DConditionModel(
         sample_size=config.sample_size,
         in_channels=config.unet_in_channels,
@@ -168,7 +169,7 @@ def build_sd_pipeline(config: TinySDConfig):
         scaling_factor=0.18215,
     ))
     text_config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
+        vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
         intermediate_size=config.text_intermediate,
         num_hidden_layers=config.text_layers,
@@ -194,7 +195,7 @@ def save_sd_pipeline(config: TinySDConfig, out: Path) -> None:
 
     pipe = build_sd_pipeline(config)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_clip_vocab_files(out / "tokenizer")
+    write_clip_vocab_files(out / "tokenizer", None if config.vocabulary is None else list(config.vocabulary))
 
 
 def save_clip(config: TinyClipConfig, out: Path) -> None:

@@ -47,19 +47,56 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     return {tok: i for i, tok in enumerate(tokens)}, merges  # type: ignore[return-value]
 
 
-def write_clip_vocab_files(folder: str | Path) -> None:
-    """Write `vocab.json` and `merges.txt` (the slow-tokenizer format every transformers version reads)."""
+def _bpe_merges_of(token: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies, in order, to build one of its output tokens from its byte symbols."""
+    symbols = list(token[:-4]) if token.endswith("</w>") else list(token)
+    if token.endswith("</w>"):
+        symbols[-1] += "</w>"
+    used = []
+    while len(symbols) > 1:
+        rank, i = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            raise ValueError(f"{token!r} is not a CLIP BPE token")
+        used.append((symbols[i], symbols[i + 1]))
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return used
+
+
+def pruned_clip_vocab_and_merges(texts: list[str]) -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """CLIP's vocabulary cut down to what `texts` need: the 512 byte symbols, the merges CLIP's BPE applies
+    to these texts (in CLIP's order) and the two special tokens.
+
+    BPE merges the lowest-ranked adjacent pair first; every merge used on these texts is kept with its relative
+    rank, so they tokenize into exactly the pieces the full tokenizer gives (only the ids differ). Other words
+    still tokenize, into smaller pieces. A text encoder over this vocabulary needs ~1 % of CLIP's embedding table.
+    """
+    vocab, merges = clip_vocab_and_merges()
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    full = build_clip_tokenizer()
+    needed: set[tuple[str, str]] = set()
+    for token in {t for text in texts for t in full.tokenize(text)}:
+        needed.update(_bpe_merges_of(token, ranks))
+    kept = tuple(m for m in merges if m in needed)
+    byte_tokens = list(vocab)[:512]
+    tokens = byte_tokens + ["".join(m) for m in kept] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, kept
+
+
+def write_clip_vocab_files(folder: str | Path, texts: list[str] | None = None) -> None:
+    """Write `vocab.json` and `merges.txt` (the slow-tokenizer format every transformers version reads):
+    CLIP's full tables, or with `texts` the ones pruned to them (`pruned_clip_vocab_and_merges`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab_and_merges()
+    vocab, merges = clip_vocab_and_merges() if texts is None else pruned_clip_vocab_and_merges(texts)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_text = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
     (folder / "merges.txt").write_text(merges_text, encoding="utf-8")
 
 
-def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH) -> CLIPTokenizer:
-    """The real CLIP tokenizer as a transformers `CLIPTokenizer` (pad = end-of-text, like SD 1.5)."""
-    vocab, merges = clip_vocab_and_merges()
+def build_clip_tokenizer(max_length: int = CLIP_MAX_LENGTH, texts: list[str] | None = None) -> CLIPTokenizer:
+    """The real CLIP tokenizer as a transformers `CLIPTokenizer` (pad = end-of-text, like SD 1.5); with
+    `texts`, its vocabulary pruned to them (`pruned_clip_vocab_and_merges`)."""
+    vocab, merges = clip_vocab_and_merges() if texts is None else pruned_clip_vocab_and_merges(texts)
     return CLIPTokenizer(
         vocab=dict(vocab),
         merges=list(merges),

@@ -125,3 +125,35 @@ def test_pipeline_from_folder_generates(tiny_models):
     filled = inpaint("", image=image, mask_image=mask, num_inference_steps=2, height=64, width=64,
                      output_type="np").images
     assert filled.shape == (1, 64, 64, 3) and np.isfinite(filled).all()
+
+
+def test_pruned_tokenizer_splits_the_synthetic_prompts_like_clip(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from mlcid.synthetic import SceneConfig, make_scene, prompt_vocabulary
+    from model.tokenizer import write_clip_vocab_files
+
+    vocabulary = prompt_vocabulary()
+    full, small = build_clip_tokenizer(), build_clip_tokenizer(texts=vocabulary)
+    assert 512 < len(small) < 1000  # bytes, the merges these words use, two specials
+    cfg = SceneConfig(size=32, min_foregrounds=1, max_foregrounds=3, background_patterns=("plain", "stripes"))
+    prompts = [p for i in range(20) for p in
+               [make_scene(cfg, 0, i).global_prompt, *[la.prompt for la in make_scene(cfg, 0, i).layers]]]
+    for text in prompts + ["an orange star in front of a cyan hexagon", "the background"]:
+        assert small.tokenize(text) == full.tokenize(text), text
+    assert small("a red circle").input_ids[0] == small.bos_token_id == len(small) - 2
+    assert small("a red circle").input_ids[-1] == small.eos_token_id == len(small) - 1
+    unknown = small.tokenize("zebra")  # not in the vocabulary: byte pieces, never an unknown token
+    assert "".join(unknown) == "zebra</w>" and len(unknown) > 1 and small.unk_token_id not in small.convert_tokens_to_ids(unknown)
+    write_clip_vocab_files(tmp_path, vocabulary)  # the files a pipeline folder carries reload to the same tokenizer
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    assert reloaded("a striped green background").input_ids == small("a striped green background").input_ids
+
+
+def test_tiny_sd_with_a_pruned_vocabulary_sizes_its_text_encoder():
+    from mlcid.synthetic import prompt_vocabulary
+
+    pipe = build_sd_pipeline(TinySDConfig(vocabulary=tuple(prompt_vocabulary())))
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) < 1000
+    ids = pipe.tokenizer("a yellow triangle", return_tensors="pt").input_ids
+    assert pipe.text_encoder(ids).last_hidden_state.shape == (1, ids.shape[1], 32)
