@@ -199,7 +199,12 @@ def _invalidate_short_run(cfg: BenchConfig, out: Path) -> None:
 
 
 def _spec_json(spec: Condition) -> dict[str, Any]:
-    return dataclasses.asdict(spec) | {"smg": dataclasses.asdict(spec.smg)}
+    """The condition as recorded in its done file (window fields only when set, so older records still match)."""
+    out = dataclasses.asdict(spec) | {"smg": dataclasses.asdict(spec.smg)}
+    for name in ("smg_start", "smg_end", "smg_mask_interval"):
+        if out[name] == getattr(Condition, name):
+            del out[name]
+    return out
 
 
 def _rolled(prompts: list[str]) -> list[str]:
@@ -231,7 +236,8 @@ def stage_sample(cfg: BenchConfig, out: Path, condition: str) -> dict[str, Any]:
                 prompts = _rolled(prompts)
             result = pipe(scene.global_prompt, prompts, num_inference_steps=cfg.sample_steps,
                           guidance_scale=cfg.guidance_scale, smg_scale=spec.smg_scale, guidance=spec.guidance,
-                          smg=spec.smg, height=cfg.size, width=cfg.size, output_type="np",
+                          smg=spec.smg, smg_start=spec.smg_start, smg_end=spec.smg_end,
+                          smg_mask_interval=spec.smg_mask_interval, height=cfg.size, width=cfg.size, output_type="np",
                           generator=torch.Generator().manual_seed(cfg.test_seed * 1000 + i))
             images.append(result.layer_images[0])  # (L, H, W, 3)
             masks.append(result.masks[0])  # (L, H, W)

@@ -15,6 +15,7 @@ from model.training.vae_train import VAETrainConfig
 CONFIG = CONFIG_DIR / "learn_bench.yaml"
 GROUPS = ("seen-2L", "heldout-2L", "seen-3L", "heldout-3L")
 MAIN_CONDITIONS = ("step0-cfg", "cfg", "cfg+smg", "shuffled-cfg")
+EXTRA_CONDITIONS = ("cfg+smg-window",)  # present when BenchConfig.smg_window is set
 # SMG variants the scale sweep compares (sampling only, on the one trained model); "default" = SMGConfig().
 SMG_VARIANTS: dict[str, SMGConfig] = {
     "default": SMGConfig(),
@@ -35,6 +36,9 @@ class Condition:
     variant: str = "default"  # key of SMG_VARIANTS
     shuffled: bool = False
     per_group: int = 30
+    smg_start: float = 0.0  # SMG only on the steps i with smg_start <= i / steps < smg_end (the speed window)
+    smg_end: float = 1.0
+    smg_mask_interval: int = 1  # masks re-decoded every k steps
 
     @property
     def smg(self) -> SMGConfig:
@@ -79,6 +83,8 @@ class BenchConfig:
     smg_scale: float = 3.0  # the paper's scale, for the main "cfg+smg" condition (default variant)
     sweep_variants: tuple[str, ...] = ("default", "outside", "uncond", "paper", "legacy")
     sweep_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)  # 0 = CFG alone (the "cfg" samples)
+    # the speed window (issue 11 §4) as one more condition "cfg+smg-window": (start, end, mask interval); None: off
+    smg_window: tuple[float, float, int] | None = (0.0, 0.5, 2)
     sweep_per_group: int = 10  # the sweep's prompts: the first of each group's test prompts, same seeds
     fid_fit_samples: int = 2000  # training scenes the feature MLP of the Fréchet distance is fit on
     fid_reference_per_group: int = 100  # fresh ground-truth scenes per group: the reference statistics
@@ -104,6 +110,10 @@ class BenchConfig:
         out = {"step0-cfg": Condition(trained=False, per_group=n), "cfg": Condition(per_group=n),
                "cfg+smg": Condition(guidance="cfg+smg", smg_scale=self.smg_scale, per_group=n),
                "shuffled-cfg": Condition(shuffled=True, per_group=n)}
+        if self.smg_window is not None:
+            start, end, every = self.smg_window
+            out["cfg+smg-window"] = Condition(guidance="cfg+smg", smg_scale=self.smg_scale, per_group=n,
+                                              smg_start=start, smg_end=end, smg_mask_interval=every)
         if self.sweep_variants:  # scale 0 of the sweep: CFG alone on the sweep's prompts (the "cfg" samples)
             out["cfg@sweep"] = Condition(per_group=min(self.sweep_per_group, n))
         for variant in self.sweep_variants:

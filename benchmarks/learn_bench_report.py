@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.learn_bench_config import GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, BenchConfig, test_scenes
+from benchmarks.learn_bench_config import EXTRA_CONDITIONS, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, BenchConfig, test_scenes
 from model.evaluation.layer_fidelity import (
     LayerLabels, SceneFeatures, ShapeClassifier, frechet_feature_distance, scene_attributes, score_sample, summarize,
 )
@@ -116,8 +116,8 @@ def machine_results(cfg: BenchConfig, table: dict[str, dict[str, Any]]) -> dict[
 
     names = [c for c in table if not c.startswith("ground-truth")]
     result: dict[str, Any] = {
-        "conditions": {c: cond_entry(table[c]) for c in names if c in MAIN_CONDITIONS},
-        "background_colour": {c: background(table[c]) for c in names if c in MAIN_CONDITIONS},
+        "conditions": {c: cond_entry(table[c]) for c in names if c in MAIN_CONDITIONS + EXTRA_CONDITIONS},
+        "background_colour": {c: background(table[c]) for c in names if c in MAIN_CONDITIONS + EXTRA_CONDITIONS},
         "fid": {c: table[c]["all"]["fid"] for c in table if not c.startswith("smg-")},
         "sweep": {}, "smg_variants": {v: dataclasses.asdict(SMG_VARIANTS[v]) for v in cfg.sweep_variants},
         "default_smg": dataclasses.asdict(SMG_VARIANTS["default"]), "per_group": cfg.per_group,
@@ -200,7 +200,7 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
     cols = ("colour_acc", "shape_acc", "both_acc", "nonempty", "disjoint", "background_acc", "composite_mae")
     lines = ["| condition | group | n layers | colour acc | shape acc | colour+shape | non-empty | disjoint | "
              "background acc | composite MAE |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for condition in ("ground-truth", *MAIN_CONDITIONS):
+    for condition in ("ground-truth", *MAIN_CONDITIONS, *(c for c in EXTRA_CONDITIONS if c in table)):
         for group in GROUPS:
             r = table[condition][group]
             vals = " | ".join(f"{r[c]:.2f}" if c != "composite_mae" else f"{r[c]:.1f}" for c in cols)
