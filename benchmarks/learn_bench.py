@@ -286,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "(and its outputs) to redo a stage.")
     p.add_argument("--out", type=Path, required=True, help="work folder (data, vae, sd, run, samples, results)")
     p.add_argument("--smoke", action="store_true", help="seconds-long sizes (tests)")
+    p.add_argument("--ship", action="store_true", help="the shipped model's variant (BenchConfig.ship: flat shapes, "
+                   "plain backgrounds, 64/64-channel UNet, no sweep); its results JSON goes to OUT only")
     p.add_argument("--train-steps", type=int, help="trainer steps (default: the YAML's max_steps)")
     p.add_argument("--per-group", type=int, help="test prompts per group")
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the machine-readable results go besides OUT (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = BenchConfig.smoke() if args.smoke else BenchConfig()
+    cfg = BenchConfig.smoke() if args.smoke else BenchConfig.ship() if args.ship else BenchConfig()
     for name in ("train_steps", "per_group", "threads", "sweep_per_group", "sweep_variants", "sweep_scales"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [v for v in cfg.sweep_variants if v not in SMG_VARIANTS]
     if unknown:
         p.error(f"unknown SMG variants {unknown}; known: {', '.join(SMG_VARIANTS)}")
-    cfg.results_json = None if args.smoke else str(args.results_json)
+    cfg.results_json = None if args.smoke or args.ship else str(args.results_json)
     run_bench(cfg, args.out, args.until)
     if args.until:
         return 0

@@ -94,6 +94,13 @@ class BenchConfig:
     threads: int = 1  # torch threads; on 2 shared cores 2 threads ran 5× slower than 1 (oversubscription)
 
     @classmethod
+    def ship(cls) -> "BenchConfig":
+        """The model shipped in the repository (`layerdiff ship-model`): flat shapes on plain backgrounds, which
+        a model this small draws cleanly, a 64-channel UNet at both resolutions; no SMG sweep."""
+        return cls(background_patterns=("plain",), object_patterns=("plain",), unet_channels=(64, 64),
+                   sweep_variants=(), per_group=20)
+
+    @classmethod
     def smoke(cls) -> "BenchConfig":
         return cls(train_samples=24, shards=2, vae=VAETrainConfig(steps=3, max_samples=16, batch_size=4,
                    block_out_channels=(16, 16, 16, 16), norm_num_groups=8, holdout=4), unet_channels=(32, 32),
