@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -255,14 +256,29 @@ def _max_layers(out: Path) -> int:
     return int(yaml.safe_load((out / "run" / "config.yaml").read_text())["data"]["max_layers"])
 
 
+def reuse_vae(source: Path, out: Path) -> None:
+    """Take the finished VAE stage of another work folder (the shipped model reuses the default benchmark's VAE,
+    trained on its textured scenes); refused when OUT already has a VAE of its own."""
+    if (out / "vae.done.json").exists():
+        raise ValueError(f"{out} already has a VAE stage; --vae-from applies to a fresh work folder only")
+    if not (source / "vae.done.json").exists():
+        raise ValueError(f"{source} has no finished VAE stage (run `layerdiff learn-bench --out {source} "
+                         "--until vae` first)")
+    shutil.copytree(source / "vae", out / "vae")
+    record = json.loads((source / "vae.done.json").read_text()) | {"copied_from": str(source)}
+    (out / "vae.done.json").write_text(json.dumps(record, indent=1))
+
+
 def run_bench(cfg: BenchConfig, out: str | Path, until: str | None = None) -> dict[str, Any]:
-    """All stages in order (finished ones skipped), or up to `until` ("train"); returns the stage records."""
+    """All stages in order (finished ones skipped), or up to `until` ("vae" or "train"); returns the records."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads)
     stages: dict[str, Any] = {}
     stages["data"] = _stage(out, "data", lambda: stage_data(cfg, out))
     stages["vae"] = _stage(out, "vae", lambda: stage_vae(cfg, out))
+    if until == "vae":
+        return stages
     stages["text"] = _stage(out, "text", lambda: stage_text(cfg, out))
     stages["sd"] = _stage(out, "sd", lambda: stage_sd(cfg, out))
     _invalidate_short_run(cfg, out)
@@ -296,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated SMG variants to sweep, of {','.join(SMG_VARIANTS)} (empty: none)")
     p.add_argument("--sweep-scales", type=lambda v: tuple(float(x) for x in v.split(",")),
                    help="comma-separated SMG scales of the sweep (0 = CFG alone is always included)")
-    p.add_argument("--until", choices=("train",), help="stop after this stage (e.g. train now, sample later)")
+    p.add_argument("--until", choices=("vae", "train"), help="stop after this stage (e.g. train now, sample later)")
+    p.add_argument("--vae-from", type=Path, help="another work folder whose finished VAE stage this one reuses "
+                   "(how the shipped model was made: its VAE is the default benchmark's)")
     p.add_argument("--results-json", type=Path, default=Path("docs/learn_bench_results.json"),
                    help="where the machine-readable results go besides OUT (default: %(default)s)")
     args = p.parse_args(argv)
@@ -310,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown SMG variants {unknown}; known: {', '.join(SMG_VARIANTS)}")
     cfg.results_json = None if args.smoke or args.ship else str(args.results_json)
+    if args.vae_from is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        try:
+            reuse_vae(args.vae_from, args.out)
+        except ValueError as err:
+            p.error(str(err))
     run_bench(cfg, args.out, args.until)
     if args.until:
         return 0

@@ -148,3 +148,22 @@ def test_machine_readable_results_have_the_issue_shape(smoke_run):
     assert all(torch.equal(v, saved[k]) for k, v in trained.items())
     random = lb._scratch_sd(cfg).text_encoder.state_dict()
     assert any(not torch.allclose(v, random[k]) for k, v in trained.items() if k in random)
+
+
+def test_vae_from_reuses_a_finished_vae_stage_once(tmp_path):
+    import json
+
+    from benchmarks.learn_bench import reuse_vae
+
+    source, out = tmp_path / "src", tmp_path / "out"
+    with pytest.raises(ValueError, match="no finished VAE"):
+        reuse_vae(source, out)
+    (source / "vae").mkdir(parents=True)
+    (source / "vae" / "config.json").write_text("{}")
+    (source / "vae.done.json").write_text(json.dumps({"steps": 3}))
+    out.mkdir()
+    reuse_vae(source, out)
+    assert (out / "vae" / "config.json").read_text() == "{}"
+    assert json.loads((out / "vae.done.json").read_text()) == {"steps": 3, "copied_from": str(source)}
+    with pytest.raises(ValueError, match="already has a VAE"):
+        reuse_vae(source, out)
