@@ -219,7 +219,8 @@ def test_from_unet_copies_sd_weights(sd_unet):
 
 @pytest.mark.slow
 def test_benchmarks_run_tiny(capsys):
-    from model import bench_train, bench_train_gpu
+    from benchmarks import train as bench_train
+    from benchmarks import train_gpu as bench_train_gpu
 
     rows = bench_train.main(["--tiny", "--layers", "2", "--repeats", "1", "--warmup", "0"])
     assert [r["model"] for r in rows] == ["plain UNet", "LayerDiff", "LayerDiff, collab ckpt"]
