@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from mlcid.reader import MLCIDReader
+from mlcid.registry import PRESETS
 from model.training.config import CONFIG_DIR, DataConfig, load_config
 from model.training.data import build_loader
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=12, help="batches timed per loader setting")
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--config", default=None, help="trainer YAML (default model/configs/tiny.yaml)")
-    p.add_argument("--preset", choices=["real", "tiny"], default="tiny")
+    p.add_argument("--preset", choices=PRESETS, default="tiny")
     p.add_argument("--steps", type=int, default=4, help="timed optimiser steps of the trainer (0 = skip)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads of this process")
     p.add_argument("--json", type=Path, help="also write the numbers here")

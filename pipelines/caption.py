@@ -176,19 +176,30 @@ class InstructBlipCaptioner:
         return ["" if bad else clean_caption(t) for t, bad in zip(texts, broken)]
 
 
-@register_stage("caption", "instructblip", CaptionOptions, model_backed=True)
-class GlobalCaption:
-    """Sets `item.global_prompt` and `item.prompt_source`: the caption, else the source alt text, else drops the
-    item with `empty_caption`."""
+class _CaptionStage:
+    """What both caption stages share: one InstructBlipCaptioner, batched by `model.batch_size`.
 
-    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: CaptionOptions = CaptionOptions()
-                 ) -> None:
+    `options` defaults to the subclass's `Options()`.
+    """
+
+    Options: type[CaptionOptions] = CaptionOptions
+
+    def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: CaptionOptions | None = None) -> None:
+        options = self.Options() if options is None else options
         self.captioner = InstructBlipCaptioner(model, options)
         self.model_id, self.options = self.captioner.model_id, options
         self.batch_size = max(1, model.batch_size)
 
     def setup(self) -> None:
         self.captioner.setup()
+
+
+@register_stage("caption", "instructblip", CaptionOptions, model_backed=True)
+class GlobalCaption(_CaptionStage):
+    """Sets `item.global_prompt` and `item.prompt_source`: the caption, else the source alt text, else drops the
+    item with `empty_caption`."""
+
+    Options = CaptionOptions
 
     def __call__(self, batch: list[Item]) -> list[Item]:
         items = alive(batch)
@@ -208,18 +219,11 @@ class GlobalCaption:
 
 
 @register_stage("object_caption", "instructblip", ObjectCaptionOptions, model_backed=True)
-class ObjectCaption:
+class ObjectCaption(_CaptionStage):
     """Sets `obj.prompt` / `obj.prompt_source` for each of `item.objects` from a masked crop; an empty or
     non-finite caption falls back to the detection label."""
 
-    def __init__(self, model: ModelStageConfig = ModelStageConfig(),
-                 options: ObjectCaptionOptions = ObjectCaptionOptions()) -> None:
-        self.captioner = InstructBlipCaptioner(model, options)
-        self.model_id, self.options = self.captioner.model_id, options
-        self.batch_size = max(1, model.batch_size)
-
-    def setup(self) -> None:
-        self.captioner.setup()
+    Options = ObjectCaptionOptions
 
     def __call__(self, batch: list[Item]) -> list[Item]:
         objects = [(item, obj) for item in alive(batch) for obj in item.objects]  # flattened across items

@@ -230,20 +230,16 @@ def make_stage(kind: str, config: PipelineConfig) -> Stage:
     return entry.cls(*args)
 
 
+# The paper's backend per stage kind (Appendix B).
+PAPER_BACKENDS = {"caption": "instructblip", "detect": "owlv2", "segment": "sam", "saliency": "depth",
+                  "mask_rules": "appendix_b", "object_caption": "instructblip", "cutout": "dilate5", "inpaint": "sd"}
+
+
 def real_preset() -> PipelineConfig:
     """Production profile: the paper's models and Appendix B thresholds (detector score ≥ 0.1)."""
     return PipelineConfig(
         preset="real",
-        backends={
-            "caption": "instructblip",
-            "detect": "owlv2",
-            "segment": "sam",
-            "saliency": "depth",
-            "mask_rules": "appendix_b",
-            "object_caption": "instructblip",
-            "cutout": "dilate5",
-            "inpaint": "sd",
-        },
+        backends=dict(PAPER_BACKENDS),
         stage_options={
             "detect": DetectOptions(score_threshold=0.1, max_detections=20),
             "inpaint": SDInpaintOptions(),  # DPM-Solver++ at 20 steps (its docstring says why)
@@ -258,16 +254,8 @@ def tiny_preset() -> PipelineConfig:
     """Offline profile on the tiny random-weight presets; thresholds chosen so synthetic scenes yield samples."""
     return PipelineConfig(
         preset="tiny",
-        backends={
-            "caption": "instructblip",
-            "detect": "owlv2",
-            "segment": "sam",
-            "saliency": "classical",
-            "mask_rules": "appendix_b",
-            "object_caption": "instructblip",
-            "cutout": "dilate5",
-            "inpaint": "opencv",
-        },
+        # The paper's stages, with classical saliency and OpenCV inpainting in place of Depth-Anything and SD.
+        backends={**PAPER_BACKENDS, "saliency": "classical", "inpaint": "opencv"},
         stage_options={
             # Random weights: keep every box (threshold 0) and the top-k; clip SAM masks to their boxes;
             # short captions (a random language model would otherwise babble up to its token cap).

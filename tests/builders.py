@@ -1,12 +1,15 @@
-"""Builders shared by the tests: hand-made MLCID samples, valid shards, and raw tars (no validation, for bad input)."""
+"""Builders shared by the tests: hand-made MLCID samples, valid shards, raw tars (no validation, for bad input),
+pipeline input shards and configs, tiny LayerDiff networks and runs."""
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from mlcid.codec import encode_sample
 from mlcid.composite import composite
@@ -99,22 +102,120 @@ def write_raw_shard(path: Path, samples: list[MLCIDSample], truncate_at: float |
         path.write_bytes(path.read_bytes()[: cut.offset_data + cut.size // 2])
 
 
-# -------------------------------------------------------------------------------------------- LayerDiff runs
+def write_outcomes(shard: Path, rows: list[tuple[str, bool, str | None, str | None]]) -> None:
+    """A shard's outcomes parquet beside it, one (key, kept, reason, detail) row each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys, kept, reasons, details = (list(c) for c in zip(*rows))
+    table = pa.table({"key": pa.array(keys, pa.string()), "kept": pa.array(kept, pa.bool_()),
+                      "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string())})
+    pq.write_table(table, shard.with_suffix(".parquet"))
+
+
+# ---------------------------------------------------------------------- pipeline input shards and configs
+
+BG = np.array([40, 90, 160], np.uint8)  # the background colour of `scene` (the stand-in stages key on it)
+
+# `pipelines.build` arguments for the classical stand-in stages of `tests.stages` (no model is loaded).
+CLASSICAL = ["--preset", "tiny", "--log-level", "WARNING", "--backend", "caption=none", "--backend",
+             "object_caption=none", "--backend", "detect=test-colour", "--backend", "segment=test-box",
+             "--backend", "inpaint=test-fill"]
+
+
+def classical_config(**overrides):
+    """The tiny PipelineConfig on the classical stand-in stages of `tests.stages`, captions off."""
+    import tests.stages  # noqa: F401 — registers the test-* backends
+    from pipelines.config import PipelineConfig
+
+    backends = {"caption": None, "detect": "test-colour", "segment": "test-box", "saliency": "classical",
+                "object_caption": None, "inpaint": "test-fill"}
+    backends.update(overrides.pop("backends", {}))
+    return PipelineConfig.from_preset("tiny", backends=backends, **overrides)
+
+
+def scene(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A noisy blue (H, W, 3) image with a red and a yellow box."""
+    img = np.broadcast_to(BG, (size, size, 3)).copy()
+    img = np.clip(img.astype(int) + rng.integers(-5, 6, img.shape), 0, 255).astype(np.uint8)
+    for colour in ([230, 40, 40], [240, 220, 30]):
+        x, y = rng.integers(8, size // 2, 2)
+        w, h = rng.integers(size // 6, size // 3, 2)
+        img[y : y + h, x : x + w] = colour
+    return img
+
+
+def jpeg(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_input_shard(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
+    """An img2dataset-style input shard: per record KEY.jpg/.txt/.json (whatever members it names)."""
+    return write_tar(path, [(f"{key}.{suffix}", data) for key, members in records for suffix, data in members.items()])
+
+
+def input_records(n: int, seed: int = 0, shard: int = 0) -> list[tuple[str, dict[str, bytes]]]:
+    """`n` img2dataset records (jpg of `scene`, alt text, json metadata) with keys SHARD(5)I(4)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        key = f"{shard:05d}{i:04d}"
+        meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success"}
+        out.append((key, {"jpg": jpeg(scene(rng)), "txt": b"two boxes on blue", "json": json.dumps(meta).encode()}))
+    return out
+
+
+# ------------------------------------------------------------------------------- LayerDiff networks and runs
+
+TEXT_DIM, T_GLOBAL, T_LAYER, SIZE = 32, 7, 5, 16  # tiny UNet: text width, global/layer tokens, latent side
+
+
+def tiny_sd_unet(seed: int = 0):
+    """A two-level SD-shaped UNet2DConditionModel with random weights (latent side SIZE)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=SIZE,
+    ).eval()
+
+
+def make_inputs(B: int, L: int, seed: int = 1) -> dict:
+    """LayerDiffUNet inputs for `tiny_sd_unet`: (B, L, 8, S, S) latents, (B, L) timesteps, text embeddings."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(B, L, 8, SIZE, SIZE, generator=g),
+        "timesteps": torch.randint(0, 1000, (B, L), generator=g),
+        "global_text": torch.randn(B, T_GLOBAL, TEXT_DIM, generator=g),
+        "layer_text": torch.randn(B, L, T_LAYER, TEXT_DIM, generator=g),
+    }
+
+
+def randomize_new_modules(model, seed: int = 2, std: float = 0.2) -> None:
+    """Give every new parameter of a LayerDiffUNet (including the zero-initialised ones) random values."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.new_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def make_run(root, max_layers: int = 4):
     """A LayerDiff run folder from the tiny SD preset, every new module randomised (so all paths are live)."""
-    import torch
-
     from model.sampling.pipeline import LayerDiffPipeline
     from model.tiny import build_tiny_models
 
     build_tiny_models(root / "tiny", only=("sd15",))
     pipe = LayerDiffPipeline.from_sd(root / "tiny" / "sd15", max_layers=max_layers)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.new_parameters().values():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    randomize_new_modules(pipe.unet, seed=0, std=0.1)
     pipe.save_pretrained(root / "run")
     return root / "run"
 

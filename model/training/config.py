@@ -10,6 +10,9 @@ from typing import Any
 
 import yaml
 
+from mlcid.registry import PRESETS
+from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MIN_AREA_FRAC
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # model/configs
 
 
@@ -29,8 +32,8 @@ class DataConfig:
     block_size: int = 10_000  # resample mode: samples per worker before re-seeding (bounds the resume skip)
     num_workers: int = 0  # torch DataLoader worker processes per trainer process
     trim_padding: bool = True  # collate drops layer slots that are padding in every sample of the batch
-    min_area_frac: float = 0.01  # reader validation limits on each foreground mask
-    max_area_frac: float = 0.80
+    min_area_frac: float = DEFAULT_MIN_AREA_FRAC  # reader validation limits on each foreground mask (Appendix B)
+    max_area_frac: float = DEFAULT_MAX_AREA_FRAC
     check_samples: int = 256  # before step 1: fail (exit 2) unless one of the first N items is usable (0 = off)
 
 
@@ -87,7 +90,7 @@ class TrainConfig:
             (0 <= self.shared_timestep_prob <= 1, "shared_timestep_prob must be in [0, 1]"),
             (0 <= self.global_prompt_drop <= 1 and 0 <= self.layer_prompt_drop <= 1, "prompt drops must be in [0, 1]"),
             (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "mixed_precision must be auto|no|fp16|bf16"),
-            (self.preset in ("real", "tiny"), "preset must be real|tiny"),
+            (self.preset in PRESETS, f"preset must be one of {', '.join(PRESETS)}"),
             (self.data.too_many_layers in ("skip", "truncate"), "data.too_many_layers must be skip|truncate"),
             (self.data.max_layers >= 2, "data.max_layers must be ≥ 2 (background + one foreground)"),
             (self.data.resolution >= 8 and self.data.resolution % 8 == 0, "data.resolution must be a multiple of 8"),

@@ -25,7 +25,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from model.training.checkpoint import COMPLETE, checkpoint_step, list_checkpoints
+from model.training.checkpoint import COMPLETE, CheckpointError, checkpoint_step, list_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,16 @@ def is_remote(location: str | Path) -> bool:
 def _local_path(location: str | Path) -> Path:
     text = str(location)
     return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def _remote_root(location: str | Path, marker: str, missing: Exception) -> tuple[Any, str]:
+    """(filesystem, root path) of a remote `location` whose `marker` file exists; raises `missing` otherwise."""
+    fs, root = url_to_fs(str(location))
+    root = root.rstrip("/")
+    fs.invalidate_cache()  # a marker written since this process last listed the folder must be seen
+    if not fs.exists(f"{root}/{marker}"):
+        raise missing
+    return fs, root
 
 
 def cache_dir() -> Path:
@@ -96,13 +106,8 @@ class RunFolder:
         """A local folder holding the checkpoint at `location` (downloaded into staging when remote)."""
         if not is_remote(location):
             return _local_path(location)
-        fs, path = url_to_fs(str(location))
-        path = path.rstrip("/")
-        fs.invalidate_cache()
-        if not fs.exists(f"{path}/{COMPLETE}"):
-            from model.training.checkpoint import CheckpointError
-
-            raise CheckpointError(f"checkpoint {location} is incomplete or missing: no {COMPLETE}")
+        fs, path = _remote_root(location, COMPLETE,
+                                CheckpointError(f"checkpoint {location} is incomplete or missing: no {COMPLETE}"))
         dest = Path(tempfile.mkdtemp(prefix="layerdiff-ckpt-", dir=self.local if self.remote else None))
         fs.get(path + "/", str(dest) + "/", recursive=True)
         return dest
@@ -190,11 +195,8 @@ def fetch_pipeline_folder(location: str | Path) -> Path:
     `model_index.json` (checkpoints skipped) downloaded into the cache, `model_index.json` last."""
     if not is_remote(location):
         return _local_path(location)
-    fs, root = url_to_fs(str(location))
-    root = root.rstrip("/")
-    fs.invalidate_cache()
-    if not fs.exists(f"{root}/{PIPELINE_INDEX}"):
-        raise ValueError(f"{location} is not a LayerDiff run: {PIPELINE_INDEX} is missing (is training finished?)")
+    fs, root = _remote_root(location, PIPELINE_INDEX, ValueError(
+        f"{location} is not a LayerDiff run: {PIPELINE_INDEX} is missing (is training finished?)"))
     digest = hashlib.sha256(str(location).encode()).hexdigest()[:16]
     dest = cache_dir() / "runs" / digest
     (dest / PIPELINE_INDEX).unlink(missing_ok=True)  # never vouch for a half-refreshed copy

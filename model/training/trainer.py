@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from mlcid.registry import PRESETS
 from model.training import checkpoint as ckpt
 from model.training.config import TrainConfig, config_to_dict, load_config, save_config
 from model.training.data import Batch, OrderedBatches, SlotPosition, build_loader
@@ -453,7 +454,7 @@ def build_parser(prog: str = "python -m model.training.trainer") -> argparse.Arg
     p.add_argument("--config", type=Path, default=None, help="YAML config (default model/configs/layerdiff_sd15.yaml)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", help="SD 1.x hub id or local pipeline folder to start from")
-    src.add_argument("--preset", choices=["real", "tiny"], help="registry preset for sd15 (tiny = offline test model)")
+    src.add_argument("--preset", choices=PRESETS, help="registry preset for sd15 (tiny = offline test model)")
     p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --out from its newest complete checkpoint (or from CHECKPOINT)")

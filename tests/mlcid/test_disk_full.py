@@ -3,50 +3,14 @@
 from __future__ import annotations
 
 import errno
-import io
 import os
 
 import pytest
 
 from mlcid import writer as writer_mod
 from mlcid.writer import ShardWriter, is_complete
-from tests.mlcid.test_shards import make_sample
-
-
-class FillingFile(io.FileIO):
-    """A real file that raises OSError(ENOSPC) once `room` bytes have been written (a disk filling up)."""
-
-    def __init__(self, path, room: int) -> None:
-        super().__init__(path, "wb")
-        self.room = room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return super().write(data)
-
-
-class FullAtClose(io.FileIO):
-    """A real file that takes every member but raises ENOSPC on the tar's end-of-archive zero blocks (at close)."""
-
-    def __init__(self, path) -> None:
-        super().__init__(path, "wb")
-
-    def write(self, data) -> int:
-        if len(data) >= 1024 and not any(data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return super().write(data)
-
-
-def full_at_close(self):
-    return FullAtClose(self.tmp_path)
-
-
-def filling(room: int):
-    def _open_tmp(self):
-        return FillingFile(self.tmp_path, room)
-    return _open_tmp
+from tests.builders import make_sample
+from tests.full_disk import filling, full_at_close
 
 
 def test_disk_full_mid_shard_raises_enospc_and_leaves_nothing(tmp_path, monkeypatch):

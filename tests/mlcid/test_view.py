@@ -16,7 +16,7 @@ from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.stats import ShardStats, format_summary, load_shard_stats, stats_url_for, summarize, summarize_dicts
 from mlcid.view import ViewConfig, build_view, main
 from mlcid.writer import ShardWriter, shard_name, stats_name
-from tests.builders import make_sample, write_shard
+from tests.builders import make_sample, write_outcomes, write_shard
 
 XSS = "<script>document.title='pwned'</script> a \"red\" <b>cat</b> & 'dog'"
 SIZE = 48
@@ -216,16 +216,6 @@ def test_truncated_shard_is_counted_not_fatal(shards: Path, tmp_path: Path) -> N
     assert result.status_counts["error"] == 1  # the sample cut in half (how the reader names it depends on the cut)
     assert set(result.reasons) <= {"truncated_shard", "missing_member", "undecodable_image"}
     assert result.status_counts["ok"] >= 3  # the samples before the cut, and all of the next shard
-
-
-def write_outcomes(shard: Path, rows: list[tuple[str, bool, str | None, str | None]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    keys, kept, reasons, details = (list(c) for c in zip(*rows))
-    table = pa.table({"key": pa.array(keys, pa.string()), "kept": pa.array(kept, pa.bool_()),
-                      "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string())})
-    pq.write_table(table, shard.with_suffix(".parquet"))
 
 
 def test_dropped_samples_listed_per_shard(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.builders import make_sample, write_shard
+from tests.builders import make_sample, write_outcomes, write_shard
 
 from mlcid.view import ViewConfig, build_view
 
@@ -118,8 +118,6 @@ def test_gallery_pages(browser, gallery: Path) -> None:
 @pytest.fixture(scope="module")
 def wide_gallery(tmp_path_factory) -> Path:
     """A 48 × 32 sample in a shard whose outcomes file lists a dropped input with a hostile detail."""
-    from tests.mlcid.test_view import write_outcomes
-
     root = tmp_path_factory.mktemp("wide")
     shard = write_shard(root / "shards", [make_sample("w0", size=32, width=48, n_fg=2)], 0, {"mask_area": 1})
     write_outcomes(shard, [("w0", True, None, None), ("gone", False, "mask_area", EVIL)])

@@ -59,9 +59,8 @@ def test_bad_smg_window_is_refused_before_any_unet_call(pipe, start, end):
 def test_compiled_unet_matches_eager():
     """`unet.compile()` (torch.compile in place) is an option: same outputs within 1e-4. Compiling takes ~11 min
     on a loaded 2-core CPU (1.4e-5 max difference measured there)."""
-    from tests.model.test_unet import make_inputs, randomize_new_modules, tiny_sd_unet
-
     from model.network.unet import LayerDiffUNet
+    from tests.builders import make_inputs, randomize_new_modules, tiny_sd_unet
 
     model = LayerDiffUNet.from_unet(tiny_sd_unet(), max_layers=4).eval()
     randomize_new_modules(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,63 @@ def run(shards: str, out: Path, steps: int, *extra: str) -> int:
 
 def losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- resume checks: how far a resumed run ends from the uninterrupted one, against a control ------------------
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's UNet weights and AdamW moments as named float tensors."""
+    from safetensors.torch import load_file
+
+    path = ckpt.latest_checkpoint(run_dir)
+    out = {f"weight/{k}": v.float() for k, v in load_file(str(path / ckpt.UNET_DIR / ckpt.WEIGHTS)).items()}
+    moments = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)["optimizer"]["state"]
+    for i, state in moments.items():
+        out.update({f"{name}/{i}": state[name].float() for name in ("exp_avg", "exp_avg_sq")})
+    return out
+
+
+def resume_deviation(full: Path, resumed: Path) -> dict[str, float]:
+    """max |Δ| between two runs of the same length: per-step losses, final weights, final AdamW moments."""
+    a, b = final_state(full), final_state(resumed)
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:5]
+    la, lb = losses(full), losses(resumed)
+    assert len(la) == len(lb), (la, lb)
+    dev = {"loss": max(abs(x - y) for x, y in zip(la, lb))}
+    for group in ("weight", "exp_avg", "exp_avg_sq"):
+        dev[group] = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith(group + "/"))
+    return dev
+
+
+def forget_optimizer_state(run_dir: Path) -> None:
+    """The control: the newest checkpoint keeps its weights, schedule, RNG and data position, but its AdamW state
+    becomes a fresh optimizer's (no moments, step 0)."""
+    path = ckpt.latest_checkpoint(run_dir) / "optimizer.pt"
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved["optimizer"]["state"] = {}
+    torch.save(saved, path)
+
+
+def assert_resume_beats_control(resumed: dict[str, float], control: dict[str, float], ratio: float = 0.1) -> None:
+    """The resumed run must end `ratio` × closer to the uninterrupted one than a run that lost its optimizer state,
+    on every measure (the control must deviate at all, or the check would prove nothing)."""
+    for measure, lost in control.items():
+        assert lost > 0, f"losing the optimizer state changed no {measure}: the comparison cannot see it ({control})"
+        assert resumed[measure] <= ratio * lost, f"{measure}: resumed {resumed} vs lost-optimizer control {control}"
+
+
+def resume_with_control(shards: str, root: Path, steps: int, every: int, *extra: str) -> tuple[dict, dict]:
+    """Uninterrupted run, run stopped at `every` and resumed, and the same with the optimizer state thrown away;
+    returns (resumed, control) deviations from the uninterrupted run."""
+    opts = ("--set", f"checkpoint_every={every}", *extra)
+    assert run(shards, root / "full", steps, *opts) == 0
+    assert run(shards, root / "part", every, *opts) == 0
+    shutil.copytree(root / "part", root / "lost")
+    forget_optimizer_state(root / "lost")
+    for name in ("part", "lost"):
+        assert run(shards, root / name, steps, "--resume", *opts) == 0
+    return resume_deviation(root / "full", root / "part"), resume_deviation(root / "full", root / "lost")
 
 
 # -- objective pieces --------------------------------------------------------------------------------------------
@@ -157,11 +215,20 @@ def test_resume_continues_exactly(tiny_models, shards, tmp_path):
     assert run(shards, tmp_path / "part", 6, "--resume", *loader) == 0
     full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert len(full) == len(part) == 6
-    assert max(abs(a - b) for a, b in zip(full, part)) <= 1e-6, (full, part)
+    deviation = resume_deviation(tmp_path / "full", tmp_path / "part")  # losses, weights and AdamW moments
+    assert max(deviation.values()) <= 1e-6, deviation
     keys = [(tmp_path / run_dir / "keys-rank0.txt").read_text() for run_dir in ("full", "part")]
     assert keys[0] == keys[1] and len(keys[0].splitlines()) == 12  # same samples, same order
     # a run folder with checkpoints is never silently restarted
     assert run(shards, tmp_path / "part", 6, *loader) == EXIT_BAD_INPUT
+
+
+def test_resume_check_sees_a_lost_optimizer_state(tiny_models, shards, tmp_path):
+    """The GPU resume test's comparison on CPU: a resume that drops AdamW's moments is caught on every measure."""
+    resumed, control = resume_with_control(shards, tmp_path, 4, 2)
+    assert_resume_beats_control(resumed, control)
+    with pytest.raises(AssertionError, match="lost-optimizer control"):  # the control judged as a resume fails
+        assert_resume_beats_control(control, control)
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tiny_models, shards, tmp_path, monkeypatch, caplog):
@@ -234,13 +301,12 @@ def test_trainer_rejects_batch_not_divisible_by_workers(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_autocast_run_and_resume(tiny_models, shards, tmp_path):
-    """bf16/fp16 autocast on CUDA: finite losses, checkpoints and a resume (GPU kernels need not be bit-exact)."""
-    assert run(shards, tmp_path / "full", 4, "--set", "checkpoint_every=2") == 0
-    assert run(shards, tmp_path / "part", 2, "--set", "checkpoint_every=2") == 0
-    assert run(shards, tmp_path / "part", 4, "--resume", "--set", "checkpoint_every=2") == 0
-    full, part = losses(tmp_path / "full"), losses(tmp_path / "part")
-    assert len(full) == len(part) == 4 and all(torch.isfinite(torch.tensor(full + part)))
-    assert max(abs(a - b) for a, b in zip(full, part)) < 0.05 * max(full)
+    """bf16/fp16 autocast on CUDA: finite losses, checkpoints and a resume. GPU kernels need not be bit-exact, so
+    the resume is judged against a control that lost its optimizer state: it must end ≥ 10× closer to the
+    uninterrupted run in losses, weights and AdamW moments."""
+    resumed, control = resume_with_control(shards, tmp_path, 4, 2)
+    assert all(torch.isfinite(torch.tensor(losses(tmp_path / name))).all() for name in ("full", "part"))
+    assert_resume_beats_control(resumed, control)
 
 
 def test_gradient_checkpointing_setting_is_checked():

@@ -8,40 +8,12 @@ from diffusers import UNet2DConditionModel
 
 from model.network.layer_attention import LAYER_CONTEXT_KEY, LayerContext
 from model.network.unet import LayerDiffUNet
-
-TEXT_DIM, T_GLOBAL, T_LAYER, SIZE = 32, 7, 5, 16
-
-
-def tiny_sd_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=TEXT_DIM, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        sample_size=SIZE,
-    ).eval()
+from tests.builders import SIZE, T_GLOBAL, T_LAYER, TEXT_DIM, make_inputs, randomize_new_modules, tiny_sd_unet
 
 
 @pytest.fixture(scope="module")
 def sd_unet() -> UNet2DConditionModel:
     return tiny_sd_unet()
-
-
-def make_inputs(B: int, L: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "sample": torch.randn(B, L, 8, SIZE, SIZE, generator=g),
-        "timesteps": torch.randint(0, 1000, (B, L), generator=g),
-        "global_text": torch.randn(B, T_GLOBAL, TEXT_DIM, generator=g),
-        "layer_text": torch.randn(B, L, T_LAYER, TEXT_DIM, generator=g),
-    }
-
-
-@torch.no_grad()
-def randomize_new_modules(model: LayerDiffUNet, seed: int = 2, std: float = 0.2) -> None:
-    """Give every new parameter (including the zero-initialised ones) random values."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.new_parameters().values():
-        p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @torch.no_grad()
@@ -247,7 +219,8 @@ def test_from_unet_copies_sd_weights(sd_unet):
 
 @pytest.mark.slow
 def test_benchmarks_run_tiny(capsys):
-    from model import bench_train, bench_train_gpu
+    from benchmarks import train as bench_train
+    from benchmarks import train_gpu as bench_train_gpu
 
     rows = bench_train.main(["--tiny", "--layers", "2", "--repeats", "1", "--warmup", "0"])
     assert [r["model"] for r in rows] == ["plain UNet", "LayerDiff", "LayerDiff, collab ckpt"]

@@ -15,18 +15,15 @@ from mlcid.schema import MLCIDSample, sample_uid
 from mlcid.writer import ShardWriter, is_complete, shard_name
 from pipelines.build import LocalBuildConfig, PipelineOptions, build_local, main
 from pipelines.runner import ShardProcessor, outcomes_name
-from tests.mlcid.test_disk_full import filling, full_at_close
-from tests.pipelines.test_runner import classical_config, raw_records, write_raw_shard
-
-CLASSICAL = ["--preset", "tiny", "--log-level", "WARNING", "--backend", "caption=none", "--backend",
-             "object_caption=none", "--backend", "detect=test-colour", "--backend", "segment=test-box",
-             "--backend", "inpaint=test-fill"]
+from tests.builders import CLASSICAL, classical_config, input_records, write_input_shard
+import tests.stages  # noqa: F401 — registers the test-* stage backends CLASSICAL names
+from tests.full_disk import filling, full_at_close
 
 
 def test_unreadable_inputs_fail_only_their_shard_and_the_run_exits_1_without_traceback(tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
-    good = [write_raw_shard(raw / f"{i:05d}.tar", raw_records(2, seed=i, shard=i)) for i in (0, 4)]
+    good = [write_input_shard(raw / f"{i:05d}.tar", input_records(2, seed=i, shard=i)) for i in (0, 4)]
     (raw / "00002.tar").write_bytes(b"this is not a tar archive " * 40)
     (raw / "00003.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x13garbage" * 50)
     missing = str(raw / "00001.tar")
@@ -54,16 +51,16 @@ def test_a_wrong_folder_says_not_found(tmp_path, capsys):
 
 
 def test_two_inputs_with_one_shard_id_are_refused_before_any_work(tmp_path, capsys):
-    a = write_raw_shard(tmp_path / "00001.tar", raw_records(1))
+    a = write_input_shard(tmp_path / "00001.tar", input_records(1))
     (tmp_path / "b").mkdir()
-    b = write_raw_shard(tmp_path / "b" / "00001.tar", raw_records(1))
+    b = write_input_shard(tmp_path / "b" / "00001.tar", input_records(1))
     assert main(["--shards", a, b, "--out", str(tmp_path / "out"), *CLASSICAL]) == 2
     assert "both have shard id 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_truncated_input_is_shown_in_the_run_summary_and_in_mlcid_stats(tmp_path, capsys):
-    full = write_raw_shard(tmp_path / "full.tar", raw_records(4, seed=9, shard=6))
+    full = write_input_shard(tmp_path / "full.tar", input_records(4, seed=9, shard=6))
     data = open(full, "rb").read()
     (tmp_path / "00006.tar").write_bytes(data[: int(len(data) * 0.7)])  # cut inside the last records
     out = tmp_path / "out"
@@ -77,7 +74,7 @@ def test_truncated_input_is_shown_in_the_run_summary_and_in_mlcid_stats(tmp_path
 
 
 def test_disk_full_while_writing_leaves_no_outcomes_and_no_shard(tmp_path, monkeypatch):
-    url = write_raw_shard(tmp_path / "00008.tar", raw_records(6, seed=8, shard=8))
+    url = write_input_shard(tmp_path / "00008.tar", input_records(6, seed=8, shard=8))
     proc = ShardProcessor(classical_config()).setup()
     monkeypatch.setattr(ShardWriter, "_open_tmp", filling(30_000))
     with pytest.raises(OSError) as info:
@@ -93,12 +90,12 @@ def test_disk_full_while_writing_leaves_no_outcomes_and_no_shard(tmp_path, monke
 
 
 def test_every_sample_and_outcome_row_carries_its_provenance(tmp_path):
-    recs = raw_records(3, seed=11, shard=2)
+    recs = input_records(3, seed=11, shard=2)
     key, members = recs[1]
     meta = json.loads(members["json"]) | {"LICENSE": "cc-by-4.0", "license_url": "https://cc.org/by/4.0"}
     recs[1] = (key, members | {"json": json.dumps(meta).encode()})
     recs.append(("000029999", {"jpg": b"", "txt": b"broken image", "json": b'{"url": "http://x/broken.jpg"}'}))
-    url = write_raw_shard(tmp_path / "00002.tar", recs)
+    url = write_input_shard(tmp_path / "00002.tar", recs)
     out = tmp_path / "out"
     config = PipelineOptions("tiny", backends=dict(classical_config().backends)).to_config()
     ShardProcessor(config).setup().process(url, str(out))

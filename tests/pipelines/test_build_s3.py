@@ -15,8 +15,8 @@ from mlcid.storage import ShardStore
 from mlcid.view import build_view
 from pipelines.build import main
 from pipelines.runner import ShardProcessor
-from tests.pipelines.test_build_local import CLASSICAL
-from tests.pipelines.test_runner import classical_config, raw_records, write_raw_shard
+from tests.builders import CLASSICAL, classical_config, input_records, write_input_shard
+import tests.stages  # noqa: F401 — registers the test-* stage backends CLASSICAL names
 from tests.s3_server import s3_server  # noqa: F401 — fixture
 
 NAMES = ("mlcid-{:06d}.tar", "mlcid-{:06d}.parquet", "mlcid-{:06d}_stats.json")
@@ -33,7 +33,7 @@ def bucket(s3_server) -> str:
 
 def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bucket, tmp_path, capsys,
                                                                               monkeypatch):
-    raw = [write_raw_shard(tmp_path / f"{i:05d}.tar", raw_records(3, seed=20 + i, shard=i)) for i in range(2)]
+    raw = [write_input_shard(tmp_path / f"{i:05d}.tar", input_records(3, seed=20 + i, shard=i)) for i in range(2)]
     out = f"s3://{bucket}/runs/mlcid"
     store = ShardStore(out)
     uploads: list[str] = []
@@ -72,7 +72,7 @@ def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bu
 
 
 def test_a_failed_upload_leaves_no_object_of_the_shard(bucket, tmp_path, monkeypatch):
-    url = write_raw_shard(tmp_path / "00003.tar", raw_records(2, seed=3, shard=3))
+    url = write_input_shard(tmp_path / "00003.tar", input_records(2, seed=3, shard=3))
     out = f"s3://{bucket}/mlcid"
     store = ShardStore(out)
     real_put = store.fs.put_file  # fsspec caches the filesystem: the processor's store uses this same instance

@@ -11,7 +11,7 @@ import torch
 from mlcid.writer import shard_name
 from pipelines.faults import DeviceFault, FaultPolicy, ShardFault, StageFault, is_device_fault, is_oom
 from pipelines.runner import ShardProcessor, outcomes_name
-from tests.pipelines.test_runner import classical_config, raw_records, write_raw_shard
+from tests.builders import classical_config, input_records, write_input_shard
 
 CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
 
@@ -46,7 +46,7 @@ def visible(folder) -> list[str]:
 
 @pytest.fixture
 def shard(tmp_path) -> str:
-    return write_raw_shard(tmp_path / "00005.tar", raw_records(8, seed=5, shard=5))
+    return write_input_shard(tmp_path / "00005.tar", input_records(8, seed=5, shard=5))
 
 
 def test_classification():

@@ -186,9 +186,9 @@ def test_bad_inputs_never_stop_the_shard(tmp_path):
     from mlcid.shard_check import validate_shard
     from mlcid.writer import shard_name
     from pipelines.runner import ShardProcessor
-    from tests.pipelines.test_runner import classical_config, raw_records
+    from tests.builders import classical_config, input_records
 
-    good = raw_records(3, seed=5, shard=9)
+    good = input_records(3, seed=5, shard=9)
     odd = [
         ("odd0", {"jpg": b"", "txt": b"zero"}),
         ("odd1", {"jpg": good[0][1]["jpg"][:300], "txt": b"corrupt"}),

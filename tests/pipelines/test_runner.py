@@ -2,174 +2,30 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from mlcid.reader import iter_shard_samples
 from mlcid.schema import MLCIDSample
 from mlcid.shard_check import validate_shard
 from mlcid.writer import read_stats, shard_name, stats_name
-from pipelines.base import STAGES, Detection, Item, alive, register_stage
 from pipelines.config import PipelineConfig
 from pipelines.runner import ShardProcessor, outcomes_name
-from tests.builders import write_tar
-
-BG = np.array([40, 90, 160], np.uint8)
-
-
-# -- test doubles for the model-backed kinds (E1's stages replace them in the tiny-preset test) ---------------
-def _register(kind: str, backend: str):
-    def deco(cls):
-        if backend in STAGES.get(kind, {}):
-            return STAGES[kind][backend].cls
-        return register_stage(kind, backend)(cls)
-    return deco
-
-
-def _foreground(image: np.ndarray) -> np.ndarray:
-    return np.abs(image.astype(int) - BG.astype(int)).sum(-1) > 60  # (H, W) bool
-
-
-@_register("detect", "test-colour")
-class ColourDetect:
-    """Boxes of connected non-background components (a classical stand-in detector for tests only)."""
-
-    def __init__(self, **options):  # accepts (and ignores) the tiny preset's options for the real backend
-        self.options = options
-
-    def setup(self):
-        pass
-
-    def __call__(self, batch):
-        for it in alive(batch):
-            n, _, st, _ = cv2.connectedComponentsWithStats(_foreground(it.image).astype(np.uint8))
-            it.detections = [Detection((x, y, x + w, y + h), 0.5, "shape") for x, y, w, h, a in st[1:n] if a > 20]
-            if not it.detections:
-                it.drop("no_detection")
-        return batch
-
-
-@_register("segment", "test-box")
-class BoxColourSegment:
-    def __init__(self, **options):  # accepts (and ignores) the tiny preset's options for the real backend
-        self.options = options
-
-    def setup(self):
-        pass
-
-    def __call__(self, batch):
-        for it in alive(batch):
-            fg = _foreground(it.image)
-            it.masks = []
-            for d in it.detections:
-                x0, y0, x1, y1 = map(int, d.box)
-                m = np.zeros_like(fg)
-                m[y0:y1, x0:x1] = fg[y0:y1, x0:x1]
-                it.masks.append(m)
-        return batch
-
-
-@_register("inpaint", "test-fill")
-class FillInpaint:
-    def __init__(self, **options):  # accepts (and ignores) the tiny preset's options for the real backend
-        self.options = options
-
-    def setup(self):
-        pass
-
-    def __call__(self, batch):
-        for it in alive(batch):
-            hole = np.zeros(it.image.shape[:2], bool)
-            for o in it.objects:
-                hole |= o.rgba[..., 3] > 0
-            it.background = np.where(hole[..., None], BG, it.image).astype(np.uint8)
-        return batch
-
-
-@_register("caption", "test-fail-on-key")
-class FailOnKey:
-    """Raises on any batch holding a key containing 'boom' (exercises the one-by-one retry)."""
-
-    def __init__(self, **options):  # accepts (and ignores) the tiny preset's options for the real backend
-        self.options = options
-
-    def setup(self):
-        pass
-
-    def __call__(self, batch):
-        if any("boom" in it.key for it in batch):
-            raise RuntimeError("boom")
-        for it in alive(batch):
-            it.global_prompt = f"shapes on blue {it.key}"
-        return batch
-
-
-@_register("caption", "test-interrupt")
-class Interrupt:
-    def __init__(self, **options):  # accepts (and ignores) the tiny preset's options for the real backend
-        self.options = options
-
-    def setup(self):
-        pass
-
-    def __call__(self, batch):
-        raise KeyboardInterrupt
-
-
-def classical_config(**overrides) -> PipelineConfig:
-    backends = {"caption": None, "detect": "test-colour", "segment": "test-box", "saliency": "classical",
-                "object_caption": None, "inpaint": "test-fill"}
-    backends.update(overrides.pop("backends", {}))
-    return PipelineConfig.from_preset("tiny", backends=backends, **overrides)
-
-
-# -- raw shard helpers ----------------------------------------------------------------------------------------
-def scene(rng: np.random.Generator, size: int = 96) -> np.ndarray:
-    img = np.broadcast_to(BG, (size, size, 3)).copy()
-    img = np.clip(img.astype(int) + rng.integers(-5, 6, img.shape), 0, 255).astype(np.uint8)
-    for colour in ([230, 40, 40], [240, 220, 30]):
-        x, y = rng.integers(8, size // 2, 2)
-        w, h = rng.integers(size // 6, size // 3, 2)
-        img[y : y + h, x : x + w] = colour
-    return img
-
-
-def jpeg(img: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=95)
-    return buf.getvalue()
-
-
-def write_raw_shard(path: Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
-    """An img2dataset-style input shard: per record KEY.jpg/.txt/.json (whatever members it names)."""
-    return write_tar(path, [(f"{key}.{suffix}", data) for key, members in records for suffix, data in members.items()])
-
-
-def raw_records(n: int, seed: int = 0, shard: int = 0) -> list[tuple[str, dict[str, bytes]]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        key = f"{shard:05d}{i:04d}"
-        meta = {"url": f"http://example.com/{key}.jpg", "key": key, "status": "success"}
-        out.append((key, {"jpg": jpeg(scene(rng)), "txt": b"two boxes on blue", "json": json.dumps(meta).encode()}))
-    return out
+from tests.builders import BG, classical_config, input_records, jpeg, write_input_shard
+import tests.stages  # noqa: F401 — registers the test-* stage backends named below
 
 
 # -- tests ----------------------------------------------------------------------------------------------------
 def test_end_to_end_classical(tmp_path):
-    recs = raw_records(6)
+    recs = input_records(6)
     recs.insert(2, ("000000098", {"jpg": b"", "txt": b"empty"}))  # zero-byte image
     recs.insert(4, ("000000099", {"jpg": jpeg(np.broadcast_to(BG, (80, 80, 3)).copy()), "txt": b"blank"}))
-    url = write_raw_shard(tmp_path / "00007.tar", recs)
+    url = write_input_shard(tmp_path / "00007.tar", recs)
     out = tmp_path / "out"
     proc = ShardProcessor(classical_config()).setup()
     stats = proc.process(url, str(out))
@@ -205,7 +61,7 @@ def test_end_to_end_classical(tmp_path):
 
 
 def test_resume_skips_complete_shard(tmp_path):
-    url = write_raw_shard(tmp_path / "00003.tar", raw_records(2, seed=1, shard=3))
+    url = write_input_shard(tmp_path / "00003.tar", input_records(2, seed=1, shard=3))
     proc = ShardProcessor(classical_config()).setup()
     first = proc.process(url, str(tmp_path / "out"))
     tar = tmp_path / "out" / shard_name(3)
@@ -220,9 +76,9 @@ def test_resume_skips_complete_shard(tmp_path):
 
 
 def test_stage_error_drops_only_failing_items(tmp_path):
-    recs = raw_records(4, seed=2)
+    recs = input_records(4, seed=2)
     recs[1] = ("boom01", recs[1][1])
-    url = write_raw_shard(tmp_path / "00001.tar", recs)
+    url = write_input_shard(tmp_path / "00001.tar", recs)
     proc = ShardProcessor(classical_config(backends={"caption": "test-fail-on-key"})).setup()
     stats = proc.process(url, str(tmp_path / "out"))
     assert stats["dropped"].get("stage_error:caption") == 1
@@ -232,7 +88,7 @@ def test_stage_error_drops_only_failing_items(tmp_path):
 
 
 def test_interrupted_run_leaves_no_visible_shard(tmp_path):
-    url = write_raw_shard(tmp_path / "00002.tar", raw_records(3, seed=3))
+    url = write_input_shard(tmp_path / "00002.tar", input_records(3, seed=3))
     proc = ShardProcessor(classical_config(backends={"caption": "test-interrupt"})).setup()
     with pytest.raises(KeyboardInterrupt):
         proc.process(url, str(tmp_path / "out"))
@@ -260,7 +116,7 @@ def test_unknown_backend_lists_known():
 def test_cli_builds_and_resumes(tmp_path, capsys):
     from pipelines.build import main
 
-    url = write_raw_shard(tmp_path / "00005.tar", raw_records(3, seed=4, shard=5))
+    url = write_input_shard(tmp_path / "00005.tar", input_records(3, seed=4, shard=5))
     argv = ["--shards", url, "--out", str(tmp_path / "out"), "--preset", "tiny", "--log-level", "WARNING",
             "--backend", "caption=none", "--backend", "object_caption=none", "--backend", "detect=test-colour",
             "--backend", "segment=test-box", "--backend", "inpaint=test-fill"]
@@ -328,29 +184,18 @@ def test_make_stage_passes_typed_config_and_pipeline_fields():
     assert isinstance(OpenCVInpaintOptions(), OpenCVInpaintOptions)
 
 
-@_register("inpaint", "test-slow-fill")
-class SlowFillInpaint(FillInpaint):
-    """FillInpaint that sleeps per batch, so a test can kill the process while the shard is being written."""
-
-    def __call__(self, batch):
-        import time
-
-        time.sleep(0.3)
-        return super().__call__(batch)
-
-
 def test_killed_process_leaves_no_visible_shard_and_rerun_completes(tmp_path):
     import signal
     import subprocess
     import sys
     import time
 
-    url = write_raw_shard(tmp_path / "00006.tar", raw_records(24, seed=6, shard=6))
+    url = write_input_shard(tmp_path / "00006.tar", input_records(24, seed=6, shard=6))
     out = tmp_path / "out"
     script = (
-        "import sys; import tests.pipelines.test_runner as t; "
+        "import sys; from tests.builders import classical_config; "
         "from pipelines.runner import ShardProcessor; "
-        "cfg = t.classical_config(backends={'inpaint': 'test-slow-fill'}, chunk_size=2); "
+        "cfg = classical_config(backends={'inpaint': 'test-slow-fill'}, chunk_size=2); "
         "ShardProcessor(cfg).setup().process(sys.argv[1], sys.argv[2])"
     )
     repo = Path(__file__).resolve().parents[2]
