@@ -145,7 +145,7 @@ class Trainer:
         params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
-        warmup = max(0, cfg.warmup_steps)
+        warmup = max(0, cfg.warmup_steps)  # not diffusers' get_scheduler: its warm-up runs step 1 at lr 0
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
