@@ -122,6 +122,15 @@ def test_bad_stats_and_inconsistent() -> None:
         stats_url_for("data/shard.zip")
 
 
+def test_prompt_sources_add_up_across_shards() -> None:
+    a = {"read": 2, "written": 2, "dropped": {}, "prompt_sources": {"global_caption": 2, "layer_label": 3}}
+    b = {"read": 1, "written": 1, "dropped": {}, "prompt_sources": {"global_alt_text": 1, "layer_label": 1}}
+    summary = summarize_dicts([a, b, {"read": 0, "written": 0, "dropped": {}}])  # older stats have none
+    assert summary.prompt_sources == {"layer_label": 4, "global_caption": 2, "global_alt_text": 1}
+    assert summary.to_json()["prompt_sources"] == summary.prompt_sources
+    assert "prompt sources: layer_label=4, global_caption=2, global_alt_text=1" in format_summary(summary)
+
+
 def test_malformed_stats_file(tmp_path: Path) -> None:
     url = write_shard(tmp_path, [make_sample("k0")], 0)
     Path(stats_url_for(str(url))).write_text("{not json")
