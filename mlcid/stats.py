@@ -12,7 +12,8 @@ from typing import Any
 
 import fsspec
 
-STATS_SUFFIX = "_stats.json"
+from mlcid.shards import STATS_SUFFIX
+
 OUTCOMES_SUFFIX = ".parquet"  # per-input-sample outcomes (key, kept, reason, detail, …) written by the pipeline
 
 
