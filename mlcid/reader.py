@@ -41,8 +41,9 @@ def iter_shard_samples(
 class MLCIDReader:
     """Iterate valid `MLCIDSample`s from shards (paths, brace patterns, fsspec URLs).
 
-    - A folder stands for its finished shards: a tar whose stats file is not written yet (still being built or
-      uploaded) is skipped with a warning. Tars named one by one (or by a brace pattern) are always read.
+    - A folder stands for its finished shards: where shards carry stats files, a tar whose stats file is not
+      written yet (still being built or uploaded) is skipped with a warning; a folder without any stats file
+      (shards from other tools) is read whole. Tars named one by one (or by a brace pattern) are always read.
     - Shards are split across (node rank × dataloader worker); each slot reads a disjoint subset.
     - `resample=True` streams forever, drawing shards at random with replacement (per-slot seeded RNG).
     - `shuffle_shards=True` shuffles the shard order each epoch (seeded by `seed` and `epoch`).

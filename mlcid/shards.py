@@ -54,19 +54,17 @@ def _list_folder(folder: str) -> list[str]:
 def _list_tars(folder: str, complete_only: bool = False) -> list[str]:
     """The *.tar / *.tar.gz files directly in `folder`, sorted; with `complete_only`, only finished ones.
 
-    A `.tar` is finished once its stats file is beside it (the writer publishes that last); one without it is
-    still being written or uploaded, and is skipped with a warning. `.tar.gz` shards carry no stats file.
+    In a folder whose shards carry stats files (the writer publishes each one last), a `.tar` without its stats
+    file is still being written or uploaded: it is skipped with a warning. A folder with no stats file at all
+    holds shards made by other tools and is read whole; `.tar.gz` shards carry no stats file.
     """
     names = _list_folder(folder)
     tars = sorted(n for n in names if _TAR_NAME.search(n))
     if "://" in folder and not tars:
         raise FileNotFoundError(f"{folder!r}: not found or holds no *.tar shards")
-    if complete_only and tars:
+    if complete_only and any(n.endswith(STATS_SUFFIX) for n in names):
         present = set(names)
         done = [t for t in tars if not t.endswith(".tar") or t[: -len(".tar")] + STATS_SUFFIX in present]
-        if not done:
-            raise FileNotFoundError(f"{folder!r}: none of its {len(tars)} tar(s) has its {STATS_SUFFIX} file, so "
-                                    "none is finished; name the tar files (or a brace pattern) to read them anyway")
         if len(done) < len(tars):
             log.warning("%s: skipping %d tar(s) without their stats file (not finished yet): %s", folder,
                         len(tars) - len(done), ", ".join(t.rsplit("/", 1)[-1] for t in tars if t not in done)[:300])

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -212,23 +210,3 @@ def format_summary(summary: StatsSummary) -> str:
     for url in summary.inconsistent:
         lines.append(f"inconsistent stats (read != written + dropped): {url}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlcid.stats",
-        description="Summarise the *_stats.json files next to MLCID shards: kept/dropped by reason, layer counts, "
-        "incomplete shards. Exit 1 if any shard is incomplete or has unreadable stats.",
-    )
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns, folders or fsspec URLs")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    args = parser.parse_args(argv)
-    from mlcid.shards import expand_urls
-
-    summary = summarize(load_shard_stats(url) for url in expand_urls(args.shards))
-    print(json.dumps(summary.to_json(), indent=1) if args.json else format_summary(summary))
-    return 1 if summary.incomplete or summary.bad_stats else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
