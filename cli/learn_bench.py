@@ -47,7 +47,6 @@ def bench_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from benchmarks.learn_bench import run_bench
     from cli.main import fail
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = bench_config(args)
     except ValueError as e:
         return fail(args, e)
+    from benchmarks.learn_bench import run_bench
+
     run_bench(cfg, args.out, args.until)
     if not args.until:
         print((args.out / "results.md").read_text())

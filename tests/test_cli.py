@@ -59,3 +59,8 @@ def test_help_of_every_command_imports_no_torch(record_property):
 def test_ray_train_options_need_workers(capsys):
     assert layerdiff_main(["train", "--data", "d", "--out", "o", "--gpu"]) == 2
     assert "layerdiff train: error: --gpu and --max-failures go with --workers" in capsys.readouterr().err
+
+
+def test_learn_bench_refuses_an_unknown_smg_variant_before_any_stage(tmp_path, capsys):
+    assert layerdiff_main(["learn-bench", "--out", str(tmp_path / "lb"), "--sweep-variants", "default,nope"]) == 2
+    assert "unknown SMG variants ['nope']" in capsys.readouterr().err and not (tmp_path / "lb").exists()
