@@ -74,8 +74,8 @@ MAX_STEPS ?=
 TRAIN_CONFIG = $(or $(CONFIG),$(if $(filter tiny,$(PRESET)),model/configs/tiny.yaml,model/configs/layerdiff_sd15.yaml))
 MAX_FAILURES ?=
 train: env ## make train DATA='dir/mlcid-{000000..000099}.tar' OUT=runs/x|s3://bucket/runs/x [CONFIG=…] [PRETRAINED=id|dir | PRESET=tiny] [MAX_STEPS=n] [WORKERS=n [GPU=1] [MAX_FAILURES=n]] [RESUME=1]
-	$(TINY_IF_NEEDED) $(PY) -m $(if $(filter-out 1,$(or $(WORKERS),1)),cluster.train --workers $(WORKERS) $(if $(GPU),--gpu) \
-	  $(if $(MAX_FAILURES),--max-failures $(MAX_FAILURES)),model.training.trainer) \
+	$(TINY_IF_NEEDED) $(LAYERDIFF) train $(if $(filter-out 1,$(or $(WORKERS),1)),--workers $(WORKERS) $(if $(GPU),--gpu) \
+	  $(if $(MAX_FAILURES),--max-failures $(MAX_FAILURES))) \
 	  --data "$(DATA)" --out $(OUT) --config $(TRAIN_CONFIG) \
 	  $(if $(PRETRAINED),--pretrained $(PRETRAINED),--preset $(PRESET)) $(if $(MAX_STEPS),--max-steps $(MAX_STEPS)) \
 	  $(if $(RESUME),--resume)

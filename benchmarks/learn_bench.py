@@ -6,18 +6,17 @@ Stages (each writes `OUT/<stage>.done.json`; a re-run skips finished stages, the
   2. vae      a small SD-shaped AutoencoderKL trained on the trainer's layer images and masks (`model.training.vae_train`).
   3. sd       an SD-1.x pipeline folder from scratch: that VAE, a frozen random CLIPTextModel with the real CLIP
               tokenizer, a random small UNet2DConditionModel, SD's DDIM schedule.
-  4. train    `python -m model.training.trainer --config model/configs/learn_bench.yaml --pretrained OUT/sd` (what `make train`
+  4. train    `layerdiff train --config model/configs/learn_bench.yaml --pretrained OUT/sd` (what `make train`
               runs) into OUT/run.
   5. sample   `LayerDiffPipeline` on every test prompt: the step-0 model (CFG), the trained model with CFG, with
               CFG + SMG, and with the layer prompts rolled by one across layers (CFG; scored against the true ones).
   6. report   `model.evaluation.layer_fidelity` scores → OUT/results.json, OUT/results.md and OUT/grid.png.
 
-    python -m benchmarks.learn_bench --out .work/learn-bench            # the full benchmark (~45 min on 2 CPU cores)
+    layerdiff learn-bench --out .work/learn-bench            # the full benchmark (~45 min on 2 CPU cores)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -158,7 +157,7 @@ def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     from model.training import checkpoint as ckpt
 
     run = out / "run"
-    cmd = [sys.executable, "-m", "model.training.trainer", "--data", str(out / "data" / "mlcid"), "--out", str(run),
+    cmd = [sys.executable, "-m", "cli", "layerdiff", "train", "--data", str(out / "data" / "mlcid"), "--out", str(run),
            "--config", cfg.train_config, "--pretrained", str(out / "sd")]
     cmd += ["--max-steps", str(target_steps(cfg))]
     for item in cfg.train_overrides:
@@ -294,52 +293,3 @@ def run_bench(cfg: BenchConfig, out: str | Path, until: str | None = None) -> di
     (out / "report.done.json").unlink(missing_ok=True)  # the report is cheap: always rewritten
     stages["report"] = _stage(out, "report", lambda: stage_report(cfg, out, dict(stages)))
     return stages
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.learn_bench", description=__doc__.split("\n\n")[0],
-                                epilog="Stages: data, vae, sd, train, sample-*, report. Delete OUT/<stage>.done.json "
-                                "(and its outputs) to redo a stage.")
-    p.add_argument("--out", type=Path, required=True, help="work folder (data, vae, sd, run, samples, results)")
-    p.add_argument("--smoke", action="store_true", help="seconds-long sizes (tests)")
-    p.add_argument("--ship", action="store_true", help="the shipped model's variant (BenchConfig.ship: flat shapes, "
-                   "plain backgrounds, 64/64-channel UNet, no sweep); its results JSON goes to OUT only")
-    p.add_argument("--train-steps", type=int, help="trainer steps (default: the YAML's max_steps)")
-    p.add_argument("--per-group", type=int, help="test prompts per group")
-    p.add_argument("--threads", type=int, help="torch threads (default 1)")
-    p.add_argument("--sweep-per-group", type=int, help="prompts per group of the SMG scale sweep")
-    p.add_argument("--sweep-variants", type=lambda v: tuple(v.split(",")),
-                   help=f"comma-separated SMG variants to sweep, of {','.join(SMG_VARIANTS)} (empty: none)")
-    p.add_argument("--sweep-scales", type=lambda v: tuple(float(x) for x in v.split(",")),
-                   help="comma-separated SMG scales of the sweep (0 = CFG alone is always included)")
-    p.add_argument("--until", choices=("vae", "train"), help="stop after this stage (e.g. train now, sample later)")
-    p.add_argument("--vae-from", type=Path, help="another work folder whose finished VAE stage this one reuses "
-                   "(how the shipped model was made: its VAE is the default benchmark's)")
-    p.add_argument("--results-json", type=Path, default=Path("docs/learn_bench_results.json"),
-                   help="where the machine-readable results go besides OUT (default: %(default)s)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = BenchConfig.smoke() if args.smoke else BenchConfig.ship() if args.ship else BenchConfig()
-    for name in ("train_steps", "per_group", "threads", "sweep_per_group", "sweep_variants", "sweep_scales"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
-    cfg.sweep_variants = tuple(v for v in cfg.sweep_variants if v)
-    unknown = [v for v in cfg.sweep_variants if v not in SMG_VARIANTS]
-    if unknown:
-        p.error(f"unknown SMG variants {unknown}; known: {', '.join(SMG_VARIANTS)}")
-    cfg.results_json = None if args.smoke or args.ship else str(args.results_json)
-    if args.vae_from is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        try:
-            reuse_vae(args.vae_from, args.out)
-        except ValueError as err:
-            p.error(str(err))
-    run_bench(cfg, args.out, args.until)
-    if args.until:
-        return 0
-    print((args.out / "results.md").read_text())
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Build MLCID shards from img2dataset shards on a Ray actor pool (in-process Ray, or a cluster via RAY_ADDRESS).
 
-    python -m cluster.build_mlcid --shards 'in/{00000..00099}.tar' --out mlcid/ --preset tiny --workers 2
+    mlcid build --shards 'in/{00000..00099}.tar' --out mlcid/ --preset tiny --workers 2      (cli/build.py)
 
 One actor per GPU (or per CPU slot) holds all models; shards are handed out dynamically; failed shards are
 retried and then reported; actors are recycled every N shards. Output shard id = input shard id, and complete
@@ -10,33 +10,26 @@ ends with exactly the shards and keys of an uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlcid.shards import expand_urls
 from mlcid.storage import ShardStore
 from mlcid.wids_index import index_folder
 from mlcid.writer import stats_name
-from pipelines.build import add_pipeline_arguments, fault_policy_from_args, pipeline_options_from_args
 from pipelines.config import PipelineConfig
 from pipelines.faults import FaultPolicy
 from pipelines.inputs import plan_shard_ids
 from pipelines.runner import ShardProcessor
 
-from cluster.pool import PoolConfig, PoolError, PoolReport, ShardPool, ShardTask
-from cluster.progress import RunProgress, RunSummary, format_summary, summarize
+from cluster.pool import PoolReport, ShardPool, ShardTask
+from cluster.pool_config import PoolConfig
+from cluster.progress import RunProgress, RunSummary, summarize
 from cluster.ray_env import RayEnvConfig, ray_session
 
 log = logging.getLogger("cluster.build_mlcid")
-
-DEFAULT_RECYCLE_EVERY = 25  # shards per actor lifetime (a real shard is ~10k images)
 
 
 @dataclass
@@ -120,84 +113,3 @@ def build(config: BuildConfig) -> RunSummary:
     # 4. The wids index over every complete shard in `out`, then the totals.
     index_folder(out, config.pipeline.prefix)
     return summarize(report, len(complete), pool_cfg.workers, time.perf_counter() - t0)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m cluster.build_mlcid",
-        description="Build MLCID shards from img2dataset shards on a Ray actor pool. Without RAY_ADDRESS/--address "
-        "Ray starts in this process; with it the run joins that cluster. Complete output shards are skipped, so "
-        "re-running resumes an interrupted build.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("data")
-    g.add_argument("--shards", required=True, nargs="+",
-                   help="input shards: paths, brace patterns ('in/{00000..00099}.tar'), folders or fsspec URLs")
-    g.add_argument("--out", required=True, help="output: a folder every node sees, or an fsspec URL "
-                   "(s3://bucket/prefix, gs://…, az://…; credentials and endpoint from the standard environment)")
-    add_pipeline_arguments(p.add_argument_group("pipeline"))
-    g = p.add_argument_group("workers")
-    g.add_argument("--workers", type=int, help="actors (default: one per GPU, else one per CPU)")
-    g.add_argument("--cpus-per-worker", type=float, help="logical CPUs per actor; fractions allowed "
-                   "(default: 1 on GPU, else min(1, CPUs/workers))")
-    g.add_argument("--gpus-per-worker", type=float, help="GPUs per actor (default: 1 if the cluster has GPUs)")
-    g.add_argument("--max-in-flight", type=int, default=2, help="shards queued per actor")
-    g.add_argument("--max-retries", type=int, default=2, help="re-runs of a failed shard before it is reported")
-    g.add_argument("--recycle-every", type=int, default=DEFAULT_RECYCLE_EVERY,
-                   help="restart an actor after this many shards (0 = never)")
-    g.add_argument("--lease-ttl", type=float, default=PoolConfig.lease_ttl_s,
-                   help="seconds after which the lease of a shard whose worker stopped renewing it may be taken")
-    g = p.add_argument_group("ray")
-    g.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS; none → start Ray here)")
-    g.add_argument("--num-cpus", type=float, help="CPUs of an in-process Ray (default: all cores)")
-    g.add_argument("--num-gpus", type=int, help="GPUs of an in-process Ray (default: detected)")
-    g.add_argument("--dashboard", action="store_true", help="start the Ray dashboard (in-process Ray)")
-    g.add_argument("--dashboard-port", type=int, default=8265)
-    g.add_argument("--ray-temp-dir", help="in-process Ray's temp dir (default: $RAY_TMPDIR or .work/ray)")
-    g = p.add_argument_group("output")
-    g.add_argument("--summary-json", help="also write the run summary to this JSON file")
-    g.add_argument("--no-progress", action="store_true", help="no live progress line")
-    g.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING…)")
-    return p.parse_args(argv)
-
-
-def config_from_cli(args: argparse.Namespace) -> BuildConfig:
-    """CLI namespace → `BuildConfig` (the only place that reads argparse values)."""
-    return BuildConfig(
-        shards=args.shards,
-        out=args.out,
-        pipeline=pipeline_options_from_args(args).to_config(),
-        faults=fault_policy_from_args(args),
-        workers=WorkerSpec(args.workers, args.cpus_per_worker, args.gpus_per_worker),
-        pool=PoolConfig(max_in_flight=args.max_in_flight, max_retries=args.max_retries,
-                        recycle_every=args.recycle_every, lease_ttl_s=args.lease_ttl),
-        ray=RayEnvConfig(args.address, args.num_cpus, args.num_gpus, args.dashboard, args.dashboard_port,
-                         args.ray_temp_dir),
-        progress=not args.no_progress,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 when every shard is complete, 1 when some failed after their retries."""
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = config_from_cli(args)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from e
-    try:
-        summary = build(config)
-    except (ValueError, FileNotFoundError, PoolError) as e:  # bad inputs, or actors that cannot load models
-        raise SystemExit(f"error: {e}") from e
-    print(format_summary(summary), flush=True)
-    if args.summary_json:
-        path = Path(args.summary_json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(summary.to_dict(), indent=1))
-        os.replace(tmp, path)
-    return 1 if summary.shards_failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,8 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "TORCH_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR",
     "LAYERDIFF_TINY_MODELS", "LAYERDIFF_SAM_CHECKPOINT", "LAYERDIFF_CLIP_RN50", "LAYERDIFF_FID_WEIGHTS",
     "TOKENIZERS_PARALLELISM", "NO_ALBUMENTATIONS_UPDATE", "WANDB_MODE",
-)
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",  # S3 on a custom endpoint
+)  # credentials are not forwarded: a runtime_env is shown in the Ray dashboard; give nodes their own (IAM, files)
 DASHBOARD_MODULES = ("aiohttp", "aiohttp_cors", "prometheus_client", "opencensus")
 
 

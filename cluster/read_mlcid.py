@@ -77,6 +77,6 @@ def read_mlcid(urls: str | Iterable[str], config: ValidationConfig | None = Vali
     """
     import ray.data
 
-    shards = expand_urls(urls)
+    shards = expand_urls(urls, complete_only=True)  # finished shards, as MLCIDReader
     seeds = ray.data.from_items([{"url": u} for u in shards], override_num_blocks=len(shards))
     return seeds.flat_map(_shard_rows, fn_kwargs={"config": config}, num_cpus=num_cpus)

@@ -1,6 +1,6 @@
 """Multi-worker LayerDiff training through Ray Train: the same `model.training.trainer.Trainer` in each DDP worker.
 
-    python -m cluster.train --data SHARDS --out RUN --workers 2 [--gpu] [--max-failures N] [trainer options]
+    layerdiff train --data SHARDS --out RUN --workers 2 [--gpu] [--max-failures N] [trainer options]   (cli/train.py)
 
 `ray.train.torch.TorchTrainer` starts `workers` processes, sets up torch.distributed (gloo on CPU, nccl with
 `--gpu`) and runs `train_loop_per_worker`, which builds the Trainer; every worker streams its own shards
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,9 +29,9 @@ from cluster.ray_env import RayEnvConfig, ray_session
 from model.training.checkpoint import CheckpointError
 from model.training.config import TrainConfig, config_from_dict, config_to_dict
 from model.training.data_check import check_training_data
-from model.training.outcome import TrainingDiverged, run_with_exit_codes
+from model.training.outcome import TrainingDiverged
 from model.training.run_folder import RunFolder, is_remote
-from model.training.trainer import RESUME_IF_ANY, Trainer, build_parser, config_from_args
+from model.training.trainer import RESUME_IF_ANY, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -147,27 +146,3 @@ def launch(config: TrainConfig, data: str, out: str | Path, launch_config: Launc
     finally:
         run.close()
     log.info("training finished; run folder %s", out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The trainer's options plus --workers (default 2), --gpu and --max-failures."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(prog="python -m cluster.train")
-    parser.add_argument("--workers", type=int, default=2, help="DDP training processes through Ray Train")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
-    parser.add_argument("--max-failures", type=int, default=None,
-                        help=f"worker-group restarts after a lost worker (default {CLUSTER_MAX_FAILURES} when "
-                        "joining a cluster via RAY_ADDRESS, else 0)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def train() -> None:
-        launch(config_from_args(args), args.data, args.out,
-               LaunchConfig(workers=args.workers, use_gpu=args.gpu, max_failures=args.max_failures), args.resume)
-
-    return run_with_exit_codes(train, args.out, "python -m cluster.train", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

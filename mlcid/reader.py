@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -13,7 +11,7 @@ from mlcid.codec import decode_sample
 from mlcid.errors import SampleError
 from mlcid.imageio import DEFAULT_MAX_PIXELS
 from mlcid.schema import MLCIDSample
-from mlcid.shards import expand_urls, iter_tar_groups, split_for
+from mlcid.shards import expand_urls, iter_tar_groups, split_for, worker_slot
 from mlcid.validate import ValidationConfig, validate_sample
 
 log = logging.getLogger(__name__)
@@ -40,26 +38,12 @@ def iter_shard_samples(
         yield sample
 
 
-def _distributed_rank() -> tuple[int, int]:
-    """(rank, world_size) from torch.distributed when initialised, else from RANK/WORLD_SIZE, else (0, 1)."""
-    dist = sys.modules.get("torch.distributed")  # never import torch here: if it isn't loaded, it isn't running
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def _worker_slot() -> tuple[int, int]:
-    """(worker id, worker count) inside a torch DataLoader worker, else (0, 1)."""
-    data = sys.modules.get("torch.utils.data")
-    if data is None:
-        return 0, 1
-    info = data.get_worker_info()
-    return (info.id, info.num_workers) if info is not None else (0, 1)
-
-
 class MLCIDReader:
     """Iterate valid `MLCIDSample`s from shards (paths, brace patterns, fsspec URLs).
 
+    - A folder stands for its finished shards: where shards carry stats files, a tar whose stats file is not
+      written yet (still being built or uploaded) is skipped with a warning; a folder without any stats file
+      (shards from other tools) is read whole. Tars named one by one (or by a brace pattern) are always read.
     - Shards are split across (node rank × dataloader worker); each slot reads a disjoint subset.
     - `resample=True` streams forever, drawing shards at random with replacement (per-slot seeded RNG).
     - `shuffle_shards=True` shuffles the shard order each epoch (seeded by `seed` and `epoch`).
@@ -78,7 +62,7 @@ class MLCIDReader:
         resample: bool = False,
         seed: int = 0,
     ) -> None:
-        self.urls = expand_urls(shards)
+        self.urls = expand_urls(shards, complete_only=True)
         self.config = config
         self.max_pixels = max_pixels
         self.rank, self.world_size = rank, world_size
@@ -93,12 +77,16 @@ class MLCIDReader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def slot_urls(self) -> list[str]:
-        """The shards this (rank, worker) slot reads."""
-        rank, world = _distributed_rank()
+    def _slot(self) -> tuple[int, int, int, int]:
+        """(rank, world_size, worker, num_workers): the constructor's rank/world_size, else webdataset's view."""
+        rank, world, worker, workers = worker_slot()
         rank = self.rank if self.rank is not None else rank
         world = self.world_size if self.world_size is not None else world
-        worker, workers = _worker_slot()
+        return rank, world, worker, workers
+
+    def slot_urls(self) -> list[str]:
+        """The shards this (rank, worker) slot reads."""
+        rank, world, worker, workers = self._slot()
         urls = list(self.urls)
         if self.shuffle_shards:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)
@@ -116,11 +104,13 @@ class MLCIDReader:
         if not self.resample:
             yield from urls
             return
-        rank = self.rank if self.rank is not None else _distributed_rank()[0]
-        worker, _ = _worker_slot()
-        rng = random.Random(hash((self.seed, self.epoch, rank, worker)))
-        while True:
-            yield rng.choice(urls)
+        from webdataset.shardlists import ResampledShards
+
+        rank, _, worker, _ = self._slot()
+        shards = ResampledShards(urls, seed=self.seed * 1_000_003 + self.epoch, deterministic=True,
+                                 worker_seed=lambda: rank * 1000 + worker)  # webdataset's own slot seed
+        for shard in shards:
+            yield shard["url"]
 
     def __iter__(self) -> Iterator[MLCIDSample]:
         for url in self._shard_stream():

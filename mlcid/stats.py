@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,7 +10,8 @@ from typing import Any
 
 import fsspec
 
-STATS_SUFFIX = "_stats.json"
+from mlcid.shards import STATS_SUFFIX
+
 OUTCOMES_SUFFIX = ".parquet"  # per-input-sample outcomes (key, kept, reason, detail, …) written by the pipeline
 
 
@@ -110,6 +109,7 @@ class StatsSummary:
     layer_counts: dict[int, int] = field(default_factory=dict)  # number of layers → samples, ascending
     without_layer_counts: int = 0  # complete shards whose stats lack `layer_counts`
     timings: dict[str, float] = field(default_factory=dict)  # stage → seconds, summed over shards
+    prompt_sources: dict[str, int] = field(default_factory=dict)  # e.g. global_caption / layer_label → count
     wall_seconds: float = 0.0
 
     @property
@@ -136,6 +136,7 @@ class StatsSummary:
             "keep_rate": self.keep_rate,
             "layer_counts": {str(k): v for k, v in self.layer_counts.items()},
             "timings": dict(self.timings),
+            "prompt_sources": dict(self.prompt_sources),
             "wall_seconds": self.wall_seconds,
         }
 
@@ -146,6 +147,7 @@ def summarize(shards: Iterable[ShardStats]) -> StatsSummary:
     dropped: Counter[str] = Counter()
     layers: Counter[int] = Counter()
     timings: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
     for shard in shards:
         out.shards += 1
         if shard.stats is None:
@@ -163,6 +165,7 @@ def summarize(shards: Iterable[ShardStats]) -> StatsSummary:
         for name, sec in (s.get("timings") or {}).items():
             if isinstance(sec, (int, float)):
                 timings[name] += float(sec)
+        sources.update({k: v for k, v in (s.get("prompt_sources") or {}).items() if isinstance(v, int)})
         if isinstance(s.get("wall_seconds"), (int, float)):
             out.wall_seconds += float(s["wall_seconds"])
         if not shard.consistent:
@@ -172,6 +175,7 @@ def summarize(shards: Iterable[ShardStats]) -> StatsSummary:
     out.dropped = dict(sorted(dropped.items(), key=lambda kv: (-kv[1], kv[0])))
     out.layer_counts = dict(sorted(layers.items()))
     out.timings = {k: round(v, 4) for k, v in sorted(timings.items())}
+    out.prompt_sources = dict(sorted(sources.items(), key=lambda kv: (-kv[1], kv[0])))
     out.wall_seconds = round(out.wall_seconds, 4)
     return out
 
@@ -193,6 +197,8 @@ def format_summary(summary: StatsSummary) -> str:
     ]
     if summary.dropped:
         lines.append("dropped by reason: " + ", ".join(f"{k}={v}" for k, v in summary.dropped.items()))
+    if summary.prompt_sources:
+        lines.append("prompt sources: " + ", ".join(f"{k}={v}" for k, v in summary.prompt_sources.items()))
     if summary.layer_counts:
         lines.append("layers per sample: " + ", ".join(f"{k}: {v}" for k, v in summary.layer_counts.items()))
     for url in summary.incomplete:
@@ -204,23 +210,3 @@ def format_summary(summary: StatsSummary) -> str:
     for url in summary.inconsistent:
         lines.append(f"inconsistent stats (read != written + dropped): {url}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlcid.stats",
-        description="Summarise the *_stats.json files next to MLCID shards: kept/dropped by reason, layer counts, "
-        "incomplete shards. Exit 1 if any shard is incomplete or has unreadable stats.",
-    )
-    parser.add_argument("shards", nargs="+", help="shard paths, brace patterns, folders or fsspec URLs")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    args = parser.parse_args(argv)
-    from mlcid.shards import expand_urls
-
-    summary = summarize(load_shard_stats(url) for url in expand_urls(args.shards))
-    print(json.dumps(summary.to_json(), indent=1) if args.json else format_summary(summary))
-    return 1 if summary.incomplete or summary.bad_stats else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,10 @@
-"""Static HTML gallery of MLCID shards: `python -m mlcid.view SHARDS... --out DIR` (index + paged sample cards)."""
+"""Static HTML gallery of MLCID shards: `mlcid view SHARDS... --out DIR` (index + paged sample cards)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +16,7 @@ from tqdm import tqdm
 
 from mlcid.errors import SampleError
 from mlcid.reader import iter_shard_samples
-from mlcid.schema import DEFAULT_MAX_AREA_FRAC, DEFAULT_MAX_LAYERS, DEFAULT_MIN_AREA_FRAC, MLCIDSample
+from mlcid.schema import MLCIDSample
 from mlcid.shards import expand_urls
 from mlcid.stats import StatsSummary, load_shard_stats, outcomes_url_for, summarize
 from mlcid.validate import ValidationConfig, validate_sample
@@ -184,7 +182,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
         for old in [*out_dir.glob("page-*.html"), out_dir / "index.html"]:
             old.unlink(missing_ok=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
-    (out_dir / MARKER).write_text("written by python -m mlcid.view\n")
+    (out_dir / MARKER).write_text("written by mlcid view\n")
 
 
 def display_names(urls: list[str]) -> list[str]:
@@ -285,45 +283,3 @@ def build_view(
     return ViewResult(
         out, index, [out / p.name for p in pager.links], number, dict(status_counts), dict(reasons), summary
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mlcid.view",
-        description="Write a static HTML gallery of MLCID shards: per sample the composite, background, each "
-        "foreground over a checkerboard, masks, prompts and metadata; invalid samples are shown with their error; "
-        "index.html summarises the shards' *_stats.json files. No network, no scripts.",
-    )
-    parser.add_argument(
-        "shards",
-        nargs="+",
-        help="shard paths, brace patterns ('dir/mlcid-{000000..000009}.tar'), folders (their *.tar) or fsspec URLs",
-    )
-    parser.add_argument("--out", required=True, help="output folder (created; an earlier gallery there is replaced)")
-    parser.add_argument("--per-page", type=int, default=50, help="sample cards per gallery page (default 50)")
-    parser.add_argument("--max-samples", type=int, default=None, help="show at most N samples (default: all)")
-    parser.add_argument("--thumb-size", type=int, default=256, help="longest side of written images, px (default 256)")
-    parser.add_argument("--title", default="MLCID shards", help="page title")
-    parser.add_argument("--max-layers", type=int, default=DEFAULT_MAX_LAYERS, help="validation: most layers allowed")
-    parser.add_argument("--min-area", type=float, default=DEFAULT_MIN_AREA_FRAC, help="validation: min mask area")
-    parser.add_argument("--max-area", type=float, default=DEFAULT_MAX_AREA_FRAC, help="validation: max mask area")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = ViewConfig(
-            per_page=args.per_page,
-            max_samples=args.max_samples,
-            thumb_size=args.thumb_size,
-            title=args.title,
-            validation=ValidationConfig(args.max_layers, args.min_area, args.max_area),
-        )
-        result = build_view(args.shards, args.out, config)
-    except ValueError as e:
-        parser.error(str(e))
-    counts = ", ".join(f"{k}={v}" for k, v in sorted(result.status_counts.items())) or "no samples"
-    print(f"{result.cards} samples ({counts}) on {len(result.pages)} page(s); open {result.index}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,5 @@
-"""Shard writer: samples contiguous, `.tmp` then rename, `_stats.json` written last (it marks completion).
+"""Shard writer on webdataset's `TarWriter`: samples contiguous, `.tmp` then rename, `_stats.json` last (it marks
+completion). On top of webdataset: MLCID validation of each sample, duplicate keys refused, the counts.
 
 The writer works in a local folder. Attached files (the runner's outcomes parquet) are published together with
 the tar: both are renamed into place only after the tar is closed, then the stats file. A failure at any point
@@ -7,11 +8,9 @@ the tar: both are renamed into place only after the tar is closed, then the stat
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
-import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -85,7 +84,7 @@ class ShardWriter:
         self.timings: Counter[str] = Counter()
         self.keys: set[str] = set()
         self._start = time.perf_counter()
-        self._tar: tarfile.TarFile | None = None
+        self._tar: Any = None  # webdataset.TarWriter
         self._file: Any = None
         self._attached: list[str] = []  # names of files published with the tar (e.g. the outcomes parquet)
         self._closed = False
@@ -96,9 +95,12 @@ class ShardWriter:
         return open(self.tmp_path, "wb")
 
     def __enter__(self) -> "ShardWriter":
+        from webdataset.writer import TarWriter  # imports torch: only when a shard is written
+
         self.stats_path.unlink(missing_ok=True)  # an old stats file must never vouch for new content
         self._file = self._open_tmp()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
+        # Bytes in, bytes out (encoder=False); an integer mtime keeps the ustar headers free of pax records.
+        self._tar = TarWriter(self._file, user="", group="", mode=0o644, encoder=False, mtime=int(time.time()))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -119,12 +121,7 @@ class ShardWriter:
         except SampleError as e:
             self.dropped[e.reason] += 1
             return False
-        members = encode_sample(sample)
-        mtime = time.time()
-        for suffix, data in members.items():
-            info = tarfile.TarInfo(f"{sample.key}.{suffix}")
-            info.size, info.mtime, info.mode = len(data), mtime, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": sample.key, **encode_sample(sample)})  # members in suffix order
         self.keys.add(sample.key)
         self.written += 1
         self.layer_counts[sample.num_layers] += 1
@@ -171,7 +168,7 @@ class ShardWriter:
             raise RuntimeError("ShardWriter closed twice")
         assert self._tar is not None and self._file is not None
         try:
-            self._tar.close()  # end-of-archive blocks
+            self._tar.close()  # end-of-archive blocks (our file stays open: TarWriter did not open it)
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -188,8 +185,9 @@ class ShardWriter:
 
     def abort(self, published: bool = False) -> None:
         """Discard everything written so far (with `published`, also files already renamed). Never raises."""
-        if self._tar is not None:
-            self._tar.closed = True  # do not write end-of-archive blocks into a shard being thrown away
+        if self._tar is not None:  # write no end-of-archive blocks, nor (at garbage collection) buffered bytes
+            self._tar.tarstream.closed = True
+            self._tar.tarstream.fileobj.closed = True
         if self._file is not None:
             try:
                 self._file.close()  # flushing may fail again (disk full): the first error is the one raised

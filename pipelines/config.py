@@ -32,17 +32,10 @@ from pipelines.caption import CaptionOptions, ObjectCaptionOptions
 from pipelines.detect import DetectOptions
 from pipelines.filters import DEFAULT_CONTAINMENT, DEFAULT_MIN_SALIENCY_OVERLAP
 from pipelines.inpaint import SDInpaintOptions
+from pipelines.kinds import MODEL_KINDS, OPTIONAL_KINDS, STAGE_ORDER  # noqa: F401 (pipelines.config's names)
 from pipelines.segment import SegmentOptions
 
 log = logging.getLogger(__name__)
-
-# DESIGN.md "Construction pipeline decisions": the paper's order, costly per-object work last.
-STAGE_ORDER = ("caption", "detect", "segment", "saliency", "mask_rules", "object_caption", "cutout", "inpaint")
-# Kinds that may be switched off (backend None): the global prompt then falls back to the source caption and a
-# layer prompt to its detection label. Every other kind is needed to make a sample.
-OPTIONAL_KINDS = ("caption", "object_caption")
-# Kinds with model-backed backends: their micro-batch comes from `batch_sizes`.
-MODEL_KINDS = ("caption", "detect", "segment", "saliency", "object_caption", "inpaint")
 
 
 @dataclass

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tarfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from mlcid import errors
 from mlcid.errors import SampleError
 from mlcid.schema import license_fields, sample_uid
 from mlcid.imageio import DEFAULT_MAX_PIXELS, decode_rgb, open_bounded
-from mlcid.shards import TailRecorder, open_url, split_member_name
+from mlcid.shards import READ_ERRORS, TarRead, iter_tar_members
 from pipelines.base import Item
 
 log = logging.getLogger(__name__)
@@ -121,52 +119,35 @@ def iter_raw_records(url: str, flush_after: int = 256, stats: ReadStats | None =
     last_seen: dict[str, int] = {}
     emitted: set[str] = set()
     tick = 0
+    read = TarRead(url)
     try:
-        stream = open_url(url)
-    except (OSError, ValueError) as e:
-        raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {e}") from e
-    members_read, reading = 0, None
-    plain = url.endswith(".tar")
-    tail = TailRecorder(stream)
-    try:
-        with stream, tarfile.open(fileobj=tail, mode="r|" if plain else "r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                parts = split_member_name(info.name)
-                if parts is None:
-                    continue
-                key, suffix = parts
-                reading = key
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                reading = None
-                members_read += 1
-                if key in emitted:
-                    stats.late_members += 1
-                    log.warning("%s: member %s arrived after its key was emitted; ignored", url, info.name)
-                    continue
-                if key not in last_seen or last_seen[key] != tick:
-                    tick += 1
-                last_seen[key] = tick
-                pending.setdefault(key, {})[suffix.lower()] = data
-                pending.move_to_end(key)
-                while pending:  # flush keys not seen for `flush_after` key changes
-                    old = next(iter(pending))
-                    if tick - last_seen[old] < flush_after:
-                        break
-                    emitted.add(old)
-                    stats.keys += 1
-                    yield RawRecord(old, pending.pop(old))
-        if plain and members_read and not tail.ended_in_zero_block:
+        for key, suffix, data in iter_tar_members(url, read):
+            if key in emitted:
+                stats.late_members += 1
+                log.warning("%s: member %s.%s arrived after its key was emitted; ignored", url, key, suffix)
+                continue
+            if key not in last_seen or last_seen[key] != tick:
+                tick += 1
+            last_seen[key] = tick
+            pending.setdefault(key, {})[suffix.lower()] = data
+            pending.move_to_end(key)
+            while pending:  # flush keys not seen for `flush_after` key changes
+                old = next(iter(pending))
+                if tick - last_seen[old] < flush_after:
+                    break
+                emitted.add(old)
+                stats.keys += 1
+                yield RawRecord(old, pending.pop(old))
+        if read.cut_between_members:
             # Cut exactly between members: no member is broken, so every key is kept; the shard is flagged.
             stats.truncated = True
             log.warning("%s: no end-of-archive block (cut between members); keeping every key read", url)
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-        if members_read == 0 and reading is None:
+    except READ_ERRORS as e:
+        if not read.started:
             raise SampleError(errors.UNREADABLE_SHARD, f"{url}: {type(e).__name__}: {e}") from e
         stats.truncated = True
         log.warning("%s: truncated (%s: %s); keeping the complete keys", url, type(e).__name__, e)
+        reading = read.reading
         if reading is not None:  # the key whose member was cut is dropped; complete earlier keys are kept
             pending.pop(reading, None)
         for key, members in pending.items():

@@ -1,6 +1,6 @@
-"""CLI: sample layered images with a trained LayerDiff run and export them (`make sample`).
+"""Sample layered images with a trained LayerDiff run and export them (`make sample`; the command is cli/sample.py).
 
-    python -m model.sampling.sample --model runs/layerdiff --prompt 'a dog playing with a red ball on the grass' \\
+    layerdiff sample --model runs/layerdiff --prompt 'a dog playing with a red ball on the grass' \\
         --layers 'the background|a red ball|a dog' --out out/dog [--steps 50 --cfg 3 --smg 3 --seed 0]
 
 Writes one output folder per image (layers.json, layerNN.png, maskNN.png, composite.png, layers.psd,
@@ -9,9 +9,7 @@ layers.ora — see model/export.py); with --num-images N > 1 the folders are OUT
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 from PIL import Image
 
 from model.sampling.guidance import SMGConfig
-from model.sampling.pipeline import SELF_GUIDANCE, LayerDiffPipeline
+from model.sampling.pipeline import LayerDiffPipeline
 
 log = logging.getLogger("model.sampling.sample")
 
@@ -137,63 +135,3 @@ def _one(item, index: int):
     """The intermediate of batch item `index` only (keeps a batch axis of 1)."""
     return type(item)(step=item.step, timestep=item.timestep, images=item.images[index:index + 1],
                       masks=item.masks[index:index + 1])
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m model.sampling.sample",
-        description="Sample layered images (background + foreground layers with masks) with LayerDiff: DDIM, CFG "
-                    "with the paper's negative prompts, self-mask guidance. Writes PNG layers, masks, the "
-                    "composite, layers.json, a layered PSD and an OpenRaster file per image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="LayerDiff run folder (written by `make train`)")
-    p.add_argument("--prompt", required=True, help="global prompt describing the whole image")
-    p.add_argument("--layers", required=True,
-                   help="layer prompts separated by '|', background first: 'the background|a red ball|a dog'")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--smg", type=float, default=3.0, help="self-mask (or SAG) guidance scale; 0 = off")
-    p.add_argument("--guidance", choices=sorted(SELF_GUIDANCE), default="cfg+smg", help="guidance combination")
-    p.add_argument("--blur-side", choices=["inside", "outside"], default="inside",
-                   help="SMG: blur inside each layer's mask (paper text) or outside (Eq. 9 as printed)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the run's training resolution)")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--boxes", default="", help="mask priors: 'x0,y0,x1,y1;…' in pixels, one per foreground")
-    p.add_argument("--max-batch", type=int, default=None, help="samples per UNet call (memory cap)")
-    p.add_argument("--previews", type=int, default=0, metavar="K",
-                   help="also write previews.png with x0 previews every K steps (Fig. 13)")
-    p.add_argument("--from-sd", action="store_true",
-                   help="treat --model as an SD-1.x folder and sample an UNTRAINED LayerDiff (smoke test)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> SampleConfig:
-    return SampleConfig(model=args.model, global_prompt=args.prompt, layer_prompts=parse_layers(args.layers),
-                        out=args.out, steps=args.steps, cfg=args.cfg, smg=args.smg, guidance=args.guidance,
-                        blur_side=args.blur_side, seed=args.seed, num_images=args.num_images, height=args.height,
-                        width=args.width, boxes=parse_boxes(args.boxes), max_batch=args.max_batch,
-                        from_sd=args.from_sd, previews=args.previews, device=args.device, dtype=args.dtype,
-                        overwrite=args.overwrite)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(args)
-        run(config)
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

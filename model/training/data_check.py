@@ -96,7 +96,7 @@ def check_training_data(shards: str | list[str], config: DataConfig) -> DataChec
     """Raise `DataCheckError` unless the shards give at least one usable sample within `config.check_samples`."""
     spec = shards if isinstance(shards, str) else " ".join(shards)
     try:
-        urls = expand_urls(shards)
+        urls = expand_urls(shards, complete_only=True)  # as MLCIDReader reads them
     except ValueError as e:
         raise DataCheckError(f"--data {spec!r}: {e}") from e
     missing = _missing_local(urls)

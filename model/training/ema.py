@@ -9,6 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+# Not diffusers' EMAModel: by default it ramps the decay ((1 + t) / (10 + t), capped at `decay`) and its state_dict()
+# is meant for torch.save (a pickle); this one keeps the configured decay from step 1 and saves safetensors.
 class EMA:
     """shadow ← decay·shadow + (1 − decay)·param after each optimiser step; float32 shadows on the model's device."""
 

@@ -1,6 +1,6 @@
-"""LayerDiff trainer (paper §5.1–5.2) and its CLI: `python -m model.training.trainer --data SHARDS --out RUN [...]`.
+"""LayerDiff trainer (paper §5.1–5.2); its command is `layerdiff train --data SHARDS --out RUN [...]` (cli/train.py).
 
-One process here; `python -m cluster.train --workers N` runs the same `Trainer` in N DDP workers through Ray
+One process here; `layerdiff train --workers N` runs the same `Trainer` in N DDP workers through Ray
 Train. The run folder (a path or any fsspec URL, see `model.training.run_folder`) holds `config.yaml`,
 `metrics.jsonl` (one line per optimiser step), `tb/` (TensorBoard), `checkpoint-NNNNNN/` folders (each vouched
 for by its `complete.json`) and, at the end, a diffusers-style pipeline folder (`unet/` with the LayerDiff UNet,
@@ -11,13 +11,11 @@ checkpoint. Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN), 130 in
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,7 +30,7 @@ from tqdm.auto import tqdm
 
 from mlcid.registry import PRESETS
 from model.training import checkpoint as ckpt
-from model.training.config import TrainConfig, config_to_dict, load_config, save_config
+from model.training.config import TrainConfig, config_to_dict, save_config
 from model.training.data import Batch, OrderedBatches, SlotPosition, build_loader
 from model.training.data_check import check_training_data
 from model.training.ema import EMA
@@ -146,7 +144,7 @@ class Trainer:
         params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
-        warmup = max(0, cfg.warmup_steps)
+        warmup = max(0, cfg.warmup_steps)  # not diffusers' get_scheduler: its warm-up runs step 1 at lr 0
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
         )
@@ -437,55 +435,3 @@ class Trainer:
         if tb is not None:
             tb.close()
         self.run.close()
-
-
-# -- CLI -----------------------------------------------------------------------------------------------------------
-
-
-def build_parser(prog: str = "python -m model.training.trainer") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train LayerDiff on MLCID shards (paper recipe by default) in one process; "
-        "`python -m cluster.train --workers N` runs N DDP workers through Ray Train. "
-        "Exit codes: 0 done, 2 bad input/checkpoint, 3 diverged (NaN), 130 interrupted (Ctrl-C, checkpoint written).",
-    )
-    p.add_argument("--data", required=True, help="MLCID shards: brace pattern, folder, space-separated list or URLs")
-    p.add_argument("--out", required=True, help="run folder: a path or an fsspec URL such as s3://bucket/runs/x")
-    p.add_argument("--config", type=Path, default=None, help="YAML config (default model/configs/layerdiff_sd15.yaml)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", help="SD 1.x hub id or local pipeline folder to start from")
-    src.add_argument("--preset", choices=PRESETS, help="registry preset for sd15 (tiny = offline test model)")
-    p.add_argument("--max-steps", type=int, help="optimiser steps (overrides the config)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --out from its newest complete checkpoint (or from CHECKPOINT)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable, e.g. --set data.resolution=64 --set batch_size=4")
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = list(args.set)
-    if args.max_steps is not None:
-        overrides.append(f"max_steps={args.max_steps}")
-    if args.pretrained:
-        overrides.append(f"pretrained={json.dumps(args.pretrained)}")
-    if args.preset:
-        overrides.append(f"preset={args.preset}")
-    return load_config(args.config, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def train() -> None:
-        Trainer(config_from_args(args), args.data, args.out, resume=args.resume).setup().train()
-
-    return run_with_exit_codes(train, args.out, "python -m model.training.trainer", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m cluster.build_mlcid` end to end (tiny preset, in-process Ray), its planning, the cluster configs,
+"""`mlcid build` end to end (tiny preset, in-process Ray), its planning, the cluster configs,
 the summary, and the img2dataset wrapper."""
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from mlcid.writer import read_stats, shard_name
 from pipelines.inputs import iter_inputs
 from pipelines.runner import outcomes_name
 
-from cluster import build_mlcid, laion
-from cluster.build_mlcid import WorkerSpec, parse_args, plan_tasks, resolve_pool
+from cluster import laion
+from cli.main import MLCID_COMMANDS, build_parser, mlcid_main
+from cluster.build_mlcid import WorkerSpec, plan_tasks, resolve_pool
 from cluster.pool import PoolConfig, PoolReport, ShardOutcome, ShardTask
 from cluster.progress import format_summary, summarize
 
@@ -43,7 +44,7 @@ def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_p
               "--no-progress", "--summary-json", str(summary)]
 
     # 1. Two good shards and one that cannot be read (no retries): exit 1, the failure is in the summary.
-    assert build_mlcid.main(["--shards", good, missing, "--max-retries", "0", *common]) == 1
+    assert mlcid_main(["build", "--shards", good, missing, "--max-retries", "0", *common]) == 1
     printed = capfd.readouterr()
     assert f"| {missing} | 1 | SampleError: unreadable_shard" in printed.out  # the summary names it
     assert "Traceback" not in printed.out + printed.err
@@ -65,21 +66,29 @@ def test_cli_builds_valid_shards_reports_failures_and_resumes(tiny_models, tmp_p
     assert not ray.is_initialized()  # the CLI shut its Ray down
 
     # 2. Re-run on the good shards: everything is complete, so nothing runs and Ray is not even started.
-    assert build_mlcid.main(["--shards", good, *common]) == 0
+    assert mlcid_main(["build", "--shards", good, *common]) == 0
     s = json.loads(summary.read_text())
     assert s["shards_skipped"] == 2 and s["shards_processed"] == 0 and s["actors_started"] == 0
     assert not ray.is_initialized()
 
 
+def parse_build(argv: list[str]):
+    """`mlcid build ARGV` parsed as the console command does."""
+    return build_parser("mlcid", "", MLCID_COMMANDS, "build").parse_args(["build", *argv])
+
+
 def test_help_and_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        parse_args(["--help"])
+        mlcid_main(["build", "--help"])
     assert e.value.code == 0
     assert "--workers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="not found"):  # a wrong input folder says so (not "cannot read an id")
-        build_mlcid.main(["--shards", str(tmp_path / "no-such-folder"), "--out", str(tmp_path), "--preset", "tiny"])
-    with pytest.raises(SystemExit, match="both have shard id 1"):
-        build_mlcid.main(["--shards", "a/00001.tar", "b/00001.tar", "--out", str(tmp_path), "--preset", "tiny"])
+    # a wrong input folder says so (not "cannot read an id")
+    assert mlcid_main(["build", "--shards", str(tmp_path / "no-such-folder"), "--out", str(tmp_path),
+                       "--preset", "tiny"]) == 2
+    assert "mlcid build: error:" in (err := capsys.readouterr().err) and "not found" in err
+    assert mlcid_main(["build", "--shards", "a/00001.tar", "b/00001.tar", "--out", str(tmp_path), "--preset",
+                       "tiny"]) == 2
+    assert "both have shard id 1" in capsys.readouterr().err
 
 
 def test_plan_skips_complete_shards(tmp_path):
@@ -143,11 +152,11 @@ def test_progress_logs_one_line_per_shard_when_not_a_terminal(caplog):
 
 # -- cluster configs ------------------------------------------------------------------------------------------
 def _build_command(text: str) -> list[str]:
-    """The arguments after `python -m cluster.build_mlcid` in a command line."""
+    """The arguments after `mlcid build` in a command line."""
     args = shlex.split(text)
-    i = args.index("cluster.build_mlcid")
-    assert args[i - 1] == "-m"
-    return args[i + 1:]
+    i = args.index("mlcid")
+    assert args[i + 1] == "build"
+    return args[i + 2:]
 
 
 def test_ray_cluster_yaml_parses_and_runs_the_build():
@@ -158,8 +167,8 @@ def test_ray_cluster_yaml_parses_and_runs_the_build():
     assert workers and all(n["max_workers"] >= n["min_workers"] for n in workers)
     assert any("pip install" in c and "-e ." in c for c in cfg["setup_commands"])
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
-    line = next(ln.lstrip("# ") for ln in text.splitlines() if "python -m cluster.build_mlcid" in ln)
-    args = parse_args(_build_command(line))
+    line = next(ln.lstrip("# ") for ln in text.splitlines() if "mlcid build" in ln)
+    args = parse_build(_build_command(line))
     assert args.preset == "real" and args.gpus_per_worker == 1 and args.out == "/mnt/data/mlcid"
 
 
@@ -167,7 +176,7 @@ def test_rayjob_yaml_parses_and_its_entrypoint_is_a_valid_build_command():
     cfg = yaml.safe_load((CONFIGS / "rayjob.yaml").read_text())
     assert cfg["apiVersion"] == "ray.io/v1" and cfg["kind"] == "RayJob"
     spec = cfg["spec"]
-    args = parse_args(_build_command(spec["entrypoint"]))
+    args = parse_build(_build_command(spec["entrypoint"]))
     assert args.preset == "real" and args.out == "/data/mlcid" and args.shards == ["/data/raw/{00000..00099}.tar"]
     groups = spec["rayClusterSpec"]["workerGroupSpecs"]
     gpu = [g for g in groups if any(c["resources"]["limits"].get("nvidia.com/gpu") for c in
@@ -273,7 +282,7 @@ def test_joins_a_running_cluster_and_forwards_the_environment(tiny_models, tmp_p
         address = head.stdout.readline().strip()
         assert address, "the head did not start"
         summary = tmp_path / "summary.json"
-        rc = build_mlcid.main(["--shards", str(tmp_path / "raw" / "00000.tar"), "--out", str(tmp_path / "out"),
+        rc = mlcid_main(["build", "--shards", str(tmp_path / "raw" / "00000.tar"), "--out", str(tmp_path / "out"),
                                "--preset", "tiny", "--max-side", "64", "--workers", "1", "--address", address,
                                "--no-progress", "--summary-json", str(summary)])
         assert rc == 0

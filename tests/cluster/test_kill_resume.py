@@ -1,6 +1,6 @@
 """SIGKILL the build (driver or a worker) mid-run, re-run, and get exactly the keys of an uninterrupted run.
 
-The driver runs as a real subprocess (`python -m cluster.build_mlcid`, tiny preset, in-process Ray). The reference
+The driver runs as a real subprocess (`mlcid build`, tiny preset, in-process Ray). The reference
 is the same `ShardProcessor` run sequentially, uninterrupted, into another folder.
 """
 
@@ -79,7 +79,7 @@ def data(tmp_path_factory, tiny_models) -> dict[str, Path]:
 
 
 def driver_cmd(raw: Path, out: Path | str, summary: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cluster.build_mlcid", "--shards", str(raw / f"{{00000..{SHARDS - 1:05d}}}.tar"),
+    return [sys.executable, "-m", "cli", "mlcid", "build", "--shards", str(raw / f"{{00000..{SHARDS - 1:05d}}}.tar"),
             "--out", str(out), "--preset", "tiny", "--max-side", str(MAX_SIDE), "--workers", "1",
             "--num-cpus", "2", "--no-progress", "--log-level", "WARNING", "--summary-json", str(summary), *extra]
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cluster.ray_env import RayEnvConfig, ray_session
-from cluster.train import LaunchConfig, launch, main
+from cli.main import layerdiff_main
+from cluster.train import LaunchConfig, launch
 from model.training import checkpoint as ckpt
 from model.training.config import load_config
 from model.training.outcome import EXIT_DIVERGED
@@ -29,9 +30,9 @@ def test_two_gloo_workers_train_on_disjoint_data(tiny_models, tmp_path):
     # 4 shards × 4 samples, no resampling: one epoch = 8 samples per rank; 3 steps × 2 samples per rank stay inside it
     shards = write_shards(tmp_path / "mlcid", shards=4, per_shard=4, size=40, fg_counts=(1, 2))
     out = tmp_path / "run"
-    rc = main(["--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny", "--max-steps", "3",
-               "--workers", "2", "--set", "batch_size=4", "--set", "data.resample=false",
-               "--set", "record_keys=true", "--set", "checkpoint_every=3", "--set", "data.shuffle_buffer=0"])
+    rc = layerdiff_main(["train", "--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny",
+                         "--max-steps", "3", "--workers", "2", "--set", "batch_size=4", "--set", "data.resample=false",
+                         "--set", "record_keys=true", "--set", "checkpoint_every=3", "--set", "data.shuffle_buffer=0"])
     assert rc == 0
     keys = {r: [ln.split("\t")[1] for ln in (out / f"keys-rank{r}.txt").read_text().splitlines()] for r in (0, 1)}
     assert len(keys[0]) == len(keys[1]) == 6
@@ -123,9 +124,9 @@ def test_nan_divergence_exits_3_and_is_not_retried(tiny_models, tmp_path, monkey
     """A worker whose loss turns NaN: the driver exits 3 although Ray may restart workers (max_failures=2)."""
     shards = write_shards(tmp_path / "mlcid", shards=2, per_shard=4, size=40, fg_counts=(1, 2))
     out = tmp_path / "run"
-    rc = main(["--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny", "--max-steps", "6",
-               "--workers", "2", "--max-failures", "2", "--set", "batch_size=4", "--set", "checkpoint_every=1",
-               "--set", "lr=1e30", "--set", "max_grad_norm=0", "--set", "warmup_steps=0"])
+    rc = layerdiff_main(["train", "--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny",
+                         "--max-steps", "6", "--workers", "2", "--max-failures", "2", "--set", "batch_size=4",
+                         "--set", "checkpoint_every=1", "--set", "lr=1e30", "--set", "max_grad_norm=0", "--set", "warmup_steps=0"])
     assert rc == EXIT_DIVERGED
     message = json.loads((out / "diverged.json").read_text())["message"]
     assert "training diverged at step" in message

@@ -12,6 +12,9 @@ from mlcid.writer import ShardWriter, is_complete
 from tests.builders import make_sample
 from tests.full_disk import filling, full_at_close
 
+# A shard thrown away must not write its buffered bytes into the closed file later (at garbage collection).
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+
 
 def test_disk_full_mid_shard_raises_enospc_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(ShardWriter, "_open_tmp", filling(6000))

@@ -19,7 +19,7 @@ from mlcid.errors import SampleError
 from mlcid.imageio import decode_rgb, encode_png
 from mlcid.reader import MLCIDReader, iter_shard_samples
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
-from mlcid.shards import expand_braces, expand_urls, split_for
+from mlcid.shards import expand_braces, expand_urls, iter_tar_groups, split_for
 from cli.main import mlcid_main
 from mlcid.shard_check import validate_shard
 from mlcid.validate import ValidationConfig, validate_sample
@@ -125,6 +125,17 @@ def test_reader_reads_fsspec_urls_and_splits_workers(tmp_path):
         list(MLCIDReader(pattern, rank=0, world_size=8))
 
 
+def test_a_folder_stands_for_its_finished_shards_only(tmp_path):
+    write_shard(tmp_path, [make_sample("done")], shard_id=0)
+    write_shard(tmp_path, [make_sample("busy")], shard_id=1)
+    (tmp_path / "mlcid-000001_stats.json").unlink()  # published tar, stats not yet written (still uploading)
+    for folder in (str(tmp_path), f"file://{tmp_path}"):
+        assert [s.key for s in MLCIDReader(folder)] == ["done"]
+    assert [s.key for s in MLCIDReader(str(tmp_path / "mlcid-000001.tar"))] == ["busy"]  # named: always read
+    (tmp_path / "mlcid-000000_stats.json").unlink()  # no stats file at all: shards made by another tool
+    assert sorted(s.key for s in MLCIDReader(str(tmp_path))) == ["busy", "done"]
+
+
 def test_resampled_reader_streams_forever(tmp_path):
     write_shard(tmp_path, [make_sample("only")])
     it = iter(MLCIDReader(str(tmp_path / "mlcid-000000.tar"), resample=True, seed=1))
@@ -140,6 +151,27 @@ def test_truncated_tar_keeps_earlier_samples_and_counts_truncation(tmp_path):
     keys = [s.key for s in reader]
     assert 1 <= len(keys) < 4
     assert reader.dropped[errors.TRUNCATED_SHARD] == 1
+
+
+def _cut_at_first_member_of(path: str, key: str, into_data: bool) -> None:
+    with tarfile.open(path) as tar:
+        first = next(m for m in tar.getmembers() if m.name.startswith(f"{key}."))
+    cut = first.offset_data + first.size // 2 if into_data else first.offset  # mid-data, or before its header
+    Path(path).write_bytes(Path(path).read_bytes()[:cut])
+
+
+def test_a_cut_in_a_keys_first_member_keeps_the_complete_key_before_it(tmp_path):
+    path = write_tar(tmp_path / "t.tar", sample_members(make_sample("a")) + sample_members(make_sample("b")))
+    _cut_at_first_member_of(path, "b", into_data=True)
+    *groups, last = iter_tar_groups(path)
+    assert [k for k, _ in groups] == ["a"] and isinstance(last, SampleError) and last.reason == errors.TRUNCATED_SHARD
+
+
+def test_a_tar_cut_between_members_reports_its_last_key_as_truncated(tmp_path):
+    path = write_tar(tmp_path / "t.tar", sample_members(make_sample("a")) + sample_members(make_sample("b")))
+    _cut_at_first_member_of(path, "b", into_data=False)  # no member is broken, but the end-of-archive block is gone
+    (item,) = iter_tar_groups(path)
+    assert isinstance(item, SampleError) and item.reason == errors.TRUNCATED_SHARD and "end-of-archive" in item.detail
 
 
 def test_sample_missing_a_member_is_dropped(tmp_path):

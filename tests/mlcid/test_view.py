@@ -14,7 +14,8 @@ import pytest
 
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.stats import ShardStats, format_summary, load_shard_stats, stats_url_for, summarize, summarize_dicts
-from mlcid.view import ViewConfig, build_view, main
+from mlcid.view import ViewConfig, build_view
+from cli.main import mlcid_main
 from mlcid.writer import ShardWriter, shard_name, stats_name
 from tests.builders import make_sample, write_outcomes, write_shard
 
@@ -122,6 +123,15 @@ def test_bad_stats_and_inconsistent() -> None:
         stats_url_for("data/shard.zip")
 
 
+def test_prompt_sources_add_up_across_shards() -> None:
+    a = {"read": 2, "written": 2, "dropped": {}, "prompt_sources": {"global_caption": 2, "layer_label": 3}}
+    b = {"read": 1, "written": 1, "dropped": {}, "prompt_sources": {"global_alt_text": 1, "layer_label": 1}}
+    summary = summarize_dicts([a, b, {"read": 0, "written": 0, "dropped": {}}])  # older stats have none
+    assert summary.prompt_sources == {"layer_label": 4, "global_caption": 2, "global_alt_text": 1}
+    assert summary.to_json()["prompt_sources"] == summary.prompt_sources
+    assert "prompt sources: layer_label=4, global_caption=2, global_alt_text=1" in format_summary(summary)
+
+
 def test_malformed_stats_file(tmp_path: Path) -> None:
     url = write_shard(tmp_path, [make_sample("k0")], 0)
     Path(stats_url_for(str(url))).write_text("{not json")
@@ -179,16 +189,14 @@ def test_out_dir_safety_and_rebuild(shards: Path, tmp_path: Path) -> None:
 
 def test_cli(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli"
-    assert main([str(shards / "mlcid-{000000..000001}.tar"), "--out", str(out), "--per-page", "4"]) == 0
+    assert mlcid_main(["view", str(shards / "mlcid-{000000..000001}.tar"), "--out", str(out), "--per-page", "4"]) == 0
     assert "8 samples (ok=8) on 2 page(s)" in capsys.readouterr().out
     assert (out / "index.html").exists() and (out / "page-0002.html").exists()
-    with pytest.raises(SystemExit):
-        main([str(shards), "--out", str(out), "--per-page", "0"])
+    assert mlcid_main(["view", str(shards), "--out", str(out), "--per-page", "0"]) == 2
+    assert "mlcid view: error: per_page" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not found: .*nothing-1.tar"):
         build_view(str(tmp_path / "nothing-{0..1}.tar"), out)
-    from mlcid.stats import main as stats_main
-
-    assert stats_main([str(shards), "--json"]) == 1  # one shard is incomplete
+    assert mlcid_main(["stats", str(shards), "--json"]) == 1  # one shard is incomplete
     assert json.loads(capsys.readouterr().out)["written"] == 8
 
 

@@ -108,10 +108,10 @@ def test_empty_global_prompt_is_refused(run_dir: Path, tmp_path: Path, caplog) -
     pipe = LayerDiffPipeline.from_pretrained(run_dir)
     with pytest.raises(ValueError, match="global_prompt must be a non-empty string"):
         pipe("  ", PROMPTS, num_inference_steps=1)
-    from model.sampling.sample import main
+    from cli.main import layerdiff_main
 
-    assert main(["--model", str(run_dir), "--prompt", "", "--layers", "the background|a dog",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "", "--layers", "the background|a dog",
+                           "--out", str(tmp_path / "o")]) == 2
     assert "--prompt is empty" in caplog.text
 
 
@@ -120,8 +120,10 @@ def test_overwrite_is_checked_before_sampling(run_dir: Path, tmp_path: Path, cap
 
     (tmp_path / "o").mkdir()
     monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model before the check"))
-    assert sample.main(["--model", str(run_dir), "--prompt", "p", "--layers", "the background|a dog",
-                        "--out", str(tmp_path / "o")]) == 2
+    from cli.main import layerdiff_main
+
+    assert layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "p", "--layers", "the background|a dog",
+                           "--out", str(tmp_path / "o")]) == 2
     assert "pass --overwrite to replace it" in caplog.text
 
 

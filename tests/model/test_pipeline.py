@@ -13,7 +13,7 @@ import torch
 from mlcid.composite import composite as composite_eq4
 from model.sampling import guidance as G
 from model.loading import encode_prompts
-from model.sampling.pipeline import KeepLayers, LayerDiffPipeline, paper_negatives
+from model.sampling.pipeline import SELF_GUIDANCE, KeepLayers, LayerDiffPipeline, paper_negatives
 from tests.builders import UNetSpy, make_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one torch thread on shared cores
@@ -301,28 +301,36 @@ def test_not_a_layerdiff_run(tmp_path, run_dir):
         LayerDiffPipeline.from_pretrained(run_dir, trust_remote_code=True)
 
 
-# ------------------------------------------------------------------ CLI (python -m model.sampling.sample)
+# ------------------------------------------------------------------ CLI (layerdiff sample)
 
 
 def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     from model.sampling.export import load_output
-    from model.sampling.sample import main
+    from cli.main import layerdiff_main
 
     out = tmp_path / "out"
-    rc = main(["--model", str(run_dir), "--prompt", "a dog with a red ball", "--layers", "the background|a red ball|a dog",
-               "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--seed", "3",
-               "--num-images", "2", "--previews", "1", "--boxes", "0,0,16,16;8,8,32,32"])
+    rc = layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "a dog with a red ball",
+                         "--layers", "the background|a red ball|a dog",
+                         "--out", str(out), "--steps", "2", "--height", "32", "--width", "32", "--seed", "3",
+                         "--num-images", "2", "--previews", "1", "--boxes", "0,0,16,16;8,8,32,32"])
     assert rc == 0
     for i in range(2):
         loaded = load_output(out / f"{i:03d}")
         assert loaded.image.layer_prompts == PROMPTS and loaded.meta.seed == 3 and loaded.meta.guidance == "cfg+smg"
         assert loaded.image.num_layers == 3 and (out / f"{i:03d}" / "previews.png").is_file()
     # same seed, one image: the first folder's layers again
-    rc = main(["--model", str(run_dir), "--prompt", "a dog with a red ball", "--layers", "the background|a red ball|a dog",
-               "--out", str(tmp_path / "one"), "--steps", "2", "--height", "32", "--width", "32", "--seed", "3",
-               "--boxes", "0,0,16,16;8,8,32,32"])
+    rc = layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "a dog with a red ball",
+                         "--layers", "the background|a red ball|a dog",
+                         "--out", str(tmp_path / "one"), "--steps", "2", "--height", "32", "--width", "32",
+                         "--seed", "3", "--boxes", "0,0,16,16;8,8,32,32"])
     assert rc == 0
     assert np.array_equal(load_output(tmp_path / "one").image.composite, load_output(out / "000").image.composite)
+
+
+def test_sample_cli_guidance_choices_are_the_pipelines_modes():
+    from cli.sample import GUIDANCE_MODES  # written out there: importing the pipeline for --help would load torch
+
+    assert sorted(GUIDANCE_MODES) == sorted(SELF_GUIDANCE)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -331,12 +339,12 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     (["--layers", "the background|a dog", "--boxes", "0,0,8,8;0,0,8,8"], "2 boxes for 1"),
 ])
 def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
-    from model.sampling.sample import main
+    from cli.main import layerdiff_main
 
     base = {"--model": str(run_dir), "--prompt": "p", "--layers": "the background|a dog", "--out": str(tmp_path / "o"),
             "--steps": "1", "--height": "32", "--width": "32"}
     base.update(dict(zip(args[::2], args[1::2])))
-    assert main([x for kv in base.items() for x in kv]) == 2
+    assert layerdiff_main(["sample", *(x for kv in base.items() for x in kv)]) == 2
     assert message in caplog.text and not (tmp_path / "o").exists()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from model.training import checkpoint as ckpt
 from model.training.run_folder import RunFolder
-from model.training.trainer import main
+from cli.main import layerdiff_main
 from tests.builders import write_shards
 from tests.s3_server import s3_bucket, s3_server  # noqa: F401 (fixture)
 
@@ -20,8 +20,9 @@ TINY = str(Path(__file__).resolve().parents[2] / "model" / "configs" / "tiny.yam
 
 
 def run(shards: str, out: str, steps: int, *extra: str) -> int:
-    return main(["--data", shards, "--out", out, "--config", TINY, "--preset", "tiny", "--max-steps", str(steps),
-                 "--set", "checkpoint_every=2", "--set", "record_keys=true", *extra])
+    return layerdiff_main(["train", "--data", shards, "--out", out, "--config", TINY, "--preset", "tiny",
+                           "--max-steps", str(steps), "--set", "checkpoint_every=2", "--set", "record_keys=true",
+                           *extra])
 
 
 def remote_lines(fs, path: str) -> list[dict]:

@@ -15,7 +15,8 @@ from model.training import checkpoint as ckpt
 from model.training.config import TrainConfig, load_config
 from model.training.ema import EMA
 from model.training.losses import drop_prompts, layered_noise_loss, sample_timesteps
-from model.training.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer, main
+from cli.main import layerdiff_main
+from model.training.trainer import EXIT_BAD_INPUT, EXIT_DIVERGED, Trainer
 
 from tests.builders import make_sample, write_raw_shard, write_shards
 
@@ -30,8 +31,8 @@ def shards(tmp_path_factory) -> str:
 
 
 def run(shards: str, out: Path, steps: int, *extra: str) -> int:
-    return main(["--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny", "--max-steps", str(steps),
-                 *extra])
+    return layerdiff_main(["train", "--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny",
+                           "--max-steps", str(steps), *extra])
 
 
 def losses(out: Path) -> list[float]:
@@ -286,8 +287,8 @@ def test_bad_samples_and_a_corrupt_shard_mid_stream_are_counted_and_training_goe
 
 def test_pretrained_folder_that_is_not_sd_is_refused(tiny_models, shards, tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
-        rc = main(["--data", shards, "--out", str(tmp_path / "run"), "--config", TINY,
-                   "--pretrained", str(tiny_models / "sd15" / "vae")])
+        rc = layerdiff_main(["train", "--data", shards, "--out", str(tmp_path / "run"), "--config", TINY,
+                             "--pretrained", str(tiny_models / "sd15" / "vae")])
     assert rc == EXIT_BAD_INPUT
     assert "not an SD-1.x pipeline folder" in caplog.text
 

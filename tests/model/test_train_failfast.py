@@ -17,7 +17,8 @@ from mlcid.synthetic import SceneConfig, write_dataset
 from model.training import checkpoint as ckpt
 from model.training.config import DataConfig
 from model.training.data_check import DataCheckError, check_training_data
-from model.training.trainer import EXIT_BAD_INPUT, main
+from cli.main import layerdiff_main
+from model.training.trainer import EXIT_BAD_INPUT
 from tests.builders import make_sample, write_raw_shard, write_shards
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,8 +26,8 @@ TINY = str(REPO / "model" / "configs" / "tiny.yaml")
 
 
 def run(data: str, out: Path, steps: int, *extra: str) -> int:
-    return main(["--data", data, "--out", str(out), "--config", TINY, "--preset", "tiny", "--max-steps", str(steps),
-                 *extra])
+    return layerdiff_main(["train", "--data", data, "--out", str(out), "--config", TINY, "--preset", "tiny",
+                           "--max-steps", str(steps), *extra])
 
 
 def test_missing_path_exits_2_naming_it(tmp_path, caplog):
@@ -68,7 +69,7 @@ def shards(tmp_path_factory) -> str:
 
 def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tiny_models, shards, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "model.training.trainer", "--data", shards, "--out", str(out), "--config", TINY,
+    cmd = [sys.executable, "-m", "cli", "layerdiff", "train", "--data", shards, "--out", str(out), "--config", TINY,
            "--preset", "tiny", "--max-steps", "100000", "--set", "checkpoint_every=100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -93,6 +94,6 @@ def test_ctrl_c_writes_a_checkpoint_and_says_how_to_resume(tiny_models, shards, 
     # the printed command continues the run
     resume = text.split("Resume with:")[1].strip().splitlines()[0]
     assert "--max-steps 100000" in resume
-    assert main(["--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny", "--resume",
-                 "--max-steps", str(steps[-1] + 1)]) == 0
+    assert layerdiff_main(["train", "--data", shards, "--out", str(out), "--config", TINY, "--preset", "tiny",
+                           "--resume", "--max-steps", str(steps[-1] + 1)]) == 0
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [*steps, steps[-1] + 1]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from model.training.ema import EMA
-from model.training.trainer import main
+from cli.main import layerdiff_main
 from model.training.validation import ema_weights, grid, loss_curve
 from tests.builders import write_shards
 
@@ -36,8 +36,8 @@ def test_validation_grid_every_n_steps_to_png_and_tensorboard(tiny_models, tmp_p
     shards = write_shards(tmp_path / "mlcid", shards=2, per_shard=4, size=40, fg_counts=(1, 2))
     common = ["--data", shards, "--config", TINY, "--preset", "tiny", "--max-steps", "4", "--set", "use_ema=true"]
     with caplog.at_level(logging.INFO, logger="model.training.trainer"):
-        assert main([*common, "--out", str(tmp_path / "val"), "--set", "validation_every=2"]) == 0
-    assert main([*common, "--out", str(tmp_path / "plain"), "--set", "validation_every=0"]) == 0
+        assert layerdiff_main(["train", *common, "--out", str(tmp_path / "val"), "--set", "validation_every=2"]) == 0
+    assert layerdiff_main(["train", *common, "--out", str(tmp_path / "plain"), "--set", "validation_every=0"]) == 0
     run = tmp_path / "val"
     pngs = sorted(p.name for p in (run / "validation").glob("*.png"))
     assert pngs == ["step-000002.png", "step-000004.png"]

@@ -1,4 +1,4 @@
-"""`python -m pipelines.build` with bad inputs and full disks; provenance in samples and outcomes."""
+"""`mlcid build-local` with bad inputs and full disks; provenance in samples and outcomes."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from mlcid import stats as mlcid_stats
 from mlcid.reader import iter_shard_samples
 from mlcid.schema import MLCIDSample, sample_uid
 from mlcid.writer import ShardWriter, is_complete, shard_name
-from pipelines.build import LocalBuildConfig, PipelineOptions, build_local, main
+from cli.main import mlcid_main
+from pipelines.build import LocalBuildConfig, PipelineOptions, build_local
 from pipelines.runner import ShardProcessor, outcomes_name
 from tests.builders import CLASSICAL, classical_config, input_records, write_input_shard
 import tests.stages  # noqa: F401 — registers the test-* stage backends CLASSICAL names
@@ -28,8 +28,8 @@ def test_unreadable_inputs_fail_only_their_shard_and_the_run_exits_1_without_tra
     (raw / "00003.tar.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x13garbage" * 50)
     missing = str(raw / "00001.tar")
     out = tmp_path / "out"
-    code = main(["--shards", good[0], missing, str(raw / "00002.tar"), str(raw / "00003.tar.gz"), good[1],
-                 "--out", str(out), *CLASSICAL])
+    code = mlcid_main(["build-local", "--shards", good[0], missing, str(raw / "00002.tar"), str(raw / "00003.tar.gz"),
+                       good[1], "--out", str(out), *CLASSICAL])
     captured = capsys.readouterr()
     assert code == 1
     assert "Traceback" not in captured.out + captured.err
@@ -45,7 +45,8 @@ def test_unreadable_inputs_fail_only_their_shard_and_the_run_exits_1_without_tra
 
 
 def test_a_wrong_folder_says_not_found(tmp_path, capsys):
-    assert main(["--shards", str(tmp_path / "raw-typo"), "--out", str(tmp_path / "out"), *CLASSICAL]) == 2
+    assert mlcid_main(["build-local", "--shards", str(tmp_path / "raw-typo"), "--out", str(tmp_path / "out"),
+                       *CLASSICAL]) == 2
     err = capsys.readouterr().err
     assert "raw-typo" in err and "not found" in err and "shard id" not in err
 
@@ -54,7 +55,7 @@ def test_two_inputs_with_one_shard_id_are_refused_before_any_work(tmp_path, caps
     a = write_input_shard(tmp_path / "00001.tar", input_records(1))
     (tmp_path / "b").mkdir()
     b = write_input_shard(tmp_path / "b" / "00001.tar", input_records(1))
-    assert main(["--shards", a, b, "--out", str(tmp_path / "out"), *CLASSICAL]) == 2
+    assert mlcid_main(["build-local", "--shards", a, b, "--out", str(tmp_path / "out"), *CLASSICAL]) == 2
     assert "both have shard id 1" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -67,9 +68,9 @@ def test_truncated_input_is_shown_in_the_run_summary_and_in_mlcid_stats(tmp_path
     report = build_local(LocalBuildConfig([str(tmp_path / "00006.tar")], str(out), classical_config()))
     assert report.truncated == [str(tmp_path / "00006.tar")] and not report.failed
     assert "input truncated (complete keys kept)" in report.format()
-    assert mlcid_stats.main([str(out / shard_name(6))]) == 0
+    assert mlcid_main(["stats", str(out / shard_name(6))]) == 0
     assert f"input truncated (its complete keys were kept): {out / shard_name(6)}" in capsys.readouterr().out
-    assert mlcid_stats.main([str(out), "--json"]) == 0
+    assert mlcid_main(["stats", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["input_truncated"] == [str(out / shard_name(6))]
 
 

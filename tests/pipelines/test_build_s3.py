@@ -1,4 +1,4 @@
-"""`python -m pipelines.build --out s3://…` against a real S3 server on 127.0.0.1, and every shard reader on it."""
+"""`mlcid build-local --out s3://…` against a real S3 server on 127.0.0.1, and every shard reader on it."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import uuid
 import pytest
 
 from cli.main import mlcid_main
-from mlcid import stats as mlcid_stats
 from mlcid.reader import MLCIDReader
 from mlcid.shards import expand_urls
 from mlcid.storage import ShardStore
 from mlcid.view import build_view
-from pipelines.build import main
 from pipelines.runner import ShardProcessor
 from tests.builders import CLASSICAL, classical_config, input_records, write_input_shard
 import tests.stages  # noqa: F401 — registers the test-* stage backends CLASSICAL names
@@ -44,7 +42,7 @@ def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bu
         return real_put(lpath, rpath, *args, **kwargs)
 
     monkeypatch.setattr(store.fs, "put_file", put_file)
-    assert main(["--shards", *raw, "--out", out, *CLASSICAL]) == 0
+    assert mlcid_main(["build-local", "--shards", *raw, "--out", out, *CLASSICAL]) == 0
     assert uploads == [n.format(i) for i in range(2) for n in NAMES]  # per shard: tar, outcomes, stats LAST
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["processed"] == 2 and totals["read"] == 6
@@ -55,13 +53,13 @@ def test_local_builder_writes_to_s3_resumes_and_every_reader_takes_the_prefix(bu
         info = {n.format(i): store.fs.info(store.path(n.format(i)))["LastModified"] for n in NAMES}
         assert info[NAMES[2].format(i)] >= max(info.values())
     # Resume reads the remote listing: nothing is rebuilt.
-    assert main(["--shards", *raw, "--out", out, *CLASSICAL]) == 0
+    assert mlcid_main(["build-local", "--shards", *raw, "--out", out, *CLASSICAL]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 2
     # Readers: a prefix lists its shards; validate, stats, the loader's reader and the viewer all take it.
     assert expand_urls(out) == [f"{out}/mlcid-000000.tar", f"{out}/mlcid-000001.tar"]
     assert mlcid_main(["validate", out]) == 0
     assert "OK   s3://" in capsys.readouterr().out
-    assert mlcid_stats.main([out, "--json"]) == 0
+    assert mlcid_main(["stats", out, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["complete"] == 2 and summary["read"] == 6
     samples = list(MLCIDReader(out))

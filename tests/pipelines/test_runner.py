@@ -114,19 +114,19 @@ def test_unknown_backend_lists_known():
 
 
 def test_cli_builds_and_resumes(tmp_path, capsys):
-    from pipelines.build import main
+    from cli.main import mlcid_main
 
     url = write_input_shard(tmp_path / "00005.tar", input_records(3, seed=4, shard=5))
     argv = ["--shards", url, "--out", str(tmp_path / "out"), "--preset", "tiny", "--log-level", "WARNING",
             "--backend", "caption=none", "--backend", "object_caption=none", "--backend", "detect=test-colour",
             "--backend", "segment=test-box", "--backend", "inpaint=test-fill"]
-    assert main(argv) == 0
+    assert mlcid_main(["build-local", *argv]) == 0
     totals = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert totals["read"] == 3 and totals["skipped"] == 0
     index = json.loads((tmp_path / "out" / "index.json").read_text())  # wids index beside the shards
     assert index["shardlist"] == [{"url": "mlcid-000005.tar", "nsamples": totals["written"],
                                    "filesize": (tmp_path / "out" / "mlcid-000005.tar").stat().st_size}]
-    assert main(argv) == 0
+    assert mlcid_main(["build-local", *argv]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
 
 
