@@ -114,7 +114,10 @@ class StageFlow:
 
     def _advance(self, i: int, items: list[Item], out: list[Item]) -> None:
         """Items that reached stage `i`: the dropped ones leave, the alive ones run (or wait in its queue)."""
-        out.extend(it for it in items if not it.alive)
+        for it in items:
+            if not it.alive:
+                it.prepared.clear()  # preprocessing for stages it will never reach
+                out.append(it)
         live = [it for it in items if it.alive]
         if i == len(self.stages):
             out.extend(live)

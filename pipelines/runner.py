@@ -308,12 +308,20 @@ class ShardProcessor:
         seconds: Counter[str] = Counter()  # main thread: stages, decode_wait
         io_seconds: Counter[str] = Counter()  # writer thread: write, decode (summed over decode threads)
 
+        preparers = [(kind, stage) for kind, stage in self.stages if hasattr(stage, "prepare")]
+
         def decode(rec: RawRecord | Drop) -> Item | Drop:
+            """Decode one record and run the stages' CPU preprocessing on it (decode thread; timed as decode)."""
             if isinstance(rec, Drop):
                 return rec
             t0 = time.perf_counter()
             out = decode_record(rec, opts)
             if isinstance(out, Item):
+                for kind, stage in preparers:
+                    try:
+                        stage.prepare(out)
+                    except Exception as e:  # noqa: BLE001 — the stage redoes it in its call and classifies the error
+                        log.debug("prepare %s failed on %s (%s); the stage will do it", kind, out.key, describe(e))
                 out.timings["decode"] = time.perf_counter() - t0
             return out
 

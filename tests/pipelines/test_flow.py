@@ -149,3 +149,63 @@ def test_same_samples_fewer_captions_fuller_batches(before_and_now):
     # SD batches: per chunk of 2 they hold ≤ 2; bucketed across chunks they are full (batch 4) but for the rest.
     assert sum(sd0) == sum(sd1) == len(now)
     assert max(sd0) <= 2 and sd1[:-1] == [4] * (len(sd1) - 1) and len(sd1) < len(sd0)
+
+
+# -- CPU preprocessing on the decode threads --------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["detect", "segment"])
+def test_prepared_inputs_give_the_same_results(kind, tiny_models, one_thread):
+    from mlcid.synthetic import SceneConfig, make_scene
+    from pipelines.config import make_stage
+    from pipelines.runner import import_backends
+
+    import_backends()
+    config = PipelineConfig.from_preset("tiny")
+    stage = make_stage(kind, config)
+    stage.setup()
+    image = make_scene(SceneConfig(size=96, min_foregrounds=2), 0, 0).composite
+    a, b = Item("a", image.copy()), Item("b", image.copy())
+    for it in (a, b):
+        it.detections = make_stage("detect", config)(  # boxes for SAM; OWLv2 overwrites its own
+            [Item("d", image.copy())])[0].detections if kind == "segment" else []
+    stage.prepare(a)
+    assert kind in a.prepared and not b.prepared
+    stage([a])
+    stage([b])
+    assert not a.prepared  # used and released
+    if kind == "detect":
+        assert [(d.box, d.score, d.label) for d in a.detections] == [(d.box, d.score, d.label) for d in b.detections]
+    else:
+        assert len(a.masks) == len(b.masks) > 0 and all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks))
+
+
+class Preparing:
+    """Wraps a real stage: records on which thread `prepare` ran and whether items arrive prepared."""
+
+    def __init__(self, stage) -> None:
+        self.stage, self.kind, self.threads, self.arrived = stage, stage.kind, [], []
+
+    def __getattr__(self, name):
+        if name == "stage":
+            raise AttributeError(name)
+        return getattr(self.stage, name)
+
+    def prepare(self, item):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        self.stage.prepare(item)
+
+    def __call__(self, batch):
+        self.arrived += [self.kind in it.prepared for it in batch]
+        return self.stage(batch)
+
+
+def test_runner_prepares_on_the_decode_threads(scenes, tmp_path, one_thread):
+    url, _ = scenes
+    proc = ShardProcessor(PipelineConfig.from_preset("tiny", chunk_size=4)).setup()
+    i = next(i for i, (k, _) in enumerate(proc.stages) if k == "detect")
+    probe = Preparing(proc.stages[i][1])
+    proc.stages[i] = ("detect", probe)
+    stats = proc.process(url, str(tmp_path / "out"))
+    assert len(probe.threads) == stats["read"] and all(t.startswith("decode") for t in probe.threads)
+    assert probe.arrived and all(probe.arrived)
