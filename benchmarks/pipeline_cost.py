@@ -92,10 +92,13 @@ class CostConfig:
 
 def pipeline_config(cfg: CostConfig):
     """The `real` profile (backends, batch sizes, sizes) on the tiny models, CPU, loose tiny-model thresholds."""
-    from pipelines.config import PipelineConfig
+    from pipelines.config import PipelineConfig, real_preset
 
+    batch_sizes = dict(real_preset().batch_sizes)
+    if batch_sizes.get("segment") == AUTO_BATCH:  # sized from free GPU memory: an 80 GB H100 reaches the cap
+        batch_sizes["segment"] = SegmentOptions().max_batch_size  # (on CPU it would be CPU_AUTO_BATCH)
     overrides = dict(
-        preset="tiny", device="cpu", dtype="float32", decode_threads=2,
+        preset="tiny", device="cpu", dtype="float32", decode_threads=2, batch_sizes=batch_sizes,
         # Random weights decide nothing: keep what the models give and let the survival rates decide.
         min_saliency_overlap=0.0, containment=1.0,
         stage_options={
