@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlcid.shards import expand_urls
@@ -83,6 +83,13 @@ def cpus_per_gpu(resources: dict[str, float], nodes: list[dict[str, float]] | No
     return max(1.0, float(int(min(per_node)))) if per_node else 1.0
 
 
+def with_decode_threads(pipeline: PipelineConfig, num_cpus: float) -> PipelineConfig:
+    """The pipeline with decode threads raised to the actor's CPUs less one (its main thread drives the GPU):
+    decoding and the stages' `prepare` preprocessing run there, off the GPU's path."""
+    threads = max(pipeline.decode_threads, int(num_cpus) - 1)
+    return pipeline if threads == pipeline.decode_threads else replace(pipeline, decode_threads=threads)
+
+
 def resolve_pool(spec: WorkerSpec, base: PoolConfig, resources: dict[str, float], strict: bool,
                  nodes: list[dict[str, float]] | None = None) -> PoolConfig:
     """Fill actor counts and sizes from the cluster's resources (`nodes`: each alive node's resources). A GPU actor
@@ -129,8 +136,8 @@ def build(config: BuildConfig) -> RunSummary:
                  pool_cfg.max_retries, pool_cfg.recycle_every or "never")
         progress = RunProgress(len(tasks), skipped=len(complete), enabled=config.progress)
         try:
-            pool = ShardPool(functools.partial(ShardProcessor, config.pipeline, config.faults), out, pool_cfg,
-                             progress)
+            pipeline = with_decode_threads(config.pipeline, pool_cfg.num_cpus)
+            pool = ShardPool(functools.partial(ShardProcessor, pipeline, config.faults), out, pool_cfg, progress)
             report = pool.run(tasks)
         finally:
             progress.close()
