@@ -11,9 +11,11 @@
    adds the CPU work that runs on the GPU actor's thread (mask rules, cut-outs, the inpainter's own resizing
    and pasting), and divides by the samples written.
 
-Counterfactuals (§2 of issue 10) as options: `caption_after_rules` really reorders the stages (measured),
-`full_inpaint_batches` costs inpainting as if every SD batch were full (modelled), `inpaint_steps` scales SD
-by steps, `segment_speedup` divides SAM's cost (modelled, e.g. bf16 + SDPA).
+Before / after (§2 of issue 10), both measured in one invocation: `before=True` runs the runner as it was
+(`BEFORE_RUNNER`: caption first, batches formed per chunk, working sizes on the 8-px grid); the default run is
+the runner's defaults (caption after the mask rules, bucketed batches across chunks, the real preset's working
+size grid). Modelled on top: `full_inpaint_batches` costs inpainting as if every SD batch were full,
+`inpaint_steps` scales SD by steps (default: the real preset's), `segment_speedup` divides SAM's cost.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ from pipelines.segment import AUTO_BATCH, SegmentOptions
 log = logging.getLogger("bench_pipeline_cost")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-UNIT_STEPS = 25  # the unit costs are for the inpainter's default 25 steps
+UNIT_STEPS = 25  # the published inpainting unit cost is for 25 steps
+# The runner as it was before issue 10's §2 changes: the paper's order, batches formed within one chunk.
+BEFORE_RUNNER: dict[str, Any] = {"caption_order": "first", "bucketed_stages": (),
+                                 "stage_options": {"inpaint": {"size_step": 8}}}
 
 # Fraction of the items entering a stage that leave it alive. Estimates (no published per-stage yields for
 # this pipeline): OWLv2 at score ≥ 0.1 over 365 Objects365 queries finds a box on nearly every LAION photo
@@ -63,9 +68,9 @@ class CostConfig:
     mix: LaionMix = field(default_factory=LaionMix)
     survival: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_SURVIVAL))
     object_weights: tuple[float, ...] | None = PAPER_OBJECT_WEIGHTS
-    caption_after_rules: bool = False  # measured: the global caption runs after the mask rules
+    before: bool = False  # measured: the runner as it was (`BEFORE_RUNNER`) instead of its defaults
     full_inpaint_batches: bool = False  # modelled: every SD batch full (ideal bucketing)
-    inpaint_steps: int = UNIT_STEPS  # modelled: SD cost × steps / 25
+    inpaint_steps: int | None = None  # SD cost × steps / 25; None: the real preset's steps
     segment_speedup: float = 1.0  # modelled: SAM cost ÷ this
     total_written: int = 2_000_000
     tiny_sd_steps: int = 2  # denoising steps of the tiny SD run on CPU (only its batching is used)
@@ -74,6 +79,10 @@ class CostConfig:
     pipeline_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.inpaint_steps is None:
+            from pipelines.config import PipelineConfig
+
+            self.inpaint_steps = PipelineConfig.from_preset("real").stage_options["inpaint"].num_inference_steps
         if self.samples < 1 or self.inpaint_steps < 1 or self.segment_speedup <= 0:
             raise ValueError("need samples ≥ 1, inpaint_steps ≥ 1 and segment_speedup > 0")
         bad = {k: v for k, v in self.survival.items() if not 0.0 <= v <= 1.0}
@@ -83,10 +92,13 @@ class CostConfig:
 
 def pipeline_config(cfg: CostConfig):
     """The `real` profile (backends, batch sizes, sizes) on the tiny models, CPU, loose tiny-model thresholds."""
-    from pipelines.config import PipelineConfig
+    from pipelines.config import PipelineConfig, real_preset
 
+    batch_sizes = dict(real_preset().batch_sizes)
+    if batch_sizes.get("segment") == AUTO_BATCH:  # sized from free GPU memory: an 80 GB H100 reaches the cap
+        batch_sizes["segment"] = SegmentOptions().max_batch_size  # (on CPU it would be CPU_AUTO_BATCH)
     overrides = dict(
-        preset="tiny", device="cpu", dtype="float32", decode_threads=2,
+        preset="tiny", device="cpu", dtype="float32", decode_threads=2, batch_sizes=batch_sizes,
         # Random weights decide nothing: keep what the models give and let the survival rates decide.
         min_saliency_overlap=0.0, containment=1.0,
         stage_options={
@@ -97,8 +109,14 @@ def pipeline_config(cfg: CostConfig):
             "inpaint": {"num_inference_steps": cfg.tiny_sd_steps},
         },
     )
-    for key, value in cfg.pipeline_overrides.items():
-        if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+    extra = [BEFORE_RUNNER] if cfg.before else []
+    for key, value in [kv for d in extra + [cfg.pipeline_overrides] for kv in d.items()]:
+        if key == "stage_options":  # one level deeper: a stage's fields
+            merged = dict(overrides[key])
+            for kind, fields in value.items():
+                merged[kind] = {**merged.get(kind, {}), **fields}
+            overrides[key] = merged
+        elif isinstance(value, dict) and isinstance(overrides.get(key), dict):
             overrides[key] = {**overrides[key], **value}
         else:
             overrides[key] = value
@@ -107,19 +125,13 @@ def pipeline_config(cfg: CostConfig):
 
 def measure(cfg: CostConfig, work: Path) -> tuple[Recorder, dict[str, Any], dict[str, bool], Any]:
     """Run the instrumented pipeline on a fresh LAION-shaped shard; (recorder, shard stats, kept by key, config)."""
-    from pipelines.config import STAGE_ORDER
     from pipelines.runner import ShardProcessor
 
     shard = work / "raw" / "00000.tar"
     write_laion_shard(shard, cfg.samples, cfg.mix, cfg.seed)
     pcfg = pipeline_config(cfg)
-    proc = ShardProcessor(pcfg).setup()
-    order = STAGE_ORDER
-    if cfg.caption_after_rules:
-        order = tuple(k for k in STAGE_ORDER if k != "caption")
-        at = order.index("mask_rules") + 1
-        order = order[:at] + ("caption",) + order[at:]
-    recorder = instrument(proc, cfg.survival, cfg.object_weights, order, cfg.tiny_sd_downscale)
+    proc = ShardProcessor(pcfg).setup()  # stages in pcfg.stage_order()
+    recorder = instrument(proc, cfg.survival, cfg.object_weights, None, cfg.tiny_sd_downscale)
     stats = proc.process(str(shard), str(work / "out"))
     table = pq.read_table(work / "out" / stats["outcomes"], columns=["key", "kept"]).to_pylist()
     return recorder, stats, {r["key"]: bool(r["kept"]) for r in table}, pcfg
@@ -201,7 +213,9 @@ def account(cfg: CostConfig, recorder: Recorder, stats: dict[str, Any], kept: di
         "stages": stages,
         "unit_costs_from": cost_source or "published figures (benchmarks/unit_costs.py PUBLISHED; BENCHMARKS.md)",
         "options": {
-            "samples": cfg.samples, "seed": cfg.seed, "caption_after_rules": cfg.caption_after_rules,
+            "samples": cfg.samples, "seed": cfg.seed, "before": cfg.before, "stage_order": list(pcfg.stage_order()),
+            "bucketed_stages": list(pcfg.bucketed_stages),
+            "inpaint_size_step": getattr(pcfg.stage_options.get("inpaint"), "size_step", None),
             "full_inpaint_batches": cfg.full_inpaint_batches, "inpaint_steps": cfg.inpaint_steps,
             "segment_speedup": cfg.segment_speedup, "total_written": cfg.total_written, "survival": cfg.survival,
             "object_weights": cfg.object_weights, "mix": dataclasses.asdict(cfg.mix),
@@ -221,19 +235,21 @@ def run(cfg: CostConfig, work: Path | None = None) -> dict[str, Any]:
     return report
 
 
-def scenarios(cfg: CostConfig, report: dict[str, Any], after: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The §2 changes, cumulatively: re-accounted from the measured runs (`after` = caption after the rules)."""
-    rows = [{"scenario": "current code (before)", "how": "measured", **_summary(report)}]
-    if after is None:
-        return rows
-    rows.append({"scenario": "+ caption after the mask rules", "how": "measured run", **_summary(after)})
-    steps = [("+ full inpainting batches", "modelled", dict(full_inpaint_batches=True)),
+def scenarios(cfg: CostConfig, report: dict[str, Any], before: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Before and after (both measured), then the modelled changes on top of `report`, cumulatively."""
+    rows = []
+    if before is not None:
+        rows.append({"scenario": "runner before (caption first, per-chunk batches, 8-px sizes)", "how": "measured",
+                     **_summary(before)})
+    rows.append({"scenario": "runner now (caption after the rules, bucketed batches)", "how": "measured",
+                 **_summary(report)})
+    steps = [("+ every inpainting batch full", "modelled", dict(full_inpaint_batches=True)),
              ("+ SAM bf16 + SDPA (2× assumed)", "modelled", dict(segment_speedup=2.0)),
-             ("+ DPM-Solver++ 15 steps (vs 25)", "modelled", dict(inpaint_steps=15))]
+             ("+ DPM-Solver++ 15 steps", "modelled", dict(inpaint_steps=15))]
     options: dict[str, Any] = {}
     for name, how, change in steps:
         options.update(change)
-        rows.append({"scenario": name, "how": how, **_summary(after | {"_options": options})})
+        rows.append({"scenario": name, "how": how, **_summary(report | {"_options": dict(options)})})
     return rows
 
 
@@ -285,11 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="share of inputs with an aspect ratio outside LAION's common formats")
     p.add_argument("--survival", action="append", default=[], metavar="STAGE=RATE",
                    help="survival rate of a stage (repeatable), e.g. mask_rules=0.5")
-    p.add_argument("--caption-after-rules", action="store_true", help="only this variant (no before/after)")
     p.add_argument("--full-inpaint-batches", action="store_true")
-    p.add_argument("--inpaint-steps", type=int, default=UNIT_STEPS)
+    p.add_argument("--inpaint-steps", type=int, help="SD steps to cost (default: the real preset's)")
     p.add_argument("--segment-speedup", type=float, default=1.0)
-    p.add_argument("--no-after", action="store_true", help="skip the second (caption after the rules) run")
+    p.add_argument("--no-before", action="store_true", help="skip the run of the runner as it was (BEFORE_RUNNER)")
     p.add_argument("--results-dir", type=Path, default=RESULTS, help="committed make bench-gpu JSONs")
     p.add_argument("--out", type=Path, default=REPO / ".work" / "bench" / "pipeline_cost.json")
     args = p.parse_args(argv)
@@ -302,15 +317,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         survival[stage] = float(rate)
     mix = LaionMix(short_side=args.short_side, odd_fraction=args.odd_fraction)
     cfg = CostConfig(samples=args.samples, seed=args.seed, mix=mix, survival=survival,
-                     caption_after_rules=args.caption_after_rules, full_inpaint_batches=args.full_inpaint_batches,
-                     inpaint_steps=args.inpaint_steps, segment_speedup=args.segment_speedup,
-                     results_dir=args.results_dir)
+                     full_inpaint_batches=args.full_inpaint_batches, inpaint_steps=args.inpaint_steps,
+                     segment_speedup=args.segment_speedup, results_dir=args.results_dir)
+    before = None if args.no_before else run(dataclasses.replace(cfg, before=True))
     report = run(cfg)
-    after = None if (args.no_after or cfg.caption_after_rules) else run(dataclasses.replace(
-        cfg, caption_after_rules=True))
-    report["scenarios"] = scenarios(cfg, report, after)
-    if after is not None:
-        report["after_caption_after_rules"] = after
+    report["scenarios"] = scenarios(cfg, report, before)
+    if before is not None:
+        report["before"] = before
     print(format_table(report["scenarios"], report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")

@@ -72,6 +72,11 @@ class StageProbe:
         self.kind, self.stage, self.recorder = kind, stage, recorder
         self.survival, self.object_weights = float(survival), object_weights
 
+    def __getattr__(self, name: str) -> Any:  # batch_size, bucket_key, batch_load: the runner's bucketing
+        if name == "stage":
+            raise AttributeError(name)
+        return getattr(self.stage, name)
+
     def setup(self) -> None:
         self.stage.setup()
 
@@ -203,5 +208,6 @@ def instrument(processor: Any, survival: dict[str, float], object_weights: tuple
         hook_batches(kind, stage, recorder, sd_downscale)
         weights = object_weights if kind == "mask_rules" else None
         wrapped.append((kind, StageProbe(kind, stage, recorder, survival.get(kind, 1.0), weights)))
+        recorder.stages[kind]  # records in run order, whichever stage a bucketed flow calls first
     processor.stages = wrapped
     return recorder

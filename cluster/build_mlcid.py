@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from mlcid.shards import expand_urls
 from mlcid.storage import ShardStore
@@ -37,7 +37,7 @@ class WorkerSpec:
     """Requested actor resources; `None` fields are derived from the cluster's resources (`resolve_pool`)."""
 
     workers: int | None = None  # default: one per GPU, else one per CPU
-    cpus_per_worker: float | None = None  # default: 1 on GPU nodes; on CPU min(1, cluster CPUs / workers)
+    cpus_per_worker: float | None = None  # default: a GPU node's cores ÷ its GPUs; on CPU min(1, CPUs / workers)
     gpus_per_worker: float | None = None  # default: 1 if the cluster has GPUs, else 0
 
 
@@ -67,13 +67,33 @@ def plan_tasks(urls: list[str], out: str, prefix: str) -> tuple[list[ShardTask],
     return tasks, complete
 
 
-def resolve_pool(spec: WorkerSpec, base: PoolConfig, resources: dict[str, float], strict: bool) -> PoolConfig:
-    """Fill actor counts and sizes from the cluster's resources. `strict` (in-process Ray): refuse what won't fit."""
+def cpus_per_gpu(resources: dict[str, float], nodes: list[dict[str, float]] | None = None) -> float:
+    """Whole CPUs each GPU can have on every GPU node: min over GPU nodes of cores ÷ GPUs (≥ 1); without a node
+    list, the cluster's totals (a CPU-only head node would then count too)."""
+    per_node = [n.get("CPU", 0.0) / n["GPU"] for n in nodes or [] if n.get("GPU", 0.0) > 0]
+    if not per_node and resources.get("GPU", 0.0) > 0:
+        per_node = [resources.get("CPU", 0.0) / resources["GPU"]]
+    return max(1.0, float(int(min(per_node)))) if per_node else 1.0
+
+
+def with_decode_threads(pipeline: PipelineConfig, num_cpus: float) -> PipelineConfig:
+    """The pipeline with decode threads raised to the actor's CPUs less one (its main thread drives the GPU):
+    decoding and the stages' `prepare` preprocessing run there, off the GPU's path."""
+    threads = max(pipeline.decode_threads, int(num_cpus) - 1)
+    return pipeline if threads == pipeline.decode_threads else replace(pipeline, decode_threads=threads)
+
+
+def resolve_pool(spec: WorkerSpec, base: PoolConfig, resources: dict[str, float], strict: bool,
+                 nodes: list[dict[str, float]] | None = None) -> PoolConfig:
+    """Fill actor counts and sizes from the cluster's resources (`nodes`: each alive node's resources). A GPU actor
+    gets its node's cores ÷ GPUs by default, so preprocessing, mask rules and writing never wait for a core.
+    `strict` (in-process Ray): refuse what won't fit."""
     cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
     num_gpus = spec.gpus_per_worker if spec.gpus_per_worker is not None else (1.0 if gpus >= 1 else 0.0)
     if num_gpus > 0:
         workers = spec.workers or max(1, int(gpus // num_gpus))
-        num_cpus = spec.cpus_per_worker if spec.cpus_per_worker is not None else 1.0
+        num_cpus = spec.cpus_per_worker if spec.cpus_per_worker is not None else \
+            max(1.0, float(int(cpus_per_gpu(resources, nodes) * num_gpus)))
     else:
         workers = spec.workers or max(1, int(cpus))
         num_cpus = spec.cpus_per_worker if spec.cpus_per_worker is not None else min(1.0, cpus / workers)
@@ -99,14 +119,18 @@ def build(config: BuildConfig) -> RunSummary:
         return summarize(PoolReport(outcomes=[]), len(complete), 0, time.perf_counter() - t0)
     # 2. Ray (started here or joined) → actor sizes; 3. the pool with its progress line.
     with ray_session(config.ray) as resources:
-        pool_cfg = resolve_pool(config.workers, config.pool, resources, strict=config.ray.resolved_address() is None)
+        import ray  # cluster.pool imports it already; here only for the per-node resources
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        pool_cfg = resolve_pool(config.workers, config.pool, resources, strict=config.ray.resolved_address() is None,
+                                nodes=nodes)
         log.info("pool: %d actor(s) × (%g CPU, %g GPU), ≤%d shard(s) in flight each, %d retries, recycle every %s",
                  pool_cfg.workers, pool_cfg.num_cpus, pool_cfg.num_gpus, pool_cfg.max_in_flight,
                  pool_cfg.max_retries, pool_cfg.recycle_every or "never")
         progress = RunProgress(len(tasks), skipped=len(complete), enabled=config.progress)
         try:
-            pool = ShardPool(functools.partial(ShardProcessor, config.pipeline, config.faults), out, pool_cfg,
-                             progress)
+            pipeline = with_decode_threads(config.pipeline, pool_cfg.num_cpus)
+            pool = ShardPool(functools.partial(ShardProcessor, pipeline, config.faults), out, pool_cfg, progress)
             report = pool.run(tasks)
         finally:
             progress.close()

@@ -58,6 +58,7 @@ class Item:
     drop_reason: str | None = None
     drop_detail: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)  # kind → its `prepare(item)` result (decode threads)
 
     @property
     def alive(self) -> bool:
@@ -69,7 +70,13 @@ class Item:
 
 
 class Stage(Protocol):
-    """A pipeline stage. `setup()` loads models once per worker; `__call__` works on a micro-batch in place."""
+    """A pipeline stage. `setup()` loads models once per worker; `__call__` works on a micro-batch in place.
+
+    Optional, found by the runner when present: `prepare(item)` — per-item CPU preprocessing, thread-safe, run on
+    the decode threads (off the GPU's path; the result goes in `item.prepared[kind]`, the stage falls back to
+    doing it itself); `batch_size`, `bucket_key(item)` and `batch_load(item)` — how `pipelines.flow` fills its
+    batches across chunks.
+    """
 
     kind: str
 

@@ -225,6 +225,10 @@ class ObjectCaption(_CaptionStage):
 
     Options = ObjectCaptionOptions
 
+    def batch_load(self, item: Item) -> int:
+        """An item fills as many places of a batch as it has objects (the runner's buckets count these)."""
+        return len(item.objects)
+
     def __call__(self, batch: list[Item]) -> list[Item]:
         objects = [(item, obj) for item in alive(batch) for obj in item.objects]  # flattened across items
         for i in range(0, len(objects), self.batch_size):

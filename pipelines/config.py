@@ -37,6 +37,10 @@ from pipelines.segment import SegmentOptions
 
 log = logging.getLogger(__name__)
 
+# Where the global caption runs (`PipelineConfig.caption_order`): "auto" = "after_rules" unless the detector is
+# narrowed by the caption (then "first"); "first" = the paper's Fig. 4 order.
+CAPTION_ORDERS = ("auto", "first", "after_rules")
+
 
 @dataclass
 class PipelineConfig:
@@ -56,6 +60,11 @@ class PipelineConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # inputs with more pixels are refused before decoding
     decode_threads: int = 4  # threads decoding input images (PIL releases the GIL while decoding)
     chunk_size: int = 32  # items read, decoded and pushed through the stages together
+    caption_order: str = "auto"  # one of CAPTION_ORDERS (docs/design.md: caption after the mask rules)
+    # Kinds whose micro-batches are formed across chunks (`pipelines.flow`): items wait in per-size buckets until
+    # a batch is full, at most `max_pending` per kind (then the fullest bucket runs), the rest at the shard's end.
+    bucketed_stages: tuple[str, ...] = ("caption", "object_caption", "inpaint")
+    max_pending: int = 128
 
     # Mask rules (Appendix B) and layer limits.
     max_layers: int = DEFAULT_MAX_LAYERS  # background + at most max_layers - 1 foregrounds
@@ -79,6 +88,18 @@ class PipelineConfig:
         unknown = set(self.backends) - set(STAGE_ORDER)
         if unknown:
             raise ValueError(f"unknown stage kinds {sorted(unknown)}; known: {', '.join(STAGE_ORDER)}")
+        if self.caption_order not in CAPTION_ORDERS:
+            raise ValueError(f"caption_order must be one of {', '.join(CAPTION_ORDERS)}, got {self.caption_order!r}")
+        if self.caption_order == "after_rules" and self.narrows_detection():
+            raise ValueError("caption_order='after_rules' but stage_options['detect'].narrow_by_caption is set: the "
+                             "detector needs the caption first (use caption_order 'first' or 'auto')")
+        self.bucketed_stages = tuple(self.bucketed_stages)
+        unknown = set(self.bucketed_stages) - set(STAGE_ORDER)
+        if unknown:
+            raise ValueError(f"bucketed_stages names unknown stage kinds {sorted(unknown)}; known: "
+                             f"{', '.join(STAGE_ORDER)}")
+        if self.max_pending < 1:
+            raise ValueError(f"max_pending must be ≥ 1, got {self.max_pending}")
         unknown = set(self.batch_sizes) - set(MODEL_KINDS)
         if unknown:
             raise ValueError(f"batch_sizes for {sorted(unknown)}: only model-backed kinds batch "
@@ -102,6 +123,20 @@ class PipelineConfig:
                 if tuple_if_list(mine) != tuple_if_list(theirs):
                     raise ValueError(f"stage_options[{kind!r}].{name}={mine!r} disagrees with PipelineConfig.{attr}="
                                      f"{theirs!r}; set PipelineConfig.{attr} (one value for the whole pipeline)")
+
+    def narrows_detection(self) -> bool:
+        """Whether the detector scores only the names in the global caption (it then needs the caption first)."""
+        return bool(getattr(self.stage_options.get("detect"), "narrow_by_caption", False))
+
+    def stage_order(self) -> tuple[str, ...]:
+        """The configured kinds in run order: `STAGE_ORDER`, the caption moved after the mask rules unless
+        `caption_order` is "first" (or "auto" with a caption-narrowed detector)."""
+        first = self.caption_order == "first" or (self.caption_order == "auto" and self.narrows_detection())
+        kinds = [k for k in STAGE_ORDER if self.backends.get(k) is not None]
+        if not first and "caption" in kinds:
+            kinds.remove("caption")
+            kinds.insert(kinds.index("mask_rules") + 1, "caption")
+        return tuple(kinds)
 
     @property
     def max_foregrounds(self) -> int:
@@ -235,7 +270,9 @@ def real_preset() -> PipelineConfig:
         backends=dict(PAPER_BACKENDS),
         stage_options={
             "detect": DetectOptions(score_threshold=0.1, max_detections=20),
-            "inpaint": SDInpaintOptions(),  # DPM-Solver++ at 20 steps (its docstring says why)
+            # DPM-Solver++ at 20 steps (its docstring says why); working sides on a 64-px grid: 25 sizes instead of
+            # 115 over LAION's aspect ratios, inpaint batch fill 0.97 vs 0.67 (BENCHMARKS.md, bucket fill).
+            "inpaint": SDInpaintOptions(size_step=64),
         },
         # Segment 0: sized from the free GPU memory at the first call (pipelines.sam_efficient; per GPU class
         # in cluster/configs/ray-cluster.yaml).

@@ -125,11 +125,13 @@ class _Detector:
         hits = in_caption(self.names, item.global_prompt or item.source.get("caption"))
         return hits if hits.any() else np.ones(len(self.names), dtype=bool)
 
-    def detect(self, images: list[np.ndarray], allowed: list[np.ndarray]) -> list[list[Detection]]:
-        """Detections for each (H, W, 3) uint8 image; `allowed[i]` (C,) bool restricts image i's vocabulary."""
+    def detect(self, images: list[np.ndarray], allowed: list[np.ndarray], pixels: torch.Tensor | None = None
+               ) -> list[list[Detection]]:
+        """Detections for each (H, W, 3) uint8 image; `allowed[i]` (C,) bool restricts image i's vocabulary;
+        `pixels` (B, 3, S, S): the images already through `prepare` (backends without it ignore it)."""
         self.setup()
         out = []
-        for image, (boxes, scores, labels) in zip(images, self.raw(images, allowed)):
+        for image, (boxes, scores, labels) in zip(images, self.raw(images, allowed, pixels)):
             out.append(select(boxes, scores, labels, self.names, image.shape[:2], self.score_threshold,
                               self.nms_iou, self.max_detections, self.min_box_side))
         return out
@@ -139,7 +141,9 @@ class _Detector:
         items = alive(batch)
         for i in range(0, len(items), self.batch_size):
             chunk = items[i : i + self.batch_size]
-            found = self.detect([it.image for it in chunk], [self.allowed(it) for it in chunk])
+            pixels = [it.prepared.pop(self.kind, None) for it in chunk]  # from `prepare` on the decode threads
+            stacked = torch.stack(pixels) if all(p is not None for p in pixels) else None  # (B, 3, S, S)
+            found = self.detect([it.image for it in chunk], [self.allowed(it) for it in chunk], stacked)
             for item, dets in zip(chunk, found):
                 item.detections = dets
                 if not dets:
@@ -189,9 +193,16 @@ class Owlv2Detector(_Detector):
             embeds = owl.text_projection(pooled)  # (C, D)
         self.query_embeds = embeds / torch.linalg.norm(embeds, dim=-1, keepdim=True)  # as Owlv2Model.forward
 
-    def raw(self, images, allowed):
+    def prepare(self, item: Item) -> None:
+        """The image processor's padding + resizing for one item (CPU, on the decode threads): (3, S, S)."""
+        self.setup()
+        pixels = self.processor.image_processor(images=[item.image], return_tensors="pt")["pixel_values"][0]
+        item.prepared[self.kind] = pixels.to(self.dtype)
+
+    def raw(self, images, allowed, pixels=None):
         """Per image: boxes (P, 4) xyxy pixels, best score (P,) and its query id (P,) for every patch P."""
-        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if pixels is None:
+            pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixels = pixels.to(self.device, self.dtype)  # (B, 3, S, S): each image padded to a square, resized
         b = pixels.shape[0]
         mask = torch.as_tensor(np.stack(allowed), device=self.device)  # (B, C) bool
@@ -259,10 +270,11 @@ class GroundingDinoDetector(_Detector):
         text = ". ".join(query_text(n) for n in self.names[start:end]) + "."
         return len(self.processor.tokenizer(text)["input_ids"])
 
-    def raw(self, images, allowed):
+    def raw(self, images, allowed, pixels=None):
         """Per image: boxes (N, 4), scores (N,), ids (N,) over all query slots of all chunks.
 
         Images are batched only with images of the same size: a padded batch changes a DETR-style model's output.
+        `pixels` is unused (this backend has no `prepare`).
         """
         groups: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):

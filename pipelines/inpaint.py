@@ -73,10 +73,11 @@ def make_scheduler(name: str, current):
     return getattr(diffusers, cls_name).from_config(current.config, **extra)
 
 
-def work_size(h: int, w: int, resolution: int) -> tuple[int, int]:
-    """(h', w'): the shorter side scaled to `resolution`, both rounded to a multiple of 8 (latent stride)."""
+def work_size(h: int, w: int, resolution: int, step: int = 8) -> tuple[int, int]:
+    """(h', w'): the shorter side scaled to `resolution`, both rounded to a multiple of `step` (8: the latent
+    stride; a coarser step maps more aspect ratios to one size, so more items share a batch)."""
     scale = resolution / min(h, w)
-    return max(8, round(h * scale / 8) * 8), max(8, round(w * scale / 8) * 8)
+    return max(step, round(h * scale / step) * step), max(step, round(w * scale / step) * step)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class SDInpaintOptions:
     scheduler: str = "dpmsolver++"  # one of SCHEDULERS
     guidance_scale: float = 7.5
     resolution: int = 512  # working size: the shorter side
+    size_step: int = 8  # working sides rounded to a multiple of this (multiple of 8); coarser = fuller batches
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -123,6 +125,8 @@ class SDInpaintOptions:
             raise ValueError(f"unknown inpainting scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be ≥ 1, got {self.num_inference_steps}")
+        if self.size_step < 8 or self.size_step % 8:
+            raise ValueError(f"size_step must be a positive multiple of 8 (the latent stride), got {self.size_step}")
 
 
 def _check_kernel(kernel: int) -> None:
@@ -176,7 +180,8 @@ class StableDiffusionInpainter(_Inpainter):
     """SD 1.5 inpainting at a working size whose shorter side is `resolution`; output resized to the item size.
 
     Each item gets its own generator seeded from `seed` and its key, so a batch gives the same result as
-    running its items one by one.
+    running its items one by one. `bucket_key` (the working size) lets the runner collect items that share a
+    working size across chunks into full batches (`pipelines.flow`).
     """
 
     def __init__(self, model: ModelStageConfig = ModelStageConfig(), options: SDInpaintOptions = SDInpaintOptions()
@@ -204,6 +209,10 @@ class StableDiffusionInpainter(_Inpainter):
         self.pipe.scheduler = make_scheduler(self.options.scheduler, self.pipe.scheduler)
         self.pipe.set_progress_bar_config(disable=True)
 
+    def bucket_key(self, item: Item) -> tuple[int, int]:
+        """Items with one working size can share a pipeline call."""
+        return work_size(*item.image.shape[:2], self.resolution, self.options.size_step)
+
     def generator(self, key: str) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
 
@@ -211,7 +220,7 @@ class StableDiffusionInpainter(_Inpainter):
         # 1. Group items by working size so each group is one batched pipeline call.
         groups: dict[tuple[int, int], list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(work_size(*it.image.shape[:2], self.resolution), []).append(i)
+            groups.setdefault(self.bucket_key(it), []).append(i)
         out: list[np.ndarray | None] = [None] * len(items)
         for (wh, ww), idx in groups.items():
             # 2. Resize images and holes to the working size (nearest for the mask keeps it binary).

@@ -4,11 +4,12 @@
   1. skips the shard if its stats file exists (resume) — returns the stored stats with `skipped: True`;
   2. streams the input tar, decoding chunks of `chunk_size` on a thread pool (the next chunk decodes while
      the stages run on the current one);
-  3. runs the stages in DESIGN.md order on each chunk, classifying failures (`pipelines.faults`): a device
+  3. pushes each chunk through the stages in `PipelineConfig.stage_order()` (`pipelines.flow.StageFlow`: bucketed
+     stages form full micro-batches across chunks; what waits is drained at the shard's end), classifying failures (`pipelines.faults`): a device
      fault, an out-of-memory on a single item, a stage failing every item of a batch, or a stage-error share
      over the `FaultPolicy` budget FAILS the shard (it raises; nothing is published); an out-of-memory halves
      the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
-  4. hands finished items to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
+  4. hands the items that left the flow to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
   5. closes the shard: tar and `{prefix}-{id:06d}.parquet` (per-sample outcomes and provenance) renamed into
      place, stats file LAST; for an fsspec `out` (s3://…) this happens in a local staging folder and the three
      files are then uploaded in that order. Any exception leaves no visible shard and no stats.
@@ -35,9 +36,10 @@ from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.storage import ShardStore
 from mlcid.writer import ShardWriter, read_stats, stats_name
 from pipelines.base import Item, Stage, alive, prompt_source_keys, prompt_sources
-from pipelines.config import STAGE_ORDER, PipelineConfig, make_stage
+from pipelines.config import PipelineConfig, make_stage
 from pipelines.faults import (STAGE_ERROR_PREFIX, DeviceFault, FaultPolicy, ShardFault, StageFault, describe,
                               free_device_memory, is_device_fault, is_oom)
+from pipelines.flow import StageFlow
 from pipelines.outcomes import outcome_row, outcomes_parquet
 from pipelines.inputs import DecodeOptions, Drop, RawRecord, ReadStats, decode_record, input_shard_id, iter_raw_records
 
@@ -101,14 +103,10 @@ class ShardProcessor:
 
     # -- setup ----------------------------------------------------------------------------------------------
     def setup(self) -> "ShardProcessor":
-        """Build every configured stage (DESIGN.md order) and load its models once."""
+        """Build every configured stage (in `config.stage_order()`) and load its models once."""
         import_backends()
-        stages = []
-        for kind in STAGE_ORDER:
-            backend = self.config.backends.get(kind)
-            if backend is None:
-                continue
-            stages.append((kind, make_stage(kind, self.config)))  # unknown backends: KeyError listing the known
+        stages = [(kind, make_stage(kind, self.config))  # unknown backends: KeyError listing the known
+                  for kind in self.config.stage_order()]
         for kind, stage in stages:
             t0 = time.perf_counter()
             stage.setup()
@@ -123,7 +121,7 @@ class ShardProcessor:
             "thresholds": {
                 "min_saliency_overlap": cfg.min_saliency_overlap, "containment": cfg.containment,
                 "min_area_frac": cfg.min_area_frac, "max_area_frac": cfg.max_area_frac,
-                "max_layers": cfg.max_layers, "dilate_kernel": cfg.dilate_kernel,
+                "max_layers": cfg.max_layers, "dilate_kernel": cfg.dilate_kernel, "stage_order": [k for k, _ in stages],
                 "stage_options": {k: dataclasses.asdict(o) for k, o in cfg.stage_options.items()},
             },
             "max_side": cfg.max_side,
@@ -190,18 +188,23 @@ class ShardProcessor:
             raise StageFault(f"stage {kind} failed on every item of a batch of {len(items)}, one by one too: "
                              f"{describe(first_error)}") from first_error
 
-    def run_stages(self, items: list[Item], seconds: Counter[str]) -> None:
-        """All stages in order on the alive items; per-stage seconds summed in `seconds` and split per item."""
-        for kind, stage in self.stages:
-            live = alive(items)
-            if not live:
-                break
+    def timed_stage(self, seconds: Counter[str]) -> Callable[[str, Stage, list[Item]], None]:
+        """`run_stage` for the flow: per-stage seconds summed in `seconds` and split over the batch's items."""
+
+        def run(kind: str, stage: Stage, items: list[Item]) -> None:
             t0 = time.perf_counter()
-            self.run_stage(kind, stage, live)
+            self.run_stage(kind, stage, items)
             dt = time.perf_counter() - t0
             seconds[kind] += dt
-            for it in live:
-                it.timings[kind] = it.timings.get(kind, 0.0) + dt / len(live)
+            for it in items:
+                it.timings[kind] = it.timings.get(kind, 0.0) + dt / len(items)
+
+        return run
+
+    def flow(self, seconds: Counter[str]) -> StageFlow:
+        """A fresh `StageFlow` over the set-up stages (one per shard: nothing waits across shards)."""
+        return StageFlow(self.stages, self.timed_stage(seconds), self.config.bucketed_stages,
+                         self.config.max_pending, self.batch_caps)
 
     def to_sample(self, item: Item) -> MLCIDSample:
         """A finished item → `MLCIDSample` (global prompt falls back to the source caption, layer prompt to label)."""
@@ -305,12 +308,20 @@ class ShardProcessor:
         seconds: Counter[str] = Counter()  # main thread: stages, decode_wait
         io_seconds: Counter[str] = Counter()  # writer thread: write, decode (summed over decode threads)
 
+        preparers = [(kind, stage) for kind, stage in self.stages if hasattr(stage, "prepare")]
+
         def decode(rec: RawRecord | Drop) -> Item | Drop:
+            """Decode one record and run the stages' CPU preprocessing on it (decode thread; timed as decode)."""
             if isinstance(rec, Drop):
                 return rec
             t0 = time.perf_counter()
             out = decode_record(rec, opts)
             if isinstance(out, Item):
+                for kind, stage in preparers:
+                    try:
+                        stage.prepare(out)
+                    except Exception as e:  # noqa: BLE001 — the stage redoes it in its call and classifies the error
+                        log.debug("prepare %s failed on %s (%s); the stage will do it", kind, out.key, describe(e))
                 out.timings["decode"] = time.perf_counter() - t0
             return out
 
@@ -325,23 +336,28 @@ class ShardProcessor:
                     return None if chunk is None else [pool.submit(decode, r) for r in chunk]
 
                 upcoming = submit(next(chunks, None))
+                flow = self.flow(seconds)
                 last_write: Future | None = None
+
+                def hand_over(done: list[Item | Drop]) -> Future:
+                    # 3. Hand what left the flow to the writer thread (at most one batch of results in flight).
+                    if last_write is not None:
+                        last_write.result()
+                    return write_pool.submit(self._emit, writer, done, rows, io_seconds)
+
                 while upcoming is not None:
                     # 1. Collect this chunk's decodes; start decoding the next chunk meanwhile.
                     t0 = time.perf_counter()
                     results = [f.result() for f in upcoming]
                     seconds["decode_wait"] += time.perf_counter() - t0
                     upcoming = submit(next(chunks, None))
-                    # 2. Stages on the decoded items.
-                    self.run_stages([r for r in results if isinstance(r, Item)], seconds)
-                    # 3. Hand the chunk to the writer thread (at most one chunk in flight).
-                    if last_write is not None:
-                        last_write.result()
-                    last_write = write_pool.submit(self._emit, writer, results, rows, io_seconds)
+                    # 2. Stages on the decoded items; bucketed stages may keep some waiting for a full batch.
+                    done = flow.push([r for r in results if isinstance(r, Item)])
+                    last_write = hand_over([r for r in results if isinstance(r, Drop)] + done)
                     if on_progress is not None:
                         on_progress(len(results))
-                if last_write is not None:
-                    last_write.result()
+                last_write = hand_over(flow.drain())  # the partly filled batches, at the shard's end
+                last_write.result()
             if writer.written + sum(writer.dropped.values()) != len(rows):
                 raise RuntimeError(f"bookkeeping bug: {len(rows)} outcomes but writer counted "
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")

@@ -224,12 +224,20 @@ class SamSegmenter:
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
-    def encode(self, images: list[np.ndarray]) -> torch.Tensor:
-        """Run SAM's image encoder on a micro-batch of (H, W, 3) uint8 RGB images: (B, C, h, w) embeddings."""
+    def prepare(self, item: Item) -> None:
+        """SAM's resize of one item to its input size (CPU, on the decode threads): (h', w', 3) uint8."""
+        self.setup()
+        item.prepared[self.kind] = self.predictor.transform.apply_image(item.image)
+
+    def encode(self, images: list[np.ndarray], prepared: list[np.ndarray | None] | None = None) -> torch.Tensor:
+        """Run SAM's image encoder on a micro-batch of (H, W, 3) uint8 RGB images: (B, C, h, w) embeddings.
+
+        `prepared[i]`: image i already resized by `prepare` (None: resized here)."""
         sam, transform = self.predictor.model, self.predictor.transform
+        prepared = prepared or [None] * len(images)
         inputs = []
-        for image in images:
-            resized = transform.apply_image(image)  # (h', w', 3), long side = img_size
+        for image, done in zip(images, prepared):
+            resized = done if done is not None else transform.apply_image(image)  # (h', w', 3), long side = S
             x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h', w')
             inputs.append(sam.preprocess(x))  # normalised, padded to (1, 3, S, S)
         batch = torch.cat(inputs)  # (B, 3, S, S)
@@ -279,7 +287,7 @@ class SamSegmenter:
         items, size = alive(batch), self.micro_batch()
         for i in range(0, len(items), size):
             chunk = items[i : i + size]
-            features = self.encode([it.image for it in chunk])  # (B, C, h, w)
+            features = self.encode([it.image for it in chunk], [it.prepared.pop(self.kind, None) for it in chunk])
             for j, item in enumerate(chunk):
                 item.masks = self.decode(features[j : j + 1], item.image.shape[:2], [d.box for d in item.detections])
                 if not any(m.any() for m in item.masks):

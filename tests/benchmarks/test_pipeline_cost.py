@@ -20,14 +20,14 @@ def tiny_cost(**kw) -> CostConfig:
 
 @pytest.fixture(scope="module")
 def reports(tiny_models, one_thread):
-    return run(tiny_cost()), run(tiny_cost(caption_after_rules=True))
+    return run(tiny_cost(before=True)), run(tiny_cost())
 
 
-def test_counts_add_up_per_stage(reports):
-    report, _ = reports
+@pytest.mark.parametrize("which", [0, 1], ids=["before", "now"])
+def test_counts_add_up_per_stage(reports, which):
+    report = reports[which]
     stages = report["stages"]
-    assert list(stages) == ["caption", "detect", "segment", "saliency", "mask_rules", "object_caption", "cutout",
-                            "inpaint"]
+    assert list(stages) == report["options"]["stage_order"]
     for kind, s in stages.items():
         assert s["items_in"] == s["items_out"] + s["dropped_here"], kind
         assert s["dropped_here"] == s["dropped_by_stage"] + s["dropped_by_survival_rate"], kind
@@ -35,7 +35,7 @@ def test_counts_add_up_per_stage(reports):
     kinds = list(stages)
     for before, after in zip(kinds, kinds[1:]):  # what leaves one stage alive enters the next
         assert stages[before]["items_out"] == stages[after]["items_in"], (before, after)
-    assert stages["caption"]["items_in"] == report["read"] == 12
+    assert stages[kinds[0]]["items_in"] == report["read"] == 12
     assert report["read"] == report["written"] + sum(report["dropped"].values())
     assert stages["inpaint"]["written_from_here"] == report["written"] > 0
     # Survival rates below 1 drop by hash; rates of 1 never do.
@@ -44,8 +44,9 @@ def test_counts_add_up_per_stage(reports):
     assert report["dropped"].get("modelled:mask_rules", 0) == stages["mask_rules"]["dropped_by_survival_rate"]
 
 
-def test_batches_cover_every_item_and_fill_is_a_fraction(reports):
-    report, _ = reports
+@pytest.mark.parametrize("which", [0, 1], ids=["before", "now"])
+def test_batches_cover_every_item_and_fill_is_a_fraction(reports, which):
+    report = reports[which]
     for kind in ("caption", "detect", "segment", "saliency", "inpaint"):
         s = report["stages"][kind]
         assert s["batches"] >= 1
@@ -70,11 +71,20 @@ def test_report_keys_and_cost_sum(reports):
 
 def test_caption_after_the_rules_is_measured(reports):
     before, after = reports
+    assert list(before["stages"])[0] == "caption"
     assert list(after["stages"])[:5] == ["detect", "segment", "saliency", "mask_rules", "caption"]
     assert after["stages"]["caption"]["items_in"] == after["stages"]["mask_rules"]["items_out"]
     assert after["stages"]["caption"]["items_in"] < before["stages"]["caption"]["items_in"]
     assert after["written"] == before["written"]  # fates are hashed per (stage, key): order changes costs only
     assert after["stages"]["caption"]["gpu_s_per_written"] < before["stages"]["caption"]["gpu_s_per_written"]
+
+
+def test_bucketing_fills_inpaint_batches_at_least_as_well(reports):
+    before, after = reports
+    assert before["options"]["bucketed_stages"] == [] and "inpaint" in after["options"]["bucketed_stages"]
+    b, a = before["stages"]["inpaint"], after["stages"]["inpaint"]
+    assert a["items_batched"] == b["items_batched"] == after["written"]
+    assert a["batches"] <= b["batches"] and a["batch_fill"] >= b["batch_fill"]
 
 
 def test_full_batches_and_fewer_steps_reaccount(reports):
@@ -84,7 +94,7 @@ def test_full_batches_and_fewer_steps_reaccount(reports):
     fewer = reaccount(report, {"inpaint_steps": 12})
     inpaint = report["stages"]["inpaint"]["gpu_s_per_written_formed"]
     saved = (report["h100_hours_per_2m_written"] - fewer["h100_hours_per_2m_written"]) * 3600 / 2e6
-    assert saved == pytest.approx(inpaint * (1 - 12 / 25), rel=1e-2)
+    assert saved == pytest.approx(inpaint * (1 - 12 / report["options"]["inpaint_steps"]), rel=1e-2)
 
 
 def test_unit_cost_line_and_measured_override():
@@ -114,6 +124,6 @@ def test_laion_mix_shard_has_img2dataset_layout(tmp_path):
 
 def test_cli_writes_the_json(tmp_path, tiny_models, one_thread):
     out = tmp_path / "cost.json"
-    main(["--samples", "6", "--short-side", "96", "--no-after", "--results-dir", str(tmp_path), "--out", str(out)])
+    main(["--samples", "6", "--short-side", "96", "--no-before", "--results-dir", str(tmp_path), "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["h100_hours_per_2m_written"] > 0 and data["scenarios"][0]["scenario"].startswith("current")
+    assert data["h100_hours_per_2m_written"] > 0 and data["scenarios"][0]["scenario"].startswith("runner now")

@@ -19,12 +19,13 @@ from mlcid.synthetic import SceneConfig, write_dataset
 from mlcid.shard_check import validate_shard
 from mlcid.validate import ValidationConfig
 from mlcid.writer import read_stats, shard_name
+from pipelines.config import PipelineConfig
 from pipelines.inputs import iter_inputs
 from pipelines.runner import outcomes_name
 
-from cluster import laion
+from cluster import build_mlcid, laion
 from cli.main import MLCID_COMMANDS, build_parser, mlcid_main
-from cluster.build_mlcid import WorkerSpec, plan_tasks, resolve_pool
+from cluster.build_mlcid import WorkerSpec, plan_tasks, resolve_pool, with_decode_threads
 from cluster.pool import PoolConfig, PoolReport, ShardOutcome, ShardTask
 from cluster.progress import format_summary, summarize
 
@@ -107,7 +108,16 @@ def test_resolve_pool_sizes_actors_from_resources():
     half = resolve_pool(WorkerSpec(workers=4), base, {"CPU": 2.0}, strict=True)
     assert (half.workers, half.num_cpus) == (4, 0.5)  # fractional CPUs: more actors than cores
     gpu = resolve_pool(WorkerSpec(), base, {"CPU": 32.0, "GPU": 4.0}, strict=True)
-    assert (gpu.workers, gpu.num_cpus, gpu.num_gpus) == (4, 1.0, 1.0)  # one actor per GPU
+    assert (gpu.workers, gpu.num_cpus, gpu.num_gpus) == (4, 8.0, 1.0)  # one actor per GPU, cores ÷ GPUs each
+    assert gpu.threads == 8  # torch/OpenCV threads follow the actor's CPUs
+    # Per node: a CPU-only head (8 cores) must not inflate the share of the 2 × (16 CPU, 4 GPU) workers.
+    nodes = [{"CPU": 8.0}, {"CPU": 16.0, "GPU": 4.0}, {"CPU": 16.0, "GPU": 4.0}]
+    mixed = resolve_pool(WorkerSpec(), base, {"CPU": 40.0, "GPU": 8.0}, strict=False, nodes=nodes)
+    assert (mixed.workers, mixed.num_cpus) == (8, 4.0)
+    assert resolve_pool(WorkerSpec(cpus_per_worker=2), base, {"CPU": 32.0, "GPU": 4.0}, strict=True).num_cpus == 2
+    pipeline = PipelineConfig.from_preset("real")
+    assert with_decode_threads(pipeline, gpu.num_cpus).decode_threads == 7  # the actor's CPUs less its main thread
+    assert with_decode_threads(pipeline, 1.0) is pipeline  # never fewer than the preset's
     with pytest.raises(ValueError, match="do not fit"):
         resolve_pool(WorkerSpec(workers=3, cpus_per_worker=1), base, {"CPU": 2.0}, strict=True)
     # Joining a cluster (not strict): an autoscaler may add nodes, so a bigger request is allowed.
