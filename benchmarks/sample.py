@@ -11,8 +11,7 @@ Method
   intra-layer K/V projections re-run at every step; same outputs) and as they are now; CFG+SMG with masks
   re-decoded every k steps; CFG+SMG on a window of the first steps with masks every k' steps (an option, not the
   default; `--smg-window-end`, `--window-mask-interval`). "×SD" = time / SD's time for the same L images;
-  `--json` also gets
-  `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
+  `--json` also gets `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
 - Time: one full call (text encoding, all steps, final decode) after a 1-step warm-up of each variant; variants
   alternate (order flipped every repeat); medians. On CPU the ratios use the process's CPU time, which other
   jobs on shared cores barely disturb (wall time is shown too; pin `--threads` so both mean the same work); on
