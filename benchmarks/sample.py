@@ -7,10 +7,11 @@ Method
   and VAE widths divided by ~10, 128² images by default) is the baseline; LayerDiff is `LayerDiffUNet.from_unet` of the
   same UNet with the same VAE, text encoder and DDIM scheduler. Weights are random: cost does not depend on them.
 - Rows per L: SD (L images, CFG); LayerDiff CFG and CFG+SMG (the paper's sampler: SMG and a mask decode at every
-  step) as they were before the speed work ("before": inter-layer attention through SDPA at every size) and as
-  they are now; CFG+SMG with masks re-decoded every k steps; CFG+SMG on the first half of the steps with masks
-  every 2 steps (an option, not the default). "×SD" = time / SD's time for the same L images; `--json` also gets
-  `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
+  step) as they were before the text cache ("before": `cache_text = False`, the prompt enhancer and the
+  intra-layer K/V projections re-run at every step; same outputs) and as they are now; CFG+SMG with masks
+  re-decoded every k steps; CFG+SMG on a window of the first steps with masks every k' steps (an option, not the
+  default; `--smg-window-end`, `--window-mask-interval`). "×SD" = time / SD's time for the same L images;
+  `--json` also gets `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
 - Time: one full call (text encoding, all steps, final decode) after a 1-step warm-up of each variant; variants
   alternate (order flipped every repeat); medians. On CPU the ratios use the process's CPU time, which other
   jobs on shared cores barely disturb (wall time is shown too; pin `--threads` so both mean the same work); on
@@ -41,7 +42,6 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model.network import layer_attention
 from model.sampling.pipeline import LayerDiffPipeline
 from model.tiny import TinySDConfig, build_sd_pipeline
 from model.network.unet import LayerDiffUNet
@@ -68,7 +68,8 @@ class BenchConfig:
     smg: float = 3.0
     repeats: int = 1
     mask_interval: int = 5  # the extra "SMG, masks every k steps" row
-    smg_window_end: float = 0.5  # the "SMG on a window" row: SMG on steps i < end·steps, masks every 2 steps
+    smg_window_end: float = 0.5  # the "SMG on a window" row: SMG on steps i < end·steps,
+    window_mask_interval: int = 2  # … masks re-decoded every this many steps
     seed: int = 0
     threads: int | None = None
     compile: bool = False  # torch.compile both UNets (SD's and LayerDiff's) before the warm-up
@@ -125,14 +126,14 @@ def build(config: BenchConfig, device: torch.device) -> tuple:
 
 
 @contextlib.contextmanager
-def sdpa_inter_layer_attention():
-    """The layer-collaborative blocks as before the speed work: inter-layer attention through SDPA at every size."""
-    before = layer_attention.BROADCAST_MAX_ELEMENTS
-    layer_attention.BROADCAST_MAX_ELEMENTS = 0
+def per_step_text(ld: LayerDiffPipeline):
+    """The sampler as before the text cache: prompt enhancer and intra-layer K/V projections at every step."""
+    before = ld.cache_text
+    ld.cache_text = False
     try:
         yield
     finally:
-        layer_attention.BROADCAST_MAX_ELEMENTS = before
+        ld.cache_text = before
 
 
 # row name → short key in "ratio_vs_sd" (suffixed "_L{L}")
@@ -158,7 +159,7 @@ def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], o
 
     def layerdiff(guidance: str, interval: int = 1, before: bool = False, smg_end: float = 1.0):
         def run_one(steps):
-            with sdpa_inter_layer_attention() if before else contextlib.nullcontext():
+            with per_step_text(ld) if before else contextlib.nullcontext():
                 return ld(GLOBAL_PROMPT, prompts, num_inference_steps=steps, guidance_scale=config.cfg,
                           smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval, smg_end=smg_end,
                           height=size, width=size, generator=gen(), output_type="np")
@@ -173,8 +174,9 @@ def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], o
         "LayerDiff CFG+SMG, before": layerdiff("cfg+smg", before=True),
         "LayerDiff CFG+SMG": layerdiff("cfg+smg"),
         f"LayerDiff CFG+SMG, masks every {config.mask_interval}": layerdiff("cfg+smg", config.mask_interval),
-        f"LayerDiff CFG+SMG on a window (first {config.smg_window_end:.0%} of the steps), masks every 2":
-            layerdiff("cfg+smg", 2, smg_end=config.smg_window_end),
+        f"LayerDiff CFG+SMG on a window (first {config.smg_window_end:.0%} of the steps), masks every "
+        f"{config.window_mask_interval}": layerdiff("cfg+smg", config.window_mask_interval,
+                                                     smg_end=config.smg_window_end),
     }
 
 
@@ -237,11 +239,14 @@ def part_costs(sd, ld, L: int, config: BenchConfig, device: torch.device, repeat
     text = torch.randn(2, 77, config.text_hidden, generator=g).to(device)
     layer_text = torch.randn(2, L, 77, config.text_hidden, generator=g).to(device)
     x = torch.randn(2, L, 8, h, h, generator=g).to(device)  # (B=2: cond + negative, L, 8, h, w)
+    both = ld.unet.prepare_text(text, layer_text)  # as the sampler: prompts prepared once per call
+    one = both[0:1]
     pieces = {
         "SD UNet, 2L images": lambda: sd.unet(x[:, :, :4].reshape(2 * L, 4, h, h), 500,
                                               text.repeat_interleave(L, dim=0)),
-        "LayerDiff UNet, 2×L (CFG call)": lambda: ld.unet(x, 500, text, layer_text),
-        "LayerDiff UNet, 1×L (SMG call)": lambda: ld.unet(x[:1], 500, text[:1], layer_text[:1]),
+        "LayerDiff UNet, 2×L (CFG call)": lambda: ld.unet(x, 500, both.global_text, both.layer_text, prepared=both),
+        "LayerDiff UNet, 1×L (SMG call)": lambda: ld.unet(x[:1], 500, one.global_text, one.layer_text,
+                                                          prepared=one),
         "VAE decode, L masks": lambda: ld.vae.decode(x[0, :, :4]),
     }
     out = {}
@@ -351,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per variant (median)")
     parser.add_argument("--mask-interval", type=int, default=defaults.mask_interval,
                         help="k of the extra 'SMG, masks every k steps' row")
+    parser.add_argument("--smg-window-end", type=float, default=defaults.smg_window_end,
+                        help="the window row: SMG on the steps i < this fraction of the steps")
+    parser.add_argument("--window-mask-interval", type=int, default=defaults.window_mask_interval,
+                        help="the window row: masks re-decoded every this many steps")
     parser.add_argument("--size", type=int, default=defaults.latent_size * 8, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -361,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
                              ".work/bench/sample.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if min(args.layers) < 2 or args.steps < 1 or args.repeats < 1:
-        parser.error("--layers must be >= 2, --steps and --repeats >= 1")
+    if min(args.layers) < 2 or min(args.steps, args.repeats, args.mask_interval, args.window_mask_interval) < 1:
+        parser.error("--layers must be >= 2, --steps, --repeats and the mask intervals >= 1")
+    if not 0 < args.smg_window_end <= 1:
+        parser.error("--smg-window-end must be in (0, 1]")
     if args.size % 64:
         parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
     config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
-                         mask_interval=args.mask_interval, threads=args.threads,
+                         mask_interval=args.mask_interval, threads=args.threads, smg_window_end=args.smg_window_end,
+                         window_mask_interval=args.window_mask_interval,
                          latent_size=args.size // 8, compile=args.compile, **(TINY if args.tiny else {}))
     device = torch.device(args.device)
     rows, parts = run(config, device)

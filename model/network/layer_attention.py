@@ -12,11 +12,14 @@ unchanged (self-attention, cross-attention to the GLOBAL prompt, FFN) and then a
 Each is pre-norm + residual and its last linear is zero-initialised (Appendix A), so at init the block is the
 identity. The layer structure reaches the wrapper as a `LayerContext` inside `cross_attention_kwargs`, which
 diffusers passes untouched from the UNet down to every transformer block; the wrapper pops it before the SD
-block sees the kwargs. Nothing is stored on the modules between calls.
+block sees the kwargs. Nothing is stored on the modules between calls: what depends only on the prompts (the
+intra-layer attention's keys/values of the layer text) can come precomputed in the `LayerContext`
+(`LayerDiffUNet.prepare_text`, once per sampling call instead of once per step).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +44,8 @@ class LayerContext:
     num_layers: int  # L
     layer_text: torch.Tensor  # (B·L, T, D) enhanced layer-prompt embeddings
     layer_valid: torch.Tensor | None = None  # (B, L) bool, False = padding layer; None = all valid
+    # block → its intra-layer attention's (k, v) of `layer_text`, each (B·L, heads, T, d); None = project per call
+    intra_kv: Mapping[nn.Module, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class MultiHeadAttention(nn.Module):
@@ -64,13 +69,19 @@ class MultiHeadAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, query_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, Nq, C), context (B, Nk, Cc) or None (self-attention), key_mask (B, Nk) bool → (B, Nq, C)."""
-        context = x if context is None else context
-        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context (B, Nk, Cc) → each (B, heads, Nk, d)."""
         k = rearrange(self.to_k(context), "b n (h d) -> b h n d", h=self.heads)
         v = rearrange(self.to_v(context), "b n (h d) -> b h n d", h=self.heads)
+        return k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, Nq, C), context (B, Nk, Cc) or None (self-attention), key_mask (B, Nk) bool → (B, Nq, C).
+        `kv`: `project_kv(context)` computed beforehand (then `context` is not read)."""
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = self.project_kv(x if context is None else context) if kv is None else kv
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, Nk)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Nq, d)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
@@ -142,13 +153,18 @@ class LayerCollaborativeBlock(nn.Module):
         inter = self._inter_layer_broadcast if small else self._inter_layer_sdpa
         hidden_states = hidden_states + inter(x, ctx)
 
-        # 2. text-guided intra-layer attention: each layer's tokens attend to that layer's prompt
-        text = ctx.layer_text.to(hidden_states.dtype)  # (B·L, T, D)
-        hidden_states = hidden_states + self.intra_attn(self.norm_intra(hidden_states), context=text)
+        # 2. text-guided intra-layer attention: each layer's tokens attend to that layer's prompt (its keys and
+        #    values precomputed once per sampling call when the context carries them)
+        kv = None if ctx.intra_kv is None else ctx.intra_kv[self]
+        text = None if kv is not None else ctx.layer_text.to(hidden_states.dtype)  # (B·L, T, D)
+        hidden_states = hidden_states + self.intra_attn(self.norm_intra(hidden_states), context=text, kv=kv)
 
         # 3. FFN
         return hidden_states + self.ff(self.norm_ff(hidden_states))
 
+    def intra_kv(self, layer_text: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The intra-layer attention's keys and values of the layer text (B·L, T, D) → each (B·L, heads, T, d)."""
+        return self.intra_attn.project_kv(layer_text.to(dtype))
 
     def _with_layer_position(self, x: torch.Tensor, L: int) -> torch.Tensor:
         """x (B, L, N, C) plus the layer-index embedding of each layer."""

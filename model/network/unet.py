@@ -80,6 +80,37 @@ class LayerDiffUNetOutput(BaseOutput):
     sample: torch.Tensor
 
 
+@dataclass(frozen=True)
+class PreparedText:
+    """What `LayerDiffUNet.forward` computes from the prompts alone, made once by `prepare_text` and passed as
+    `forward(sample, t, global_text, layer_text, layer_valid, prepared=…)` at every denoising step of a call: the
+    same outputs without re-running the prompt enhancer and the intra-layer key/value projections per step. It
+    keeps the tensors it was made from; the forward refuses it with any others."""
+
+    global_text: torch.Tensor  # (B, T, D) as given
+    layer_text: torch.Tensor  # (B, L, T', D) as given
+    layer_valid: torch.Tensor | None  # (B, L) as given
+    encoder_hidden_states: torch.Tensor  # (B·L, T, D) the global prompt, once per layer
+    context: LayerContext  # enhanced layer prompts (B·L, T', D), checked validity, each block's intra-layer (k, v)
+
+    def made_from(self, global_text, layer_text, layer_valid) -> bool:
+        """True when these are the very tensors (not equal copies) this was prepared from."""
+        return all(a is b for a, b in zip((self.global_text, self.layer_text, self.layer_valid),
+                                          (global_text, layer_text, layer_valid)))
+
+    def __getitem__(self, samples: slice) -> "PreparedText":
+        """The same text for a slice of the B samples (a branch, a chunk of a batched call)."""
+        L, ctx = self.context.num_layers, self.context
+        rows = slice(None if samples.start is None else samples.start * L,
+                     None if samples.stop is None else samples.stop * L)
+        kv = None if ctx.intra_kv is None else {m: (k[rows], v[rows]) for m, (k, v) in ctx.intra_kv.items()}
+        return PreparedText(self.global_text[samples], self.layer_text[samples],
+                            None if self.layer_valid is None else self.layer_valid[samples],
+                            self.encoder_hidden_states[rows],
+                            LayerContext(L, ctx.layer_text[rows],
+                                         None if ctx.layer_valid is None else ctx.layer_valid[samples], kv))
+
+
 def _clean_unet_config(unet_config: dict[str, Any]) -> dict[str, Any]:
     """The constructor arguments of an SD UNet config (drops diffusers' private `_…` keys), checked for SD-1.x."""
     cfg = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
@@ -229,8 +260,8 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         return 2 * self.latent_channels
 
     # ------------------------------------------------------------------ forward
-    def _check_inputs(self, sample, timesteps, global_text, layer_text, layer_valid):
-        """Validate shapes; return timesteps as (B, L) and layer_valid as (B, L) bool or None."""
+    def _check_sample(self, sample):
+        """Validate the sample's shape; return (B, L)."""
         if sample.ndim != 5 or sample.shape[2] != self.in_channels_per_layer:
             raise ValueError(
                 f"sample must be (B, L, {self.in_channels_per_layer}, h, w) = image latent ‖ mask latent per "
@@ -239,6 +270,16 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         B, L = sample.shape[:2]
         if L > self.config.max_layers:
             raise ValueError(f"{L} layers exceed max_layers={self.config.max_layers}")
+        return B, L
+
+    def _check_inputs(self, sample, timesteps, global_text, layer_text, layer_valid):
+        """Validate shapes; return timesteps as (B, L) and layer_valid as (B, L) bool or None."""
+        B, L = self._check_sample(sample)
+        valid = self._check_text(global_text, layer_text, layer_valid, B, L, sample.device)
+        return self._check_timesteps(timesteps, sample.device, B, L), valid
+
+    def _check_text(self, global_text, layer_text, layer_valid, B, L, device):
+        """Validate the prompts' shapes; return layer_valid as (B, L) bool or None (all valid)."""
         text_dim = self.unet.config.cross_attention_dim
         if global_text.ndim != 3 or global_text.shape[0] != B or global_text.shape[2] != text_dim:
             raise ValueError(f"global_text must be (B={B}, T, D={text_dim}), got {tuple(global_text.shape)}")
@@ -246,7 +287,20 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"layer_text must be (B={B}, L={L}, T, D={text_dim}), got {tuple(layer_text.shape)}"
             )
-        timesteps = torch.as_tensor(timesteps, device=sample.device)
+        if layer_valid is not None:
+            if layer_valid.shape != (B, L):
+                raise ValueError(f"layer_valid must be (B, L)=({B}, {L}), got {tuple(layer_valid.shape)}")
+            layer_valid = layer_valid.to(device=device, dtype=torch.bool)
+            if not bool(layer_valid.any(dim=1).all()):
+                raise ValueError("every sample needs at least one valid layer (layer_valid has an all-False row)")
+            if bool(layer_valid.all()):
+                layer_valid = None  # all valid: skip masking (faster attention kernels)
+        return layer_valid
+
+    @staticmethod
+    def _check_timesteps(timesteps, device, B, L):
+        """Timesteps as a scalar, (B,) or (B, L) → (B, L)."""
+        timesteps = torch.as_tensor(timesteps, device=device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(B, L)
         elif timesteps.shape == (B,):
@@ -255,15 +309,31 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
             raise ValueError(
                 f"timesteps must be a scalar, (B,)=({B},) or (B, L)=({B}, {L}); got {tuple(timesteps.shape)}"
             )
-        if layer_valid is not None:
-            if layer_valid.shape != (B, L):
-                raise ValueError(f"layer_valid must be (B, L)=({B}, {L}), got {tuple(layer_valid.shape)}")
-            layer_valid = layer_valid.to(device=sample.device, dtype=torch.bool)
-            if not bool(layer_valid.any(dim=1).all()):
-                raise ValueError("every sample needs at least one valid layer (layer_valid has an all-False row)")
-            if bool(layer_valid.all()):
-                layer_valid = None  # all valid: skip masking (faster attention kernels)
-        return timesteps, layer_valid
+        return timesteps
+
+    def _text_context(self, global_text, layer_text, layer_valid, valid, precompute_kv: bool) -> PreparedText:
+        """Enhance the layer prompts (B, L, T', D), flatten them onto the (B·L) batch, repeat the global prompt
+        (B, T, D) per layer; with `precompute_kv` also each collaborative block's intra-layer keys/values."""
+        L = layer_text.shape[1]
+        enhanced = layer_text
+        if self.prompt_enhancer is not None:
+            enhanced = self.prompt_enhancer(layer_text, global_text, valid)  # (B, L, T', D)
+        flat = rearrange(enhanced, "b l t d -> (b l) t d")  # (B·L, T', D)
+        kv = {w.collab: w.collab.intra_kv(flat, self.dtype) for w in self.collab_blocks()} if precompute_kv else None
+        return PreparedText(global_text, layer_text, layer_valid, repeat(global_text, "b t d -> (b l) t d", l=L),
+                            LayerContext(L, flat, valid, kv))
+
+    def prepare_text(self, global_text: torch.Tensor, layer_text: torch.Tensor,
+                     layer_valid: torch.Tensor | None = None) -> PreparedText:
+        """Everything the forward derives from global_text (B, T, D), layer_text (B, L, T', D) and layer_valid
+        (B, L) bool | None alone, for `forward(..., prepared=…)` at every step of a sampling call."""
+        if layer_text.ndim != 4:
+            raise ValueError(f"layer_text must be (B, L, T, D), got {tuple(layer_text.shape)}")
+        B, L = layer_text.shape[:2]
+        if L > self.config.max_layers:
+            raise ValueError(f"{L} layers exceed max_layers={self.config.max_layers}")
+        valid = self._check_text(global_text, layer_text, layer_valid, B, L, layer_text.device)
+        return self._text_context(global_text, layer_text, layer_valid, valid, precompute_kv=True)
 
     # The forward is diffusers' UNet2DConditionModel.forward for the options in SUPPORTED_UNET_OPTIONS (the ones in
     # _UNSUPPORTED are refused at construction), with the mask branch added at conv_in/conv_out and the layer
@@ -277,21 +347,25 @@ class LayerDiffUNet(ModelMixin, ConfigMixin):
         layer_text: torch.Tensor,
         layer_valid: torch.Tensor | None = None,
         return_dict: bool = True,
+        prepared: PreparedText | None = None,
     ) -> LayerDiffUNetOutput | tuple[torch.Tensor]:
         """sample (B, L, 8, h, w), timesteps (B, L) | (B,) | scalar, global_text (B, T, D),
-        layer_text (B, L, T', D), layer_valid (B, L) bool | None → noise (B, L, 8, h, w)."""
+        layer_text (B, L, T', D), layer_valid (B, L) bool | None → noise (B, L, 8, h, w).
+        `prepared`: `prepare_text(global_text, layer_text, layer_valid)` of these very tensors (computed once)."""
         # 1. check inputs
         timesteps, valid = self._check_inputs(sample, timesteps, global_text, layer_text, layer_valid)
+
+        # 2. layer prompts: enhance, flatten onto the (B·L) batch; global prompt repeated per layer (or prepared)
+        if prepared is None:
+            prepared = self._text_context(global_text, layer_text, layer_valid, valid, precompute_kv=False)
+        elif not prepared.made_from(global_text, layer_text, layer_valid):
+            raise ValueError("`prepared` was made from other tensors than the global_text / layer_text / layer_valid "
+                             "passed: give the prepared text's own .global_text, .layer_text and .layer_valid")
         B, L, _, height, width = sample.shape
         unet = self.unet
         c = self.latent_channels
-
-        # 2. layer prompts: enhance, flatten onto the (B·L) batch; global prompt repeated per layer
-        if self.prompt_enhancer is not None:
-            layer_text = self.prompt_enhancer(layer_text, global_text, valid)  # (B, L, T', D)
-        ctx = LayerContext(num_layers=L, layer_text=rearrange(layer_text, "b l t d -> (b l) t d"), layer_valid=valid)
-        cross_kwargs = {LAYER_CONTEXT_KEY: ctx}
-        encoder_hidden_states = repeat(global_text, "b t d -> (b l) t d", l=L)  # (B·L, T, D)
+        cross_kwargs = {LAYER_CONTEXT_KEY: prepared.context}
+        encoder_hidden_states = prepared.encoder_hidden_states  # (B·L, T, D)
 
         # 3. time embedding, one timestep per layer
         x = rearrange(sample, "b l c h w -> (b l) c h w")  # (B·L, 8, h, w)

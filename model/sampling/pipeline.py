@@ -6,7 +6,8 @@
 
 Per step: one batched UNet call for the conditional and negative-prompt branches (CFG, paper negatives; plus
 empty prompts when the SMG variant reads them), then — with self-guidance — one call on the degraded latents
-(it depends on the first call's output, so it cannot join it). The model predicts, the scheduler steps, `model.sampling.guidance` combines, this file loops.
+(it depends on the first call's output, so it cannot join it). What the UNet derives from the prompts alone (the
+enhanced layer prompts, the intra-layer keys/values) is prepared once per call (`LayerDiffUNet.prepare_text`). The model predicts, the scheduler steps, `model.sampling.guidance` combines, this file loops.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from model.sampling import guidance as G
 from model.sampling.guidance import KeepLayers, SMGConfig, paper_negatives  # noqa: F401 (part of this module's API)
 from model.loading import check_run_folder, encode_prompts
 from model.training.run_folder import fetch_pipeline_folder
-from model.network.unet import LayerDiffUNet  # imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
+from model.network.unet import LayerDiffUNet, PreparedText  # LayerDiffUNet imported so diffusers can load the run's ["model.network.unet", "LayerDiffUNet"]
 from model.sampling.output import Intermediate, LayerDiffPipelineOutput  # noqa: F401 (part of this module's API)
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class LayerDiffPipeline(DiffusionPipeline):
     """Text → layered image: background + foreground layers, each an RGB image and a mask (paper Fig. 2)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
+    cache_text = True  # False: prompt-derived UNet inputs recomputed every step (as before the cache; same outputs)
 
     def __init__(self, unet, vae, text_encoder, tokenizer, scheduler, training_resolution: int | None = None):
         super().__init__()
@@ -243,13 +245,25 @@ class LayerDiffPipeline(DiffusionPipeline):
         return all_emb[:N], rearrange(all_emb[N:], "(n l) t d -> n l t d", n=N, l=L)
 
     # ------------------------------------------------------------------ model calls
-    def _predict(self, x: torch.Tensor, t: torch.Tensor, global_text: torch.Tensor, layer_text: torch.Tensor,
+    def _prepare_text(self, global_text: torch.Tensor, layer_text: torch.Tensor) -> PreparedText | tuple:
+        """Global (N, 77, D) and layer (N, L, 77, D) prompts prepared once per call (unless `cache_text` is off)."""
+        return self.unet.prepare_text(global_text, layer_text) if self.cache_text else (global_text, layer_text)
+
+    @staticmethod
+    def _text_rows(text: PreparedText | tuple, rows: slice) -> PreparedText | tuple:
+        """The text inputs of samples `rows` (a branch, a chunk)."""
+        return text[rows] if isinstance(text, PreparedText) else (text[0][rows], text[1][rows])
+
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, text: PreparedText | tuple,
                  max_batch: int | None) -> torch.Tensor:
-        """UNet ε for x (N, L, 8, h, w) at timestep t, in chunks of `max_batch` samples → (N, L, 8, h, w)."""
-        n = x.shape[0]
+        """UNet ε for x (N, L, 8, h, w) at timestep t, `text` from `_prepare_text`, `max_batch` samples per call."""
+        n, outs = x.shape[0], []
         step = max_batch or n
-        outs = [self.unet(x[i:i + step].to(self.unet.dtype), t, global_text[i:i + step], layer_text[i:i + step]).sample
-                for i in range(0, n, step)]
+        for i in range(0, n, step):
+            part = self._text_rows(text, slice(i, i + step))
+            prepared = part if isinstance(part, PreparedText) else None
+            g, l = (part.global_text, part.layer_text) if prepared else part
+            outs.append(self.unet(x[i:i + step].to(self.unet.dtype), t, g, l, prepared=prepared).sample)
         return torch.cat(outs).float()
 
     def _predicted_masks(self, mask_latents: torch.Tensor, mask_eps: torch.Tensor, alpha: torch.Tensor,
@@ -361,7 +375,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         prompts = {"cond": (global_prompt, list(layer_prompts)), "negative": (neg_global, neg_layers), "uncond": ("", [""] * L)}
         g_text, l_text = self.encode_text([prompts[b][0] for b in branches for _ in range(B)],
                                           [prompts[b][1] for b in branches for _ in range(B)])
-        branch_text = {b: (g_text[k * B:(k + 1) * B], l_text[k * B:(k + 1) * B]) for k, b in enumerate(branches)}
+        text = self._prepare_text(g_text, l_text)  # all branches, (branches·B) samples
+        branch_text = {b: self._text_rows(text, slice(k * B, (k + 1) * B)) for k, b in enumerate(branches)}
         branch_text.setdefault("negative", branch_text["cond"])  # no CFG: the conditional branch stands in
 
         # 3. Timesteps and initial latents (B, L, 8, h, w).
@@ -396,7 +411,7 @@ class LayerDiffPipeline(DiffusionPipeline):
                     if state.store is not None:
                         state.store.probs.clear()  # keep only this call's attention maps
                     x_in = torch.cat([latents] * len(branches))  # (branches·B, L, 8, h, w)
-                    eps_all = self._predict(x_in, t, g_text, l_text, max_batch)
+                    eps_all = self._predict(x_in, t, text, max_batch)
                     preds = {b: eps_all[k * B:(k + 1) * B] for k, b in enumerate(branches)}
                     preds.setdefault("negative", preds["cond"])
                     eps = G.cfg(preds["negative"], preds["cond"], guidance_scale) if do_cfg else preds["cond"]
@@ -405,7 +420,7 @@ class LayerDiffPipeline(DiffusionPipeline):
                     # guided ε pushed away from it
                     if degrade is not None and smg_start <= i / len(timesteps) < smg_end:
                         x_deg = degrade(latents, preds, alpha, i, state, opts)
-                        eps_deg = self._predict(x_deg, t, *branch_text[degrade_from], max_batch)
+                        eps_deg = self._predict(x_deg, t, branch_text[degrade_from], max_batch)
                         combine = smg.combine if guidance == "cfg+smg" else "sag"
                         eps = torch.cat([G.smg_combine(eps[:, :, :c], preds[degrade_from][:, :, :c],
                                                        eps_deg[:, :, :c], smg_scale, combine), eps[:, :, c:]], dim=2)

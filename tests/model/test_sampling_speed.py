@@ -70,3 +70,78 @@ def test_compiled_unet_matches_eager():
         model.compile()
         compiled = model(**inputs).sample
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- prompts prepared once per call (exact)
+
+
+@pytest.mark.parametrize("use_prompt_enhancer", [True, False])
+def test_prepared_text_gives_the_raw_forward_outputs(use_prompt_enhancer):
+    """`forward(..., prepared=prepare_text(...))` = the forward from raw text (padding layers, a slice too)."""
+    from tests.model.test_unet import make_inputs, randomize_new_modules, tiny_sd_unet
+
+    from model.network.unet import LayerDiffUNet
+
+    model = LayerDiffUNet.from_unet(tiny_sd_unet(), max_layers=4, use_prompt_enhancer=use_prompt_enhancer).eval()
+    randomize_new_modules(model)
+    inputs = make_inputs(B=3, L=3)
+    valid = torch.tensor([[True, True, False], [True, True, True], [True, False, True]])
+    with torch.no_grad():
+        raw = model(**inputs, layer_valid=valid).sample
+        prepared = model.prepare_text(inputs["global_text"], inputs["layer_text"], valid)
+        assert len(prepared.context.intra_kv) == len(model.collab_blocks())
+        fast = model(inputs["sample"], inputs["timesteps"], prepared.global_text, prepared.layer_text, valid,
+                     prepared=prepared).sample
+        part = prepared[slice(1, 3)]
+        sliced = model(inputs["sample"][1:], inputs["timesteps"][1:], part.global_text, part.layer_text,
+                       part.layer_valid, prepared=part).sample
+    torch.testing.assert_close(fast, raw, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(sliced, raw[1:], atol=1e-6, rtol=1e-5)
+
+
+def test_prepared_text_is_refused_with_other_tensors():
+    from tests.model.test_unet import make_inputs, tiny_sd_unet
+
+    from model.network.unet import LayerDiffUNet
+
+    model = LayerDiffUNet.from_unet(tiny_sd_unet(), max_layers=4).eval()
+    inputs = make_inputs(B=1, L=2)
+    prepared = model.prepare_text(inputs["global_text"], inputs["layer_text"])
+    with torch.no_grad(), pytest.raises(ValueError, match="`prepared` was made from other tensors"):
+        model(inputs["sample"], 10, inputs["global_text"].clone(), inputs["layer_text"], prepared=prepared)
+
+
+@pytest.fixture
+def count_calls():
+    """count_calls(module) → a list that grows by one per forward of `module` (hooks removed after the test)."""
+    handles = []
+
+    def count(module: torch.nn.Module) -> list:
+        calls: list = []
+        handles.append(module.register_forward_pre_hook(lambda *_: calls.append(1)))
+        return calls
+
+    yield count
+    for handle in handles:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kw", [dict(guidance="cfg+smg"), dict(guidance="cfg+smg", max_batch=1),
+                                dict(guidance="cfg", guidance_scale=1.0)])
+def test_text_prepared_once_per_call_same_samples(pipe, count_calls, kw):
+    """The sampler prepares the prompts once per call (prompt enhancer: 1 run, each block's intra-layer K/V:
+    1 projection) and samples exactly what the per-step text path (`cache_text = False`) samples."""
+    enhancer = count_calls(pipe.unet.prompt_enhancer)
+    to_k = count_calls(pipe.unet.collab_blocks()[0].collab.intra_attn.to_k)
+    n_unet = len(per_step_latents(pipe, **kw)[1])
+    cached, _ = per_step_latents(pipe, **kw)
+    assert (len(enhancer), len(to_k)) == (2, 2)  # two calls, once each
+    pipe.cache_text = False
+    try:
+        per_step, calls = per_step_latents(pipe, **kw)
+    finally:
+        pipe.cache_text = True
+    assert len(enhancer) == 2 + len(calls) == 2 + n_unet and len(to_k) == len(enhancer)  # once per UNet call
+    assert n_unet > 2
+    for a, b in zip(cached, per_step, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
