@@ -29,6 +29,8 @@ LAYERDIFF_COMMANDS = {
     "iterative": "cli.applications",
     "eval": "cli.evaluate",
     "learn-bench": "benchmarks.learn_bench:main",
+    "ship-model": "cli.ship_model",
+    "showcase": "cli.showcase",
 }
 
 
