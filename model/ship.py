@@ -131,9 +131,12 @@ def _relative(value: Any, bench: Path) -> Any:
     if isinstance(value, list):
         return [_relative(v, bench) for v in value]
     if isinstance(value, str):
-        repo = str(Path(__file__).resolve().parents[1])
-        value = value.replace(str(bench), "OUT").replace(repo + os.sep, "./")
-        return re.sub(r"^/\S*/(model/configs/)", r"./\1", value)  # a config file of another checkout
+        repo = Path(__file__).resolve().parents[1]
+        spellings = {str(bench), os.path.relpath(bench), os.path.relpath(bench, repo)}  # as the command was typed
+        for spelling in sorted(spellings, key=len, reverse=True):
+            value = re.sub(rf"(?<![\w./]){re.escape(spelling)}(?=/|$|\s)", "OUT", value)
+        value = value.replace(str(repo) + os.sep, "./")
+        return re.sub(r"(?<![\w.])/[^\s'\"]*/(?=model/configs/)", "./", value)  # a config of another checkout
     return value
 
 

@@ -68,6 +68,7 @@ def test_card_says_how_it_was_trained_and_what_it_draws(bench, tmp_path):
     assert str(bench) not in text  # no machine paths
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert sorted(table) == [f for f in files if f != "README.md"]
+    assert not [f for f in files if str(bench).encode() in (out / f).read_bytes()]  # configs lose `_name_or_path`
 
 
 def test_export_is_byte_identical_and_checksums_catch_a_changed_file(bench, tmp_path):
