@@ -24,11 +24,11 @@ export NO_ALBUMENTATIONS_UPDATE ?= 1
 export WANDB_MODE ?= disabled
 export LAYERDIFF_TINY_MODELS ?= $(WORK)/tiny-models
 export PYTHONUNBUFFERED ?= 1
-OFFLINE_TARGETS := demo test test-all learn-bench bench-io bench-train bench-loader bench-sample bench-orchestration bench-pipeline-cost bench-gpu
+OFFLINE_TARGETS := demo sample-demo test test-all learn-bench bench-io bench-train bench-loader bench-sample bench-orchestration bench-pipeline-cost bench-gpu
 $(OFFLINE_TARGETS): export HF_HUB_OFFLINE := 1
 $(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: help env demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench bench-pipeline-cost bench-gpu
+.PHONY: help env demo sample-demo test test-all tiny-models synthetic view stats validate bench-io clean build-mlcid-local eval-fid bench-pipeline-gpu train bench-loader build-mlcid img2dataset-env laion-shards sample bench-train bench-train-gpu bench-sample bench-orchestration learn-bench bench-pipeline-cost bench-gpu
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  %-16s %s\n", $$1, $$2}'
 
@@ -119,7 +119,7 @@ learn-bench: env ## does LayerDiff learn? synthetic 64² scenes → small VAE �
 
 DEMO := $(WORK)/demo
 DEMO_TINY := $(DEMO)/tiny-models
-demo: env ## everything end to end, offline: synthetic + bundled photos → MLCID on in-process Ray → view → train → sample → eval
+demo: env ## everything end to end, offline: synthetic + bundled photos → MLCID on in-process Ray → view → train → sample → eval → the shipped model's showcase
 	@echo "== 1. raw inputs: synthetic layered scenes (+ exact ground truth) and photos bundled with scikit-image/learn"
 	$(MLCID) synthetic --out $(DEMO)/raw --mlcid-out $(DEMO)/gt --samples 48 --shards 2 --seed 0 --size 128 --quiet
 	$(MLCID) photos --out $(DEMO)/raw --shard-id 90
@@ -139,7 +139,16 @@ demo: env ## everything end to end, offline: synthetic + bundled photos → MLCI
 	@echo "== 6. evaluate (FID, CLIP score, layer CLIP score; tiny extractor and CLIP) on the ground-truth prompts"
 	LAYERDIFF_TINY_MODELS=$(DEMO_TINY) OMP_NUM_THREADS=1 $(LAYERDIFF) eval --model $(DEMO)/run --data $(DEMO)/gt \
 	  --out $(DEMO)/eval --preset tiny --per-group 2 --steps 2 --size 64 --sd-size 64 --eval-size 64
+	@echo "== 7. the shipped trained model ($(SHIPPED)): layered samples, layer inpainting, style transfer, iterative adding"
+	OMP_NUM_THREADS=1 $(LAYERDIFF) showcase --model $(SHIPPED) --out $(DEMO)/showcase --seed 0
 	@echo "demo done: gallery $(DEMO)/view/index.html, layered sample $(DEMO)/sample, metrics $(DEMO)/eval/metrics.md"
+	@echo "trained model showcase: $(DEMO)/showcase/index.html"
+
+SHIPPED := model/pretrained/shapes64
+sample-demo: env ## make sample-demo PROMPT='a red circle on a striped cyan background' LAYERS='the background|a red circle' OUT=dir: sample the shipped trained model [SAMPLE_ARGS='--seed 1']
+	OMP_NUM_THREADS=1 $(LAYERDIFF) sample --model $(SHIPPED) --prompt "$(or $(PROMPT),a red circle on a striped cyan background)" \
+	  --layers "$(or $(LAYERS),the background|a red circle)" --out $(or $(OUT),$(WORK)/sample-demo) --steps 20 $(if $(OUT),,--overwrite) $(SAMPLE_ARGS)
+	@echo "layered sample: $(or $(OUT),$(WORK)/sample-demo) (composite.png, layerNN.png, maskNN.png, layers.psd, layers.ora)"
 
 test: env ## the default test suite (CPU, minutes)
 	$(PY) -m pytest -q -x --timeout=600

@@ -29,6 +29,8 @@ LAYERDIFF_COMMANDS = {
     "iterative": "cli.applications",
     "eval": "cli.evaluate",
     "learn-bench": "cli.learn_bench",
+    "ship-model": "cli.ship_model",
+    "showcase": "cli.showcase",
 }
 
 
