@@ -145,8 +145,8 @@ demo: env ## everything end to end, offline: synthetic + bundled photos → MLCI
 	@echo "trained model showcase: $(DEMO)/showcase/index.html"
 
 SHIPPED := model/pretrained/shapes64
-sample-demo: env ## make sample-demo PROMPT='a red circle on a striped cyan background' LAYERS='the background|a red circle' OUT=dir: sample the shipped trained model [SAMPLE_ARGS='--seed 1']
-	OMP_NUM_THREADS=1 $(LAYERDIFF) sample --model $(SHIPPED) --prompt "$(or $(PROMPT),a red circle on a striped cyan background)" \
+sample-demo: env ## make sample-demo PROMPT='a red circle on a plain cyan background' LAYERS='the background|a red circle' OUT=dir: sample the shipped trained model [SAMPLE_ARGS='--seed 1']
+	OMP_NUM_THREADS=1 $(LAYERDIFF) sample --model $(SHIPPED) --prompt "$(or $(PROMPT),a red circle on a plain cyan background)" \
 	  --layers "$(or $(LAYERS),the background|a red circle)" --out $(or $(OUT),$(WORK)/sample-demo) --steps 20 $(if $(OUT),,--overwrite) $(SAMPLE_ARGS)
 	@echo "layered sample: $(or $(OUT),$(WORK)/sample-demo) (composite.png, layerNN.png, maskNN.png, layers.psd, layers.ora)"
 
