@@ -49,7 +49,7 @@ from mlcid.writer import ShardWriter
 
 __all__ = [
     "BACKGROUND_PATTERNS", "COLOURS", "SHAPES", "SceneConfig", "prompt_vocabulary", "make_scene", "write_shard", "write_dataset",
-    "raw_key", "shard_ranges", "encode_jpeg_444", "default_mlcid_out", "build_parser", "main",
+    "raw_key", "shard_ranges", "encode_jpeg_444", "default_mlcid_out",
 ]
 
 log = logging.getLogger(__name__)
