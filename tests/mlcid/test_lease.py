@@ -30,13 +30,27 @@ def store(request, tmp_path) -> ShardStore:
 
 
 def test_only_one_of_many_contenders_gets_the_lease(store):
-    leases = [Lease(store, "mlcid-000001", FAST) for _ in range(6)]
+    # a TTL far beyond any stall of a loaded machine: this test is about exclusive creation, not expiry
+    steady = LeaseConfig(ttl_s=60.0, renew_every_s=5.0, wait_s=0.0, poll_s=0.05)
+    leases = [Lease(store, "mlcid-000001", steady) for _ in range(6)]
     won, start, race = [], threading.Barrier(len(leases)), threading.Barrier(len(leases))
-    for lease in leases:  # every contender has listed "no lease yet" before any of them creates one
-        lease._create = (lambda real: lambda gen: (race.wait(), real(gen))[1])(lease._create)
+    def first_create_waits(real):
+        """Every contender has listed "no lease yet" before any of them creates one; a later create (a loser
+        taking over a lease that looked stale on a loaded machine) must not wait for the others again."""
+        calls = []
+
+        def create(gen):
+            if not calls:
+                calls.append(gen)
+                race.wait(timeout=60)
+            return real(gen)
+        return create
+
+    for lease in leases:
+        lease._create = first_create_waits(lease._create)
 
     def contend(lease: Lease) -> None:
-        start.wait()
+        start.wait(timeout=60)
         try:
             lease.acquire()
             won.append(lease)
