@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from benchmarks.laion_mix import LaionMix, write_laion_shard
-from benchmarks.pipeline_probe import CPU_KINDS, MODELLED, Recorder, instrument
+from benchmarks.pipeline_probe import CPU_KINDS, Recorder, instrument
 from benchmarks.unit_costs import UnitCost, load_costs
 from pipelines.segment import AUTO_BATCH, SegmentOptions
 

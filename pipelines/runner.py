@@ -35,7 +35,7 @@ from mlcid.errors import SampleError
 from mlcid.schema import BACKGROUND_PROMPT, LayerInfo, MLCIDSample
 from mlcid.storage import ShardStore
 from mlcid.writer import ShardWriter, read_stats, stats_name
-from pipelines.base import Item, Stage, alive, prompt_source_keys, prompt_sources
+from pipelines.base import Item, Stage, prompt_source_keys, prompt_sources
 from pipelines.config import PipelineConfig, make_stage
 from pipelines.faults import (STAGE_ERROR_PREFIX, DeviceFault, FaultPolicy, ShardFault, StageFault, describe,
                               free_device_memory, is_device_fault, is_oom)

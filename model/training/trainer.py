@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from mlcid.registry import PRESETS
 from model.training import checkpoint as ckpt
 from model.training.config import TrainConfig, config_to_dict, save_config
 from model.training.data import Batch, OrderedBatches, SlotPosition, build_loader

@@ -23,7 +23,7 @@ from pipelines.config import PipelineConfig
 from pipelines.inputs import iter_inputs
 from pipelines.runner import outcomes_name
 
-from cluster import build_mlcid, laion
+from cluster import laion
 from cli.main import MLCID_COMMANDS, build_parser, mlcid_main
 from cluster.build_mlcid import WorkerSpec, plan_tasks, resolve_pool, with_decode_threads
 from cluster.pool import PoolConfig, PoolReport, ShardOutcome, ShardTask

@@ -10,7 +10,7 @@ import pytest
 from mlcid import writer as writer_mod
 from mlcid.writer import ShardWriter, is_complete
 from tests.builders import make_sample
-from tests.full_disk import filling, full_at_close
+from tests.full_disk import filling
 
 # A shard thrown away must not write its buffered bytes into the closed file later (at garbage collection).
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
