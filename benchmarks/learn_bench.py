@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from benchmarks.learn_bench_config import (  # noqa: F401 (re-exported: the benchmark's public names)
-    CONFIG, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, BenchConfig, Condition, test_scenes,
+    CONFIG, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, VAE_ROUNDTRIP, BenchConfig, Condition, test_scenes,
 )
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,29 @@ def stage_train(cfg: BenchConfig, out: Path) -> dict[str, Any]:
             "loss_last": float(np.mean(losses[-k:])), "command": " ".join(cmd[1:])}
 
 
+def stage_vae_roundtrip(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """The test scenes' true layers through the benchmark's VAE alone (encode → decode, foregrounds filled as in
+    training; no noise, no UNet), saved like a condition's samples: the best any sampled model can score with this
+    VAE. A VAE that cannot carry a colour caps that colour's accuracy for every condition."""
+    from model.sampling.applications import encode_layers, source_from_sample
+    from model.sampling.pipeline import LayerDiffPipeline
+
+    pipe = LayerDiffPipeline.from_sd(out / "sd", max_layers=_max_layers(out))
+    folder = out / "samples" / VAE_ROUNDTRIP
+    folder.mkdir(parents=True, exist_ok=True)
+    for group in GROUPS:
+        images, masks, composites = [], [], []
+        for scene in test_scenes(cfg, group):
+            src = source_from_sample(scene)
+            result = pipe.decode_layers(encode_layers(pipe, src.images, src.masks, (cfg.size, cfg.size)))
+            images.append(result.layer_images[0])  # (L, H, W, 3)
+            masks.append(result.masks[0])  # (L, H, W)
+            composites.append(result.composites[0])  # (H, W, 3)
+        np.savez_compressed(folder / f"{group}.npz", images=np.stack(images), masks=np.stack(masks),
+                            composites=np.stack(composites))
+    return {"condition": VAE_ROUNDTRIP, "per_group": cfg.per_group}
+
+
 def target_steps(cfg: BenchConfig) -> int:
     """The trainer's step count: `train_steps`, else the YAML's `max_steps`."""
     from model.training.config import load_config
@@ -284,6 +307,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, until: str | None = None) -> di
     stages["train"] = _stage(out, "train", lambda: stage_train(cfg, out))
     if until == "train":
         return stages
+    stages[VAE_ROUNDTRIP] = _stage(out, VAE_ROUNDTRIP, lambda: stage_vae_roundtrip(cfg, out))
     for condition in cfg.conditions():
         if cfg.sample_source(condition)[0] == condition:  # else its samples are another condition's
             stages[f"sample-{condition}"] = _stage(out, f"sample-{condition}",

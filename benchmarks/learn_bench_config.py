@@ -16,6 +16,7 @@ CONFIG = CONFIG_DIR / "learn_bench.yaml"
 GROUPS = ("seen-2L", "heldout-2L", "seen-3L", "heldout-3L")
 MAIN_CONDITIONS = ("step0-cfg", "cfg", "cfg+smg", "shuffled-cfg")
 EXTRA_CONDITIONS = ("cfg+smg-window",)  # present when BenchConfig.smg_window is set
+VAE_ROUNDTRIP = "vae-roundtrip"  # the test scenes' true layers through the VAE alone: the ceiling of every score
 # SMG variants the scale sweep compares (sampling only, on the one trained model); "default" = SMGConfig().
 SMG_VARIANTS: dict[str, SMGConfig] = {
     "default": SMGConfig(),
@@ -64,7 +65,7 @@ class BenchConfig:
     min_radius: float = 0.2
     max_radius: float = 0.32
     vae: VAETrainConfig = field(default_factory=lambda: VAETrainConfig(
-        block_out_channels=(16, 32, 64, 64), steps=1500, max_samples=1500))
+        block_out_channels=(16, 32, 64, 64), norm_num_groups=4, steps=1500, max_samples=1500))
     # a 4.2M-parameter SD UNet (5.8M with the layer blocks); a text encoder over CLIP's tokenizer
     # pruned to the synthetic prompts' words (`prune_vocabulary`; ~600 tokens instead of 49,408)
     unet_channels: tuple[int, ...] = (64, 128)
@@ -103,7 +104,7 @@ class BenchConfig:
     @classmethod
     def smoke(cls) -> "BenchConfig":
         return cls(train_samples=24, shards=2, vae=VAETrainConfig(steps=3, max_samples=16, batch_size=4,
-                   block_out_channels=(16, 16, 16, 16), norm_num_groups=8, holdout=4), unet_channels=(32, 32),
+                   block_out_channels=(16, 16, 16, 16), norm_num_groups=4, holdout=4), unet_channels=(32, 32),
                    text_hidden=32, text_train=TextTrainConfig(steps=2, batch_size=4), text_train_samples=24,
                    train_steps=2, train_overrides=("batch_size=2", "checkpoint_every=1",
                    "warmup_steps=1", "data.shuffle_buffer=2"), per_group=2, sample_steps=2,

@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.learn_bench_config import EXTRA_CONDITIONS, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, BenchConfig, test_scenes
+from benchmarks.learn_bench_config import (
+    EXTRA_CONDITIONS, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, VAE_ROUNDTRIP, BenchConfig, test_scenes,
+)
 from model.evaluation.layer_fidelity import (
     LayerLabels, SceneFeatures, ShapeClassifier, frechet_feature_distance, scene_attributes, score_sample, summarize,
 )
@@ -59,7 +61,7 @@ def fit_scene_features(cfg: BenchConfig, out: Path) -> tuple[SceneFeatures, np.n
 
 
 def _load(out: Path, cfg: BenchConfig, condition: str, group: str) -> dict[str, np.ndarray]:
-    source, n = cfg.sample_source(condition)
+    source, n = (VAE_ROUNDTRIP, cfg.per_group) if condition == VAE_ROUNDTRIP else cfg.sample_source(condition)
     with np.load(out / "samples" / source / f"{group}.npz") as data:
         return {k: data[k][:n] for k in ("images", "masks", "composites")}
 
@@ -86,10 +88,13 @@ def score_all(cfg: BenchConfig, out: Path, clf: ShapeClassifier, features: Scene
             rows[group] = summarize(gt)
         rows["all"] = {"fid": frechet_feature_distance(features, np.stack(composites), reference)}
         table[name] = rows
-    for condition, spec in conditions.items():
+    counts_of = {c: spec.per_group for c, spec in conditions.items()}
+    if (out / "samples" / VAE_ROUNDTRIP).is_dir():  # the VAE's ceiling (older work folders lack it)
+        counts_of = {VAE_ROUNDTRIP: cfg.per_group, **counts_of}
+    for condition, count in counts_of.items():
         rows, composites = {}, []
         for group in GROUPS:
-            labels = [LayerLabels.from_source(s.source) for s in test_scenes(cfg, group, spec.per_group)]
+            labels = [LayerLabels.from_source(s.source) for s in test_scenes(cfg, group, count)]
             data = _load(out, cfg, condition, group)
             rows[group] = summarize([score_sample(data["images"][i], data["masks"][i], data["composites"][i], lab, clf)
                                      for i, lab in enumerate(labels)])
@@ -115,9 +120,10 @@ def machine_results(cfg: BenchConfig, table: dict[str, dict[str, Any]]) -> dict[
         return float(np.average([rows[g]["background_acc"] for g in GROUPS], weights=[rows[g]["n"] for g in GROUPS]))
 
     names = [c for c in table if not c.startswith("ground-truth")]
+    shown = (VAE_ROUNDTRIP, *MAIN_CONDITIONS, *EXTRA_CONDITIONS)
     result: dict[str, Any] = {
-        "conditions": {c: cond_entry(table[c]) for c in names if c in MAIN_CONDITIONS + EXTRA_CONDITIONS},
-        "background_colour": {c: background(table[c]) for c in names if c in MAIN_CONDITIONS + EXTRA_CONDITIONS},
+        "conditions": {c: cond_entry(table[c]) for c in names if c in shown},
+        "background_colour": {c: background(table[c]) for c in names if c in shown},
         "fid": {c: table[c]["all"]["fid"] for c in table if not c.startswith("smg-")},
         "sweep": {}, "smg_variants": {v: dataclasses.asdict(SMG_VARIANTS[v]) for v in cfg.sweep_variants},
         "default_smg": dataclasses.asdict(SMG_VARIANTS["default"]), "per_group": cfg.per_group,
@@ -200,7 +206,8 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
     cols = ("colour_acc", "shape_acc", "both_acc", "nonempty", "disjoint", "background_acc", "composite_mae")
     lines = ["| condition | group | n layers | colour acc | shape acc | colour+shape | non-empty | disjoint | "
              "background acc | composite MAE |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for condition in ("ground-truth", *MAIN_CONDITIONS, *(c for c in EXTRA_CONDITIONS if c in table)):
+    for condition in ("ground-truth", *(c for c in (VAE_ROUNDTRIP, *MAIN_CONDITIONS, *EXTRA_CONDITIONS)
+                                        if c in table)):
         for group in GROUPS:
             r = table[condition][group]
             vals = " | ".join(f"{r[c]:.2f}" if c != "composite_mae" else f"{r[c]:.1f}" for c in cols)
@@ -232,7 +239,10 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         f"{cfg.per_group} test prompts per group.",
         f"VAE ({st['vae']['params_m']:.2f}M params, {st['vae']['steps']} steps, {st['vae']['train_seconds']:.0f} s): "
         f"held-out image MSE {st['vae']['image_mse']:.4f} (PSNR {st['vae']['image_psnr_db']:.1f} dB), mask IoU "
-        f"{st['vae']['mask_iou']:.3f}, scaling factor {st['vae']['scaling_factor']:.3f}.",
+        f"{st['vae']['mask_iou']:.3f}, flat-colour error {st['vae'].get('flat_colour_error', float('nan')):.1f} / 255 "
+        f"(groups of {min(cfg.vae.block_out_channels) // cfg.vae.norm_num_groups}+ channels), scaling factor "
+        f"{st['vae']['scaling_factor']:.3f}. `vae-roundtrip` = the test scenes' true layers through this VAE alone: "
+        "the most any sampled model can score.",
         f"Text encoder {st['sd']['text_params_m']:.1f}M params, frozen for LayerDiff; "
         + (f"caption pre-training {text['steps']} steps ({text['train_seconds']:.0f} s), " if "steps" in text else
            "random (no caption pre-training), ")

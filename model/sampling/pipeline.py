@@ -456,6 +456,15 @@ class LayerDiffPipeline(DiffusionPipeline):
                                          intermediates=intermediates if return_intermediates else None, **result)
         return output if return_dict else (output.layer_images, output.masks, output.composites, output.latents)
 
+    @torch.no_grad()
+    def decode_layers(self, latents: torch.Tensor, output_type: str = "np",
+                      max_batch: int | None = None) -> LayerDiffPipelineOutput:
+        """Clean latents (B, L, 8, h, w) (image ‖ mask, e.g. `applications.encode_layers`) → what a sampling call
+        returns for them: decoded layers, one-hot masks, RGBA layers, Eq. 4 composites."""
+        if output_type not in ("np", "pil"):
+            raise ValueError(f"output_type must be 'np' or 'pil', got {output_type!r}")
+        return LayerDiffPipelineOutput(latents=latents, **self._outputs(latents, output_type, max_batch))
+
     def _mid_map_size(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """Spatial size of the UNet's middle block for latents of `shape` (each downsampler halves, rounding up)."""
         h, w = shape[-2:]

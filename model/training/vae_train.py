@@ -33,6 +33,11 @@ from model.training.data import sample_to_tensors
 log = logging.getLogger(__name__)
 
 
+# GroupNorm over g channels of a spatially flat region leaves g − 2 numbers per group (its mean and variance are
+# removed): with 1–2 channels per group flat colours collapse to a handful of outputs. SD's VAE has 4 (128 / 32).
+MIN_CHANNELS_PER_GROUP = 4
+
+
 @dataclass
 class VAETrainConfig:
     """Sizes and schedule of the small VAE. Four blocks = SD's ×8 downscale (the loaders insist on it)."""
@@ -40,7 +45,7 @@ class VAETrainConfig:
     resolution: int = 64
     block_out_channels: tuple[int, ...] = (32, 64, 64, 64)
     layers_per_block: int = 1
-    norm_num_groups: int = 16
+    norm_num_groups: int = 8  # ≥ MIN_CHANNELS_PER_GROUP channels per group in every block
     max_layers: int = 4
     fill_value: float = 0.0  # the trainer's default foreground fill (DataConfig.fill_value)
     steps: int = 1500
@@ -59,6 +64,13 @@ class VAETrainConfig:
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block widths {self.block_out_channels} must divide by norm_num_groups "
                              f"{self.norm_num_groups}")
+        per_group = min(self.block_out_channels) // self.norm_num_groups
+        if per_group < MIN_CHANNELS_PER_GROUP:
+            raise ValueError(
+                f"norm_num_groups {self.norm_num_groups} leaves {per_group} channel(s) per group in the "
+                f"{min(self.block_out_channels)}-channel block: GroupNorm removes each group's mean and variance, so "
+                f"a flat region keeps {max(0, per_group - 2)} number(s) per group and its colour cannot pass the VAE; "
+                f"use at most {max(1, min(self.block_out_channels) // MIN_CHANNELS_PER_GROUP)} groups")
         if self.resolution % 8 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("resolution must be a multiple of 8; steps and batch_size ≥ 1")
 
@@ -71,6 +83,7 @@ class VAEReport:
     image_psnr_db: float
     mask_iou: float  # binary masks: decoded channel mean > 0 vs truth, mean IoU over foreground masks
     mask_pixel_error: float
+    flat_colour_error: float  # mean |Δ| in 0-255 units on flat frames of the held-out images' mean colours
     scaling_factor: float
     train_seconds: float
     steps: int
@@ -119,7 +132,8 @@ def _loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) ->
 
 @torch.no_grad()
 def evaluate_vae(vae, images: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
-    """MSE/PSNR on images, IoU of thresholded decoded masks (posterior mode, like `LayerDiffPipeline`)."""
+    """MSE/PSNR on images, IoU of thresholded decoded masks (posterior mode, like `LayerDiffPipeline`), and the
+    error on flat frames of each image's mean colour (what a plain background asks of the VAE)."""
     vae.eval()
     rec = vae.decode(vae.encode(images.float()).latent_dist.mode()).sample.clamp(-1, 1)  # (N, 3, H, W)
     mse = float(F.mse_loss(rec, images.float()))
@@ -128,8 +142,11 @@ def evaluate_vae(vae, images: torch.Tensor, masks: torch.Tensor) -> dict[str, fl
     m_true = masks[:, 0] > 0
     inter = (m_rec & m_true).flatten(1).sum(1).float()
     union = (m_rec | m_true).flatten(1).sum(1).clamp(min=1).float()
+    flat = images.float().mean((2, 3), keepdim=True).expand(images.shape).contiguous()  # (N, 3, H, W)
+    f_rec = vae.decode(vae.encode(flat).latent_dist.mode()).sample.clamp(-1, 1)  # (N, 3, H, W)
     return {"image_mse": mse, "image_psnr_db": psnr, "mask_iou": float((inter / union).mean()),
-            "mask_pixel_error": float((m_rec != m_true).float().mean())}
+            "mask_pixel_error": float((m_rec != m_true).float().mean()),
+            "flat_colour_error": float((f_rec - flat).abs().mean()) * 127.5}
 
 
 @torch.no_grad()
@@ -182,8 +199,8 @@ def train_vae(data: str, out: str | Path, config: VAETrainConfig = VAETrainConfi
                        params_m=sum(p.numel() for p in vae.parameters()) / 1e6,
                        losses=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)])
     (out / "report.json").write_text(json.dumps({"config": asdict(config), **asdict(report)}, indent=1))
-    log.info("VAE: image MSE %.4f (PSNR %.1f dB), mask IoU %.3f, scaling %.4f, %.0f s", report.image_mse,
-             report.image_psnr_db, report.mask_iou, scale, seconds)
+    log.info("VAE: image MSE %.4f (PSNR %.1f dB), mask IoU %.3f, flat colours |Δ| %.1f / 255, scaling %.4f, %.0f s",
+             report.image_mse, report.image_psnr_db, report.mask_iou, report.flat_colour_error, scale, seconds)
     return report
 
 

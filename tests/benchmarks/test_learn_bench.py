@@ -79,13 +79,21 @@ def test_smoke_run_trains_through_the_trainer_and_scores_every_condition(smoke_r
             assert data["images"].shape == (spec.per_group, n_layers, cfg.size, cfg.size, 3)
             assert data["masks"].shape == (spec.per_group, n_layers, cfg.size, cfg.size)
     results = json.loads((out / "results.json").read_text())
-    assert set(results["table"]) == {"ground-truth", f"ground-truth@{cfg.sweep_per_group}", *conditions}
+    assert set(results["table"]) == {"ground-truth", f"ground-truth@{cfg.sweep_per_group}", lb.VAE_ROUNDTRIP,
+                                     *conditions}
+    # The VAE's ceiling: the true test layers through the VAE, scored like samples (and shown in the report).
+    roundtrip = np.load(out / "samples" / lb.VAE_ROUNDTRIP / "seen-2L.npz")
+    truth = lb.test_scenes(cfg, "seen-2L")
+    assert roundtrip["images"].shape == (cfg.per_group, 2, cfg.size, cfg.size, 3)
+    assert not np.array_equal(roundtrip["images"][:, 0], np.stack([s.background for s in truth]))  # really decoded
+    assert lb.VAE_ROUNDTRIP in results["machine"]["background_colour"]
     gt = results["table"]["ground-truth"]
     for group in lb.GROUPS:  # the metric itself is right on the truth
         assert gt[group]["colour_acc"] == 1.0 and gt[group]["background_acc"] == 1.0
         assert gt[group]["disjoint"] == 1.0 and gt[group]["composite_mae"] < 1.0
     md = (out / "results.md").read_text()
-    assert "| cfg+smg | seen-2L |" in md and "Shape classifier accuracy" in md
+    assert "| cfg+smg | seen-2L |" in md and f"| {lb.VAE_ROUNDTRIP} | seen-2L |" in md
+    assert "Shape classifier accuracy" in md and "flat-colour error" in md
     grid = Image.open(out / "grid.png")
     assert grid.width == 4 * 4 * cfg.size * 2 and grid.height > cfg.size * 2
 
@@ -98,7 +106,7 @@ def test_rerun_skips_finished_stages(smoke_run, caplog):
         lb.run_bench(cfg, out)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done.json") if p.name != "report.done.json"}
     sampled = [c for c in cfg.conditions() if cfg.sample_source(c)[0] == c]
-    assert before == after and len(before) == 5 + len(sampled)
+    assert before == after and len(before) == 6 + len(sampled)  # data vae text sd train roundtrip
     assert (out / "run" / "metrics.jsonl").read_text() == metrics
     assert "stage train: done earlier, skipped" in caplog.text
 

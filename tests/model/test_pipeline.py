@@ -74,6 +74,12 @@ def test_outputs_are_consistent_layers(pipe):
     assert np.array_equal(np.asarray(pil.masks[0][2]), out.masks[0, 2])
     latent_only = sample(pipe, output_type="latent")
     assert torch.equal(latent_only.latents, out.latents) and latent_only.layer_images is None
+    # decode_layers turns the latents into the very outputs the sampling call returned
+    decoded = pipe.decode_layers(latent_only.latents)
+    for name in ("layer_images", "masks", "rgba_layers", "composites"):
+        assert np.array_equal(getattr(decoded, name), getattr(out, name)), name
+    with pytest.raises(ValueError, match="output_type"):
+        pipe.decode_layers(latent_only.latents, output_type="latent")
 
 
 def test_paper_negatives_reach_the_unet(pipe):

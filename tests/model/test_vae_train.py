@@ -1,0 +1,36 @@
+"""The small VAE learn-bench trains: its config guards and its report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.training.vae_train import MIN_CHANNELS_PER_GROUP, VAETrainConfig, build_vae, evaluate_vae
+
+
+@pytest.mark.parametrize("widths, groups", [((16, 32, 64, 64), 16), ((32, 64, 64, 64), 16), ((16, 16, 16, 16), 8)])
+def test_groups_of_fewer_than_four_channels_are_refused(widths, groups):
+    """GroupNorm over 1–2 channels erases a flat region's colour (the learn-bench backgrounds were lost so)."""
+    with pytest.raises(ValueError, match="channel\\(s\\) per group .* colour cannot pass the VAE"):
+        VAETrainConfig(block_out_channels=widths, norm_num_groups=groups)
+    ok = VAETrainConfig(block_out_channels=widths, norm_num_groups=min(widths) // MIN_CHANNELS_PER_GROUP)
+    assert min(ok.block_out_channels) // ok.norm_num_groups == MIN_CHANNELS_PER_GROUP
+
+
+def test_defaults_keep_four_channels_per_group():
+    cfg = VAETrainConfig()
+    assert min(cfg.block_out_channels) // cfg.norm_num_groups >= MIN_CHANNELS_PER_GROUP
+
+
+def test_flat_colour_error_measures_flat_frames_of_the_mean_colours():
+    """The report's flat-colour error is |decode(encode(flat)) − flat| of each image's mean colour, in 0-255."""
+    torch.manual_seed(0)
+    vae = build_vae(VAETrainConfig(block_out_channels=(16, 16, 16, 16), norm_num_groups=4, resolution=32))
+    images = torch.rand(3, 3, 32, 32) * 2 - 1  # (N, 3, H, W)
+    masks = torch.sign(torch.rand(2, 3, 32, 32) - 0.5)
+    report = evaluate_vae(vae, images, masks)
+    flat = images.mean((2, 3), keepdim=True).expand(images.shape)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(flat).latent_dist.mode()).sample.clamp(-1, 1)
+    assert report["flat_colour_error"] == pytest.approx(float((rec - flat).abs().mean()) * 127.5, rel=1e-5)
+    assert 0 < report["flat_colour_error"] < 255
