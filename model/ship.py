@@ -194,6 +194,8 @@ def _flat_metrics(machine: dict[str, Any] | None) -> dict[str, float]:
             for key in ("colour", "shape", "both"):
                 out[f"{cond}/{group}/{key}"] = round(float(row[key]), 4)
     for cond in SHIPPED_CONDITIONS:
+        if cond in machine.get("background_colour", {}):
+            out[f"{cond}/background"] = round(float(machine["background_colour"][cond]), 4)
         if cond in machine.get("fid", {}):
             out[f"{cond}/fid"] = round(float(machine["fid"][cond]), 4)
     return out
@@ -203,13 +205,15 @@ def _metrics_table(machine: dict[str, Any] | None) -> str:
     if not machine:
         return "Not measured: the work folder has no results.json (run learn-bench's sample and report stages).\n"
     lines = ["Layer fidelity on fresh test prompts (`model.evaluation.layer_fidelity`: colour and shape of each "
-             "foreground layer inside its mask; chance is 1/4 colour, 1/3 shape):", "",
-             "| condition | group | colour | shape | both |", "|---|---|---|---|---|"]
+             "foreground layer inside its mask, and the background layer's colour; chance is 1/4 colour, 1/3 shape, "
+             "1/4 background):", "",
+             "| condition | group | colour | shape | both | background |", "|---|---|---|---|---|---|"]
     for cond in SHIPPED_CONDITIONS:
         for group in SHIPPED_GROUPS:
             row = machine.get("conditions", {}).get(cond, {}).get(group)
             if row:
-                lines.append(f"| {cond} | {group} | {row['colour']:.2f} | {row['shape']:.2f} | {row['both']:.2f} |")
+                lines.append(f"| {cond} | {group} | {row['colour']:.2f} | {row['shape']:.2f} | {row['both']:.2f} "
+                             f"| {row.get('background', float('nan')):.2f} |")
     return "\n".join(lines) + "\n"
 
 
