@@ -65,6 +65,9 @@ class PipelineConfig:
     # a batch is full, at most `max_pending` per kind (then the fullest bucket runs), the rest at the shard's end.
     bucketed_stages: tuple[str, ...] = ("caption", "object_caption", "inpaint")
     max_pending: int = 128
+    # CPU-only stages (`pipelines.base.runs_on_cpu`) on one thread of their own, off the GPU stages' thread
+    # (`pipelines.flow`); False runs every stage on the caller's thread (same outputs, in the same order).
+    cpu_stage_thread: bool = True
 
     # Mask rules (Appendix B) and layer limits.
     max_layers: int = DEFAULT_MAX_LAYERS  # background + at most max_layers - 1 foregrounds
