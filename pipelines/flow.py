@@ -2,8 +2,8 @@
 
 A chunk of decoded items enters with `push(items)`; each stage runs on the alive items that reach it. A bucketed
 stage (`PipelineConfig.bucketed_stages`) does not run on a chunk's few survivors: its items wait in a
-`BucketQueue`, one bucket per `stage.bucket_key(item)` (the inpainter's working size; one bucket when the stage
-has none), until a bucket holds a full batch (`stage.batch_size`, counted in `stage.batch_load(item)`: objects
+`BucketQueue`, one bucket per `stage.bucket_key(item)` (the inpainter's or the depth model's working size; one
+bucket when the stage has none), until a bucket holds a full batch (`stage.batch_size`, counted in `stage.batch_load(item)`: objects
 for the object captioner). A queue over `max_pending` items runs its fullest bucket early (memory bound);
 `drain()` runs what is left at the shard's end, stage by stage. Both return the items that left the flow:
 dropped on the way or through every stage. A stage never sees which chunk an item came from, so a batched stage
@@ -123,7 +123,7 @@ class StageFlow:
         self.stages, self.run, self.batch_caps = stages, run, batch_caps if batch_caps is not None else {}
         self.queues: list[BucketQueue | None] = []
         for kind, stage in stages:
-            if kind in bucketed:
+            if kind in bucketed and batch_size_of(stage) > 1:  # a batch of one is full as it comes
                 self.queues.append(BucketQueue(batch_size_of(stage), getattr(stage, "bucket_key", _no_key),
                                                getattr(stage, "batch_load", _one), max_pending))
             else:
