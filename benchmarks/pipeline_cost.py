@@ -18,8 +18,9 @@
 Before / after (§2 of issue 10), both measured in one invocation: `before=True` runs the runner as it was
 (`BEFORE_RUNNER`: caption first, batches formed per chunk, working sizes on the 8-px grid, depth saliency per
 exact shape, CPU stages on the GPU's thread); the default run is the runner's defaults (caption after the mask
-rules, bucketed batches across chunks, the real preset's working size grids, CPU stages on their own thread). Modelled on top: `full_inpaint_batches` costs inpainting as if every SD batch were full,
-`inpaint_steps` scales SD by steps (default: the real preset's), `segment_speedup` divides SAM's cost.
+rules, bucketed batches across chunks, the real preset's working size grids, CPU stages on their own thread).
+Modelled on top: `full_inpaint_batches` costs inpainting as if every SD batch were full, `inpaint_steps` scales
+SD by steps (default: the real preset's), `segment_speedup` divides SAM's cost.
 """
 
 from __future__ import annotations
@@ -241,7 +242,8 @@ def account(cfg: CostConfig, recorder: Recorder, stats: dict[str, Any], kept: di
             "gpu_s_per_written": _round(gpu_total * per_written),  # full-size GPU work it overlaps
             "keeps_up": thread_total <= gpu_total,  # else the CPU thread, not the GPU, would set the pace
             # The main thread waiting for it on CPU, where the tiny models leave little to overlap with.
-            "wait_s_per_item_tiny_run": _round(stats["timings"].get("cpu_stage_wait", 0.0) / max(1, int(stats["read"]))),
+            "wait_s_per_item_tiny_run": _round(stats["timings"].get("cpu_stage_wait", 0.0)
+                                               / max(1, int(stats["read"]))),
         },
         "stages": stages,
         "unit_costs_from": cost_source or "published figures (benchmarks/unit_costs.py PUBLISHED; BENCHMARKS.md)",
@@ -348,7 +350,8 @@ def in_the_way(report: dict[str, Any], target: float = TARGET_H100_HOURS) -> dic
 
 def format_table(rows: list[dict[str, Any]], report: dict[str, Any]) -> str:
     lines = ["| stage | in | out | dropped later | batches | mean batch / size | fill | GPU s per written "
-             "| CPU ms/item: critical / cpu-stage thread | H100-h per 2M |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| CPU ms/item: critical / cpu-stage thread | H100-h per 2M |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kind, s in report["stages"].items():
         mb = f"{s['mean_batch']} / {s['batch_size']}" if s["mean_batch"] else "–"
         lines.append(f"| {kind} | {s['items_in']} | {s['items_out']} | {s['dropped_later']} | {s['batches']} | {mb} "

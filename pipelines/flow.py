@@ -3,8 +3,8 @@
 A chunk of decoded items enters with `push(items)`; each stage runs on the alive items that reach it. A bucketed
 stage (`PipelineConfig.bucketed_stages`) does not run on a chunk's few survivors: its items wait in a
 `BucketQueue`, one bucket per `stage.bucket_key(item)` (the inpainter's or the depth model's working size; one
-bucket when the stage has none), until a bucket holds a full batch (`stage.batch_size`, counted in `stage.batch_load(item)`: objects
-for the object captioner). A queue over `max_pending` items runs its fullest bucket early (memory bound);
+bucket when the stage has none), until a bucket holds a full batch (`stage.batch_size`, counted in
+`stage.batch_load(item)`: objects for the object captioner). A queue over `max_pending` items runs its fullest bucket early (memory bound);
 `drain()` runs what is left at the shard's end, stage by stage. Both return the items that left the flow:
 dropped on the way or through every stage. A stage never sees which chunk an item came from, so a batched stage
 that is deterministic per item gives each item the same result bucketed or not.
