@@ -7,9 +7,9 @@
   3. pushes each chunk through the stages in `PipelineConfig.stage_order()` (`pipelines.flow.StageFlow`: bucketed
      stages form full micro-batches across chunks; what waits is drained at the shard's end; CPU-only stages run
      on a `cpu-stage` thread of their own when `cpu_stage_thread` is set), classifying failures
-     (`pipelines.faults`): a device fault, an out-of-memory on a single item, a stage failing every item of a batch, or a stage-error share
-     over the `FaultPolicy` budget FAILS the shard (it raises; nothing is published); an out-of-memory halves
-     the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
+     (`pipelines.faults`): a device fault, an out-of-memory on a single item, a stage failing every item of a
+     batch, or a stage-error share over the `FaultPolicy` budget FAILS the shard (it raises; nothing is
+     published); an out-of-memory halves the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
   4. hands the items that left the flow to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
   5. closes the shard: tar and `{prefix}-{id:06d}.parquet` (per-sample outcomes and provenance) renamed into
      place, stats file LAST; for an fsspec `out` (s3://…) this happens in a local staging folder and the three
