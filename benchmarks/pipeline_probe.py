@@ -1,6 +1,7 @@
 """Instrument a set-up `ShardProcessor` from the outside: per-stage counts, batches formed, critical-path CPU.
 
-`instrument(processor, survival)` wraps every stage in a `StageProbe` (items in / out, main-thread CPU seconds)
+`instrument(processor, survival)` wraps every stage in a `StageProbe` (items in / out, CPU seconds on the main
+thread — the GPU actor's critical path — and on others: the runner's `cpu-stage` thread)
 and hooks each model-backed stage where it forms its model batches: the captioner's `generate`, OWLv2's image
 embedder, SAM's image encoder, the depth model, the SD inpainting pipeline call. Nothing inside
 `pipelines/` is changed; the runner calls the probes as it would call the stages.
@@ -14,6 +15,7 @@ item's fate independent of stage order and batching, so reordering stages change
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from collections import defaultdict
@@ -45,17 +47,27 @@ class StageRecord:
     keys_in: set[str] = field(default_factory=set)
     batches: list[int] = field(default_factory=list)  # model batch sizes formed (items or objects)
     batch_areas: list[float] = field(default_factory=list)  # mean pixels / 512² of each batch
-    cpu_s: float = 0.0  # main-thread CPU seconds inside the stage call
+    cpu_s: float = 0.0  # CPU seconds inside the stage call, any thread
+    main_cpu_s: float = 0.0  # … of which on the main thread (the one driving the GPU stages: the critical path)
     model_cpu_s: float = 0.0  # … of which inside the hooked model call (tiny-model compute, not counted)
     calls: int = 0
 
 
 class Recorder:
-    """Per-stage records; `current` names the stage the runner is in (shared models are attributed to it)."""
+    """Per-stage records; `current` names the stage the calling thread is in (shared models are attributed to it;
+    per thread: the CPU-stage thread runs its stages while the main thread runs the model stages)."""
 
     def __init__(self) -> None:
         self.stages: dict[str, StageRecord] = defaultdict(StageRecord)
-        self.current: str | None = None
+        self._local = threading.local()
+
+    @property
+    def current(self) -> str | None:
+        return getattr(self._local, "current", None)
+
+    @current.setter
+    def current(self, kind: str | None) -> None:
+        self._local.current = kind
 
     def batch(self, size: int, area: float = 1.0) -> None:
         if self.current is not None and size > 0:
@@ -92,7 +104,10 @@ class StageProbe:
         try:
             self.stage(batch)
         finally:
-            rec.cpu_s += time.thread_time() - t0
+            dt = time.thread_time() - t0
+            rec.cpu_s += dt
+            if threading.current_thread() is threading.main_thread():
+                rec.main_cpu_s += dt
             self.recorder.current = None
         for it in live:
             if not it.alive:

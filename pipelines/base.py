@@ -75,7 +75,7 @@ class Stage(Protocol):
     Optional, found by the runner when present: `prepare(item)` — per-item CPU preprocessing, thread-safe, run on
     the decode threads (off the GPU's path; the result goes in `item.prepared[kind]`, the stage falls back to
     doing it itself); `batch_size`, `bucket_key(item)` and `batch_load(item)` — how `pipelines.flow` fills its
-    batches across chunks.
+    batches across chunks; `cpu_only` — overrides `runs_on_cpu`'s reading of the registry.
     """
 
     kind: str
@@ -126,6 +126,17 @@ def stage_entry(kind: str, backend: str) -> StageEntry:
 def build_stage(kind: str, backend: str, *args: Any) -> Stage:
     """Instantiate a registered backend with its typed arguments (`ModelStageConfig` and/or its options)."""
     return stage_entry(kind, backend).cls(*args)
+
+
+def runs_on_cpu(stage: Any) -> bool:
+    """Whether a stage does CPU work only (the mask rules, the cut-outs, classical backends), so the runner may
+    run it off the GPU's thread: its `cpu_only` attribute when it has one, else "its registered backend loads no
+    model" (`StageEntry.model_backed`). A stage of no registered backend counts as a model stage."""
+    flag = getattr(stage, "cpu_only", None)
+    if flag is not None:
+        return bool(flag)
+    entry = STAGES.get(getattr(stage, "kind", None), {}).get(getattr(stage, "backend", None))
+    return entry is not None and not entry.model_backed
 
 
 def prompt_sources(item: Item) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pipelines.caption import CaptionOptions, ObjectCaptionOptions
 from pipelines.detect import DetectOptions
 from pipelines.filters import DEFAULT_CONTAINMENT, DEFAULT_MIN_SALIENCY_OVERLAP
 from pipelines.inpaint import SDInpaintOptions
+from pipelines.saliency import DepthSaliencyOptions
 from pipelines.kinds import MODEL_KINDS, OPTIONAL_KINDS, STAGE_ORDER  # noqa: F401 (pipelines.config's names)
 from pipelines.segment import SegmentOptions
 
@@ -63,8 +64,11 @@ class PipelineConfig:
     caption_order: str = "auto"  # one of CAPTION_ORDERS (docs/design.md: caption after the mask rules)
     # Kinds whose micro-batches are formed across chunks (`pipelines.flow`): items wait in per-size buckets until
     # a batch is full, at most `max_pending` per kind (then the fullest bucket runs), the rest at the shard's end.
-    bucketed_stages: tuple[str, ...] = ("caption", "object_caption", "inpaint")
+    bucketed_stages: tuple[str, ...] = ("saliency", "caption", "object_caption", "inpaint")
     max_pending: int = 128
+    # CPU-only stages (`pipelines.base.runs_on_cpu`) on one thread of their own, off the GPU stages' thread
+    # (`pipelines.flow`); False runs every stage on the caller's thread (same outputs, in the same order).
+    cpu_stage_thread: bool = True
 
     # Mask rules (Appendix B) and layer limits.
     max_layers: int = DEFAULT_MAX_LAYERS  # background + at most max_layers - 1 foregrounds
@@ -273,6 +277,9 @@ def real_preset() -> PipelineConfig:
             # DPM-Solver++ at 20 steps (its docstring says why); working sides on a 64-px grid: 25 sizes instead of
             # 115 over LAION's aspect ratios, inpaint batch fill 0.97 vs 0.67 (BENCHMARKS.md, bucket fill).
             "inpaint": SDInpaintOptions(size_step=64),
+            # Depth at a 518-px working short side, the long side on a 56-px grid, bucketed across chunks: nearby
+            # aspect ratios share a batch (exact shapes filled 0.10 of its batches; BENCHMARKS.md, build cost).
+            "saliency": DepthSaliencyOptions(),
         },
         # Segment 0: sized from the free GPU memory at the first call (pipelines.sam_efficient; per GPU class
         # in cluster/configs/ray-cluster.yaml).

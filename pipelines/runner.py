@@ -5,10 +5,11 @@
   2. streams the input tar, decoding chunks of `chunk_size` on a thread pool (the next chunk decodes while
      the stages run on the current one);
   3. pushes each chunk through the stages in `PipelineConfig.stage_order()` (`pipelines.flow.StageFlow`: bucketed
-     stages form full micro-batches across chunks; what waits is drained at the shard's end), classifying failures (`pipelines.faults`): a device
-     fault, an out-of-memory on a single item, a stage failing every item of a batch, or a stage-error share
-     over the `FaultPolicy` budget FAILS the shard (it raises; nothing is published); an out-of-memory halves
-     the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
+     stages form full micro-batches across chunks; what waits is drained at the shard's end; CPU-only stages run
+     on a `cpu-stage` thread of their own when `cpu_stage_thread` is set), classifying failures
+     (`pipelines.faults`): a device fault, an out-of-memory on a single item, a stage failing every item of a
+     batch, or a stage-error share over the `FaultPolicy` budget FAILS the shard (it raises; nothing is
+     published); an out-of-memory halves the batch and retries; other errors are retried item by item and those items dropped as `stage_error:<kind>`;
   4. hands the items that left the flow to a single writer thread (`ShardWriter`: validation, PNG/JPEG encoding, `.tmp`);
   5. closes the shard: tar and `{prefix}-{id:06d}.parquet` (per-sample outcomes and provenance) renamed into
      place, stats file LAST; for an fsspec `out` (s3://…) this happens in a local staging folder and the three
@@ -19,6 +20,7 @@ The processor holds no global state, so a Ray actor can own one and call `proces
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -26,7 +28,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
@@ -201,10 +203,11 @@ class ShardProcessor:
 
         return run
 
-    def flow(self, seconds: Counter[str]) -> StageFlow:
-        """A fresh `StageFlow` over the set-up stages (one per shard: nothing waits across shards)."""
+    def flow(self, seconds: Counter[str], cpu_pool: Executor | None = None) -> StageFlow:
+        """A fresh `StageFlow` over the set-up stages (one per shard: nothing waits across shards); CPU-only
+        stages run on `cpu_pool` when given."""
         return StageFlow(self.stages, self.timed_stage(seconds), self.config.bucketed_stages,
-                         self.config.max_pending, self.batch_caps)
+                         self.config.max_pending, self.batch_caps, cpu_pool)
 
     def to_sample(self, item: Item) -> MLCIDSample:
         """A finished item → `MLCIDSample` (global prompt falls back to the source caption, layer prompt to label)."""
@@ -305,7 +308,7 @@ class ShardProcessor:
         self.prompt_counts: Counter[str] = Counter()  # written samples by prompt source (caption fallbacks)
         read = ReadStats()
         rows: list[dict[str, Any]] = []
-        seconds: Counter[str] = Counter()  # main thread: stages, decode_wait
+        seconds: Counter[str] = Counter()  # stages (CPU-only ones on their thread), decode_wait, cpu_stage_wait
         io_seconds: Counter[str] = Counter()  # writer thread: write, decode (summed over decode threads)
 
         preparers = [(kind, stage) for kind, stage in self.stages if hasattr(stage, "prepare")]
@@ -329,14 +332,16 @@ class ShardProcessor:
         writer.__enter__()
         try:
             with ThreadPoolExecutor(max(1, cfg.decode_threads), thread_name_prefix="decode") as pool, \
-                    ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
+                    ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool, \
+                    (ThreadPoolExecutor(1, thread_name_prefix="cpu-stage") if cfg.cpu_stage_thread
+                     else contextlib.nullcontext()) as cpu_pool:
                 chunks = _chunks(iter_raw_records(input_url, stats=read), cfg.chunk_size)
 
                 def submit(chunk: list[RawRecord | Drop] | None) -> list[Future] | None:
                     return None if chunk is None else [pool.submit(decode, r) for r in chunk]
 
                 upcoming = submit(next(chunks, None))
-                flow = self.flow(seconds)
+                flow = self.flow(seconds, cpu_pool)
                 last_write: Future | None = None
 
                 def hand_over(done: list[Item | Drop]) -> Future:
@@ -358,6 +363,8 @@ class ShardProcessor:
                         on_progress(len(results))
                 last_write = hand_over(flow.drain())  # the partly filled batches, at the shard's end
                 last_write.result()
+                if cpu_pool is not None:
+                    seconds["cpu_stage_wait"] += flow.wait_s  # this thread waiting for the CPU-stage thread
             if writer.written + sum(writer.dropped.values()) != len(rows):
                 raise RuntimeError(f"bookkeeping bug: {len(rows)} outcomes but writer counted "
                                    f"{writer.written} written + {sum(writer.dropped.values())} dropped")

@@ -109,9 +109,32 @@ class ClassicalSaliency:
 
 
 # -- learned: depth ------------------------------------------------------------------------------------------
+def depth_work_size(h: int, w: int, resolution: int, step: int) -> tuple[int, int]:
+    """(h', w'): the shorter side scaled to `resolution`, the longer one to `resolution` + a multiple of `step`
+    (so each step is one aspect-ratio bucket); `step` 0 keeps (h, w)."""
+    if step == 0:
+        return h, w
+    scale = resolution / min(h, w)
+    long = resolution + max(0, round((max(h, w) * scale - resolution) / step)) * step
+    return (resolution, long) if h <= w else (long, resolution)
+
+
 @dataclass(frozen=True)
 class DepthSaliencyOptions:
+    """`resolution`, `size_step`: the working size images are resized to before the depth model, so images of
+    nearby aspect ratios share a batch (`bucket_key`; the flow buckets them across chunks). The shorter side
+    becomes `resolution` (518: Depth-Anything-V2's own input size, a multiple of its 14-px patch; its processor
+    then leaves the image as it is), the longer one is rounded to `resolution` + a multiple of `size_step`
+    (56 px ≈ 5% of the longer side's aspect at most 28 px off, undone when the depth map is resized back).
+    `size_step` 0: each image at its own shape, only equal shapes batched."""
+
     model_name: str = "depth-saliency"  # `mlcid.registry` name of the depth model
+    resolution: int = 518
+    size_step: int = 56
+
+    def __post_init__(self) -> None:
+        if self.resolution < 14 or self.size_step < 0:
+            raise ValueError(f"need resolution ≥ 14 and size_step ≥ 0, got {self.resolution}, {self.size_step}")
 
 
 @register_stage("saliency", "depth", DepthSaliencyOptions, model_backed=True)
@@ -123,6 +146,7 @@ class DepthSaliency:
         self.model_id = model.location(options.model_name)
         self.device, self.dtype = model.torch_device_dtype()
         self.batch_size = max(1, model.batch_size)
+        self.resolution, self.size_step = options.resolution, options.size_step
         self.model = self.processor = None
 
     def setup(self) -> None:
@@ -133,8 +157,13 @@ class DepthSaliency:
         self.model = AutoModelForDepthEstimation.from_pretrained(self.model_id, dtype=self.dtype)
         self.model.to(self.device).eval()
 
+    def bucket_key(self, item: Item) -> tuple[int, int]:
+        """Items of one working size share a model pass."""
+        return depth_work_size(*item.image.shape[:2], self.resolution, self.size_step)
+
     def inverse_depth(self, images: list[np.ndarray]) -> list[np.ndarray]:
-        """Relative inverse depth per image, resized to each image's (H, W). Images of one shape share a pass."""
+        """Relative inverse depth per image, resized to each image's (H, W). Images of one working size share a
+        pass."""
         import torch
         import torch.nn.functional as F
 
@@ -143,17 +172,22 @@ class DepthSaliency:
         out: list[np.ndarray | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(images):
-            groups.setdefault(im.shape[:2], []).append(i)
-        for (h, w), idx in groups.items():
+            groups.setdefault(depth_work_size(*im.shape[:2], self.resolution, self.size_step), []).append(i)
+        for (wh, ww), idx in groups.items():
             for start in range(0, len(idx), self.batch_size):
                 chunk = idx[start : start + self.batch_size]
-                inputs = self.processor(images=[images[i] for i in chunk], return_tensors="pt")
+                work = [images[i] if images[i].shape[:2] == (wh, ww) else
+                        cv2.resize(images[i], (ww, wh), interpolation=cv2.INTER_AREA
+                                   if wh < images[i].shape[0] else cv2.INTER_CUBIC) for i in chunk]  # (wh, ww, 3)
+                inputs = self.processor(images=work, return_tensors="pt")
                 pixels = inputs["pixel_values"].to(self.device, self.dtype)  # (B, 3, h', w')
                 with torch.inference_mode():
                     depth = self.model(pixel_values=pixels).predicted_depth  # (B, h'', w'')
-                depth = F.interpolate(depth[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
-                for i, d in zip(chunk, depth[:, 0].cpu().numpy()):  # (H, W) each
-                    out[i] = d
+                for j, i in enumerate(chunk):
+                    h, w = images[i].shape[:2]
+                    d = F.interpolate(depth[j : j + 1, None].float(), size=(h, w), mode="bilinear",
+                                      align_corners=False)  # (1, 1, H, W)
+                    out[i] = d[0, 0].cpu().numpy()
         return out  # type: ignore[return-value]
 
     def __call__(self, batch: list[Item]) -> list[Item]:

@@ -56,7 +56,13 @@ def test_batches_cover_every_item_and_fill_is_a_fraction(reports, which):
     assert obj["items_batched"] == obj["objects_in"]  # batches count objects
     assert report["inpaint_batch_fill"] == report["stages"]["inpaint"]["batch_fill"]
     assert report["stages"]["mask_rules"]["batches"] == 0  # no model: nothing to batch, all CPU
-    assert report["stages"]["mask_rules"]["critical_cpu_s_per_written"] > 0
+    for kind in ("mask_rules", "cutout"):  # on the GPU's thread before, on the cpu-stage thread now
+        s = report["stages"][kind]
+        if which == 0:
+            assert s["critical_cpu_s_per_written"] > 0 and s["cpu_thread_ms_per_item"] == 0, kind
+        else:
+            assert s["critical_cpu_s_per_written"] == 0 and s["cpu_thread_ms_per_item"] > 0, kind
+    assert report["cpu_stage_thread"]["on"] == (which == 1)
 
 
 def test_report_keys_and_cost_sum(reports):
@@ -85,6 +91,37 @@ def test_bucketing_fills_inpaint_batches_at_least_as_well(reports):
     b, a = before["stages"]["inpaint"], after["stages"]["inpaint"]
     assert a["items_batched"] == b["items_batched"] == after["written"]
     assert a["batches"] <= b["batches"] and a["batch_fill"] >= b["batch_fill"]
+
+
+def test_cpu_stages_leave_the_critical_path_and_saliency_buckets(reports):
+    before, after = reports
+    def critical(report, kinds):
+        return sum(report["stages"][k]["critical_cpu_s_per_written"] for k in kinds)
+
+    # Only the inpainter's own resize/paste stays on the GPU's thread; before, the mask rules and cut-outs too.
+    assert critical(after, after["stages"]) == critical(after, ["inpaint"])
+    assert critical(before, before["stages"]) > critical(before, ["inpaint"])
+    assert after["cpu_stage_thread"]["keeps_up"]  # its CPU work hides behind the GPU work
+    assert before["options"]["saliency_size_step"] == 0 and "saliency" in after["options"]["bucketed_stages"]
+    b, a = before["stages"]["saliency"], after["stages"]["saliency"]
+    assert a["items_batched"] == b["items_batched"] and a["batches"] <= b["batches"]
+
+
+def test_in_the_way_lists_the_terms_and_what_is_unmeasured(tmp_path, tiny_models, one_thread):
+    out = tmp_path / "cost.json"
+    report = main(["--samples", "8", "--short-side", "96", "--no-before", "--results-dir", str(tmp_path),
+                   "--out", str(out)])
+    way = json.loads(out.read_text())["in_the_way"]
+    assert way == json.loads(json.dumps(report["in_the_way"]))
+    assert way["target_h100_hours"] == 200 and way["h100_hours"] == report["h100_hours_per_2m_written"]
+    assert way["gap_h100_hours"] == pytest.approx(max(0.0, way["h100_hours"] - 200), abs=0.01)
+    terms = [t for t in way["terms"] if t["term"] in report["stages"]]
+    assert [t["term"] for t in terms] == sorted(report["stages"], key=lambda k:
+                                                -report["stages"][k]["h100_hours_per_2m_written"])
+    assert all(t["what_would_remove_it"] for t in way["terms"])
+    assert [lv["change"] for lv in way["modelled_levers"]] == [r["scenario"] for r in report["scenarios"][1:]]
+    assert way["unit_costs_measured"] == [] and "segment" in way["unit_costs_published"]
+    assert "make bench-gpu" in way["unit_costs"]
 
 
 def test_full_batches_and_fewer_steps_reaccount(reports):

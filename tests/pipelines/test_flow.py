@@ -1,6 +1,11 @@
-"""The runner's stage flow: caption after the mask rules, batches bucketed across chunks, same samples out."""
+"""The runner's stage flow: caption after the mask rules, batches bucketed across chunks, CPU-only stages on their
+own thread, same samples out."""
 
 from __future__ import annotations
+
+import tarfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,6 +77,80 @@ def test_flow_accounts_every_item_once_and_buckets_only_configured_kinds():
     assert sum(len(c) for c in last.calls) == 7
 
 
+class Gate(Recording):
+    """A model-like stage (no `cpu_only`): opens `gate` once it has seen `opens_at` batches."""
+
+    def __init__(self, batch_size, gate, opens_at, drop=()):
+        super().__init__(batch_size, drop)
+        self.gate, self.opens_at = gate, opens_at
+
+    def __call__(self, batch):
+        super().__call__(batch)
+        if len(self.calls) >= self.opens_at:
+            self.gate.set()
+        return batch
+
+
+class CpuWaiting(Recording):
+    """A CPU-only stage: records its thread, and on its first batch waits (up to 2 s) for `gate` to open."""
+
+    cpu_only = True
+
+    def __init__(self, batch_size, gate=None, drop=()):
+        super().__init__(batch_size, drop)
+        self.gate, self.threads, self.gate_was_open = gate, [], []
+
+    def __call__(self, batch):
+        self.threads.append(threading.current_thread().name)
+        if self.gate is not None and len(self.calls) == 0:
+            self.gate_was_open.append(self.gate.wait(timeout=2.0))
+        return super().__call__(batch)
+
+
+def run_flow(pool):
+    """Five stages (GPU-like, CPU, bucketed GPU-like, CPU, CPU) over five chunks; → (out keys, calls, CPU stage)."""
+    gate = threading.Event()
+    a = Gate(2, gate, opens_at=2, drop=("k1",))
+    b = CpuWaiting(2, gate, drop=("k4",))
+    c, d, e = Recording(3, drop=("k7",)), CpuWaiting(3, drop=("k2",)), CpuWaiting(3)
+    flow = StageFlow([("a", a), ("b", b), ("c", c), ("d", d), ("e", e)], lambda kind, stage, items: stage(items),
+                     bucketed=("c",), cpu_pool=pool)
+    out = []
+    for k in range(0, 10, 2):  # five chunks of two, two sizes
+        out += [it.key for it in flow.push([item(f"k{k}"), item(f"k{k + 1}", 8 if k < 6 else 16)])]
+    out += [it.key for it in flow.drain()]
+    return out, [s.calls for s in (a, b, c, d, e)], (b, d, e)
+
+
+def test_cpu_stages_run_on_their_thread_while_the_next_chunk_runs_the_gpu_stages():
+    seq_out, seq_calls, (b0, _, _) = run_flow(None)
+    with ThreadPoolExecutor(1, thread_name_prefix="cpu-stage") as pool:
+        out, calls, (b, d, e) = run_flow(pool)
+    # The sequential flow: the first chunk's CPU stage ran before stage a saw chunk two (it waited in vain).
+    assert b0.gate_was_open == [False] and set(b0.threads) == {threading.main_thread().name}
+    # With the thread: stage a ran on chunk two while the CPU stage still held chunk one.
+    assert b.gate_was_open == [True]
+    assert all(t.startswith("cpu-stage") for s in (b, d, e) for t in s.threads) and d.threads and e.threads
+    # The same stage calls in the same order, and the items leave in the same order.
+    assert calls == seq_calls and out == seq_out
+    assert sorted(out) == [f"k{i}" for i in range(10)]
+
+
+def test_cpu_stage_errors_surface_on_the_flow_thread():
+    class Broken(Recording):
+        cpu_only = True
+
+        def __call__(self, batch):
+            raise RuntimeError("broken on the CPU thread")
+
+    with ThreadPoolExecutor(1) as pool:
+        flow = StageFlow([("a", Recording(2)), ("b", Broken(2))], lambda kind, stage, items: stage(items),
+                         cpu_pool=pool)
+        flow.push([item("x")])  # in flight: nothing comes back yet
+        with pytest.raises(RuntimeError, match="broken on the CPU thread"):
+            flow.push([item("y")])
+
+
 # -- the runner on the tiny models ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory, tiny_models):
@@ -82,13 +161,33 @@ def scenes(tmp_path_factory, tiny_models):
     return str(root / "raw" / "00000.tar"), root
 
 
-def build(url: str, out, **overrides):
-    """Run the tiny preset with SD inpainting (1 step); returns (stats, samples by key, SD batch sizes)."""
+class ThreadNoted:
+    """Wraps a real stage: records the thread each call ran on."""
+
+    def __init__(self, stage) -> None:
+        self.stage, self.kind, self.threads = stage, stage.kind, []
+
+    def __getattr__(self, name):
+        if name == "stage":
+            raise AttributeError(name)
+        return getattr(self.stage, name)
+
+    def __call__(self, batch):
+        self.threads.append(threading.current_thread().name)
+        return self.stage(batch)
+
+
+def build(url: str, out, threads: dict | None = None, **overrides):
+    """Run the tiny preset with SD inpainting (1 step); returns (stats, samples by key, SD batch sizes, caption
+    batch sizes). `threads` receives, per stage kind, the threads its calls ran on."""
     config = PipelineConfig.from_preset(
         "tiny", chunk_size=2, backends={"inpaint": "sd"},
         stage_options={"inpaint": {"num_inference_steps": 1, "resolution": 64}}, **overrides)
     proc = ShardProcessor(config).setup()
-    stages = dict(proc.stages)
+    proc.stages = [(k, ThreadNoted(s)) for k, s in proc.stages]
+    if threads is not None:
+        threads.update({k: s.threads for k, s in proc.stages})
+    stages = {k: s.stage for k, s in proc.stages}
     sd_batches, captioned = [], []
     pipe, generate = stages["inpaint"].pipe, stages["caption"].captioner.generate
 
@@ -149,6 +248,35 @@ def test_same_samples_fewer_captions_fuller_batches(before_and_now):
     # SD batches: per chunk of 2 they hold ≤ 2; bucketed across chunks they are full (batch 4) but for the rest.
     assert sum(sd0) == sum(sd1) == len(now)
     assert max(sd0) <= 2 and sd1[:-1] == [4] * (len(sd1) - 1) and len(sd1) < len(sd0)
+
+
+def shard_members(out) -> list[tuple[str, bytes]]:
+    with tarfile.open(out / shard_name(0)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
+def outcome_records(out) -> list[dict]:
+    rows = pq.read_table(out / outcomes_name(0, "mlcid")).to_pylist()
+    return [{k: v for k, v in r.items() if not k.startswith("seconds_")} for r in rows]
+
+
+def test_cpu_stage_thread_gives_the_same_shard_and_outcomes(scenes, one_thread):
+    url, root = scenes
+    threads_on, threads_off = {}, {}
+    on = build(url, root / "thread-on", threads_on)
+    off = build(url, root / "thread-off", threads_off, cpu_stage_thread=False)
+    main = threading.main_thread().name
+    # CPU-only kinds of the tiny preset (no model) ran on the cpu-stage thread; model stages stayed on this one.
+    cpu_kinds = {"saliency", "mask_rules", "cutout"}
+    assert all(threads_on[k] and all(t.startswith("cpu-stage") for t in threads_on[k]) for k in cpu_kinds)
+    assert all(set(t) == {main} for k, t in threads_on.items() if k not in cpu_kinds)
+    assert all(set(t) == {main} for t in threads_off.values())
+    # Byte-identical samples in the same order, the same outcome records, the same SD and caption batches.
+    assert on[0]["written"] == off[0]["written"] >= 2 and on[0]["dropped"] == off[0]["dropped"]
+    assert shard_members(root / "thread-on") == shard_members(root / "thread-off")
+    assert outcome_records(root / "thread-on") == outcome_records(root / "thread-off")
+    assert on[2:] == off[2:]
+    assert "cpu_stage_wait" in on[0]["timings"] and "cpu_stage_wait" not in off[0]["timings"]
 
 
 # -- CPU preprocessing on the decode threads --------------------------------------------------------------------

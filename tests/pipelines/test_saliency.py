@@ -7,7 +7,7 @@ import pytest
 
 from pipelines.base import Item, build_stage
 from pipelines.devices import ModelStageConfig
-from pipelines.saliency import DepthSaliencyOptions, centre_prior, classical_saliency, otsu_mask
+from pipelines.saliency import DepthSaliencyOptions, centre_prior, classical_saliency, depth_work_size, otsu_mask
 
 
 def scene(obj_box: tuple[int, int, int, int], size: tuple[int, int] = (96, 128), seed: int = 0) -> np.ndarray:
@@ -84,6 +84,37 @@ def test_depth_stage_batches_by_shape_and_matches_one_by_one(tiny_models):
         alone = stage.inverse_depth([it.image])[0]
         assert np.allclose(d, alone, atol=1e-4)  # batching changes nothing
         assert (otsu_mask(d) == it.saliency).all()
+
+
+def test_depth_work_size_buckets_nearby_aspect_ratios():
+    assert depth_work_size(512, 512, 518, 56) == (518, 518)
+    assert depth_work_size(512, 680, 518, 56) == depth_work_size(512, 688, 518, 56) == (518, 686)  # 4:3-ish
+    assert depth_work_size(768, 512, 518, 56) == (798, 518)  # portrait 2:3: the long side is the height
+    assert depth_work_size(512, 680, 518, 0) == (512, 680)  # step 0: the image's own shape
+    with pytest.raises(ValueError, match="size_step"):
+        DepthSaliencyOptions(size_step=-1)
+
+
+def test_depth_stage_batches_nearby_sizes_in_one_pass(tiny_models):
+    """Different shapes of one working size share a model pass; each item gets what it gets alone."""
+    model = ModelStageConfig(preset="tiny", device="cpu", dtype="float32", batch_size=8)
+    shapes = [(96, 128), (96, 126), (94, 128), (64, 64)]  # three ≈ 4:3 shapes and a square
+    passes = {}
+    for step in (56, 0):
+        stage = build_stage("saliency", "depth", model, DepthSaliencyOptions(size_step=step))
+        stage.setup()
+        calls = []
+        stage.model.register_forward_pre_hook(lambda m, args, kw: calls.append(kw["pixel_values"].shape[0]),
+                                              with_kwargs=True)
+        items = [Item(f"k{i}", scene((20, 20, 60, 60), size=s, seed=i)) for i, s in enumerate(shapes)]
+        stage(items)
+        passes[step] = sorted(calls)
+        assert len({stage.bucket_key(it) for it in items}) == (2 if step else 4)
+        for it in items:
+            assert it.saliency.shape == it.image.shape[:2]
+            alone = stage.inverse_depth([it.image])[0]
+            assert (otsu_mask(alone) == it.saliency).all()
+    assert passes == {56: [1, 3], 0: [1, 1, 1, 1]}
 
 
 def test_depth_stage_missing_model_is_clear(tmp_path):
