@@ -19,11 +19,11 @@ EXTRA_CONDITIONS = ("cfg+smg-window",)  # present when BenchConfig.smg_window is
 VAE_ROUNDTRIP = "vae-roundtrip"  # the test scenes' true layers through the VAE alone: the ceiling of every score
 # SMG variants the scale sweep compares (sampling only, on the one trained model); "default" = SMGConfig().
 SMG_VARIANTS: dict[str, SMGConfig] = {
-    "default": SMGConfig(),
-    "outside": SMGConfig(side="outside", blur="plain"),  # Eq. 9 as printed
-    "uncond": SMGConfig(degrade_from="uncond", masks_from="uncond"),  # SAG's choice of branch
-    "paper": SMGConfig(combine="paper"),  # ε̂ + (1 + s)(ε − ε̂) literally
-    "legacy": SMGConfig(blur="plain"),  # this benchmark's SMG before issue 11: plain blur inside
+    "default": SMGConfig(),  # Eq. 9 as printed: blur outside the mask, plain Gaussian (named "outside" before)
+    "inside": SMGConfig(side="inside", blur="normalized"),  # blur inside, mask-normalised (the default until then)
+    "uncond": SMGConfig(side="inside", blur="normalized", degrade_from="uncond", masks_from="uncond"),  # SAG's branch
+    "paper": SMGConfig(side="inside", blur="normalized", combine="paper"),  # ε̂ + (1 + s)(ε − ε̂) literally
+    "legacy": SMGConfig(side="inside", blur="plain"),  # plain blur inside: this benchmark's first SMG
 }
 
 
@@ -82,7 +82,7 @@ class BenchConfig:
     sample_steps: int = 20
     guidance_scale: float = 3.0
     smg_scale: float = 3.0  # the paper's scale, for the main "cfg+smg" condition (default variant)
-    sweep_variants: tuple[str, ...] = ("default", "outside", "uncond", "paper", "legacy")
+    sweep_variants: tuple[str, ...] = ("default", "inside", "uncond", "paper", "legacy")
     sweep_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)  # 0 = CFG alone (the "cfg" samples)
     # the speed window (issue 11 §4) as one more condition "cfg+smg-window": (start, end, mask interval); None: off
     smg_window: tuple[float, float, int] | None = (0.0, 0.5, 2)

@@ -36,7 +36,7 @@ class SampleConfig:
     cfg: float = 3.0
     smg: float = 3.0
     guidance: str = "cfg+smg"
-    blur_side: str = "inside"
+    blur_side: str = "outside"  # SMG: "outside" = Eq. 9 as printed (the default); "inside" = mask-normalised blur inside
     seed: int = 0
     num_images: int = 1
     height: int | None = None
@@ -108,8 +108,9 @@ def run(config: SampleConfig) -> list[Path]:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    smg = SMGConfig(side=config.blur_side, blur="plain" if config.blur_side == "outside" else "normalized")
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
-                  guidance=config.guidance, smg=SMGConfig(side=config.blur_side), height=config.height,
+                  guidance=config.guidance, smg=smg, height=config.height,
                   width=config.width, num_images=config.num_images, generator=generator, max_batch=config.max_batch,
                   return_intermediates=config.previews > 0, intermediate_every=max(config.previews, 1),
                   output_type="np")

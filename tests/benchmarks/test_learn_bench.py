@@ -128,7 +128,7 @@ def test_sweep_points_equal_to_a_main_condition_reuse_its_samples():
     conditions = cfg.conditions()
     assert cfg.sample_source("smg-default@3") == ("cfg+smg", cfg.sweep_per_group)  # same variant, scale, seeds
     assert cfg.sample_source("cfg@sweep") == ("cfg", cfg.sweep_per_group)  # the sweep's scale 0
-    assert cfg.sample_source("smg-outside@3") == ("smg-outside@3", cfg.sweep_per_group)
+    assert cfg.sample_source("smg-inside@3") == ("smg-inside@3", cfg.sweep_per_group)
     assert cfg.sample_source("cfg+smg") == ("cfg+smg", cfg.per_group)
     assert conditions["smg-uncond@5"].smg.needs_uncond and conditions["cfg+smg"].smg == lb.SMG_VARIANTS["default"]
     # the sweep's prompts are the first test prompts of each group (same scenes, same seeds)

@@ -207,7 +207,7 @@ def test_normalized_blur_with_an_empty_region_keeps_x0():
 
 
 def test_smg_config_validates_and_names():
-    assert G.SMGConfig().name == "in-norm-neg-cfg-sag"
+    assert G.SMGConfig().name == "out-plain-neg-cfg-sag"  # Eq. 9 as printed (learn-bench's pick)
     assert G.SMGConfig(degrade_from="uncond").needs_uncond and G.SMGConfig(masks_from="uncond").needs_uncond
     assert not G.SMGConfig(degrade_from="cond", masks_from="negative").needs_uncond
     for bad, match in ((dict(side="both"), "side"), (dict(blur="box"), "blur"), (dict(degrade_from="cfg"),

@@ -125,10 +125,10 @@ def test_self_guidance_identities_and_effects(pipe):
     cfg = sample(pipe, guidance="cfg", output_type="latent").latents
     assert torch.equal(sample(pipe, guidance="cfg+smg", smg_scale=0.0, output_type="latent").latents, cfg)
     smg = sample(pipe, guidance="cfg+smg", output_type="latent").latents
-    outside = sample(pipe, guidance="cfg+smg", smg=G.SMGConfig(side="outside"), output_type="latent").latents
+    inside = sample(pipe, guidance="cfg+smg", smg=G.SMGConfig(side="inside"), output_type="latent").latents
     sag = sample(pipe, guidance="cfg+sag", output_type="latent").latents
     assert not torch.allclose(smg, cfg, atol=1e-4)
-    assert not torch.allclose(smg, outside, atol=1e-4)
+    assert not torch.allclose(smg, inside, atol=1e-4)
     assert not torch.allclose(sag, cfg, atol=1e-4)
     # SMG only pushes the image noise: mask latents of step 1 see the same ε
     one = sample(pipe, guidance="cfg", num_inference_steps=1, output_type="latent").latents
@@ -143,7 +143,8 @@ def test_smg_with_empty_masks_inside_changes_nothing(pipe, monkeypatch):
     cfg = sample(pipe, guidance="cfg", output_type="latent").latents
     monkeypatch.setattr(pipe, "_predicted_masks",
                         lambda mask_latents, *a: torch.zeros_like(mask_latents[:, :, :1]))
-    empty = sample(pipe, guidance="cfg+smg", smg_scale=3.0, output_type="latent").latents
+    empty = sample(pipe, guidance="cfg+smg", smg_scale=3.0, smg=G.SMGConfig(side="inside"),
+                   output_type="latent").latents
     assert torch.allclose(empty, cfg, atol=1e-4)
 
 
@@ -212,7 +213,7 @@ def test_smg_masks_come_from_the_chosen_prediction(pipe, monkeypatch, source):
 
 def test_smg_variants_differ_and_paper_combination_is_literal(pipe, monkeypatch):
     base = sample(pipe, output_type="latent").latents
-    for variant in (G.SMGConfig(blur="plain"), G.SMGConfig(combine="paper"), G.SMGConfig(degrade_from="cond")):
+    for variant in (G.SMGConfig(blur="normalized"), G.SMGConfig(combine="paper"), G.SMGConfig(degrade_from="cond")):
         assert not torch.allclose(sample(pipe, smg=variant, output_type="latent").latents, base, atol=1e-4)
     # "paper": ε̃ = ε̂ + (1 + s)(ε_cfg − ε̂), checked on the ε handed to the scheduler at the one step
     calls, steps = [], []
@@ -330,7 +331,8 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
                          "--out", str(tmp_path / "one"), "--steps", "2", "--height", "32", "--width", "32",
                          "--seed", "3", "--boxes", "0,0,16,16;8,8,32,32"])
     assert rc == 0
-    assert np.array_equal(load_output(tmp_path / "one").image.composite, load_output(out / "000").image.composite)
+    one, first = (load_output(f).image.composite.astype(int) for f in (tmp_path / "one", out / "000"))
+    assert np.abs(one - first).max() <= 1  # batched vs single UNet calls differ by float noise (~1e-5 in latents)
 
 
 def test_sample_cli_guidance_choices_are_the_pipelines_modes():
