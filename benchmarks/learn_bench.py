@@ -8,9 +8,10 @@ Stages (each writes `OUT/<stage>.done.json`; a re-run skips finished stages, the
               tokenizer, a random small UNet2DConditionModel, SD's DDIM schedule.
   4. train    `layerdiff train --config model/configs/learn_bench.yaml --pretrained OUT/sd` (what `make train`
               runs) into OUT/run.
-  5. sample   `LayerDiffPipeline` on every test prompt: the step-0 model (CFG), the trained model with CFG, with
+  5. vae-roundtrip  the test scenes' true layers through the VAE alone, scored like samples: every score's ceiling.
+  6. sample   `LayerDiffPipeline` on every test prompt: the step-0 model (CFG), the trained model with CFG, with
               CFG + SMG, and with the layer prompts rolled by one across layers (CFG; scored against the true ones).
-  6. report   `model.evaluation.layer_fidelity` scores → OUT/results.json, OUT/results.md and OUT/grid.png.
+  7. report   `model.evaluation.layer_fidelity` scores → OUT/results.json, OUT/results.md and OUT/grid.png.
 
     layerdiff learn-bench --out .work/learn-bench            # the full benchmark (~45 min on 2 CPU cores)
 """
