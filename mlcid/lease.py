@@ -128,13 +128,20 @@ class Lease:
         """Create generation `gen` if nobody has; True when this call created it."""
         name, data = self._name(gen), self._record()
         if self.store.local:
+            # The record is written to a private file first and then hard-linked into place: link() fails when the
+            # name exists and publishes the name with its content in one step. (open "xb" then write would show
+            # the others an empty file, which reads as a torn, not-live lease they may take over.)
             path = self.store.path(name)
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "xb") as f:
+                f.write(data)
             try:
-                with open(path, "xb") as f:  # O_EXCL
-                    f.write(data)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
+            finally:
+                os.unlink(tmp)
             return True
         try:
             self.store.fs.pipe_file(self.store.path(name), data, mode="create")

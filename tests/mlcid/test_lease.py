@@ -110,3 +110,53 @@ def test_lease_config_rejects_bad_values():
         LeaseConfig(ttl_s=0)
     with pytest.raises(ValueError):
         LeaseConfig(ttl_s=10, renew_every_s=10)
+
+
+def test_a_local_lease_appears_with_its_record_never_empty(tmp_path, monkeypatch):
+    """A contender that lists the lease while its creator is still writing must read a live record: an empty file
+    reads as torn (not live) and would be taken over (seen in CI as three holders of one lease)."""
+    import builtins
+    import json
+
+    import mlcid.lease as lease_mod
+
+    class SlowFile:  # the creator's write stalls halfway, as on a loaded machine
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:5])
+            self.f.flush()
+            time.sleep(0.3)
+            return self.f.write(data[5:]) + 5
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(lease_mod, "open", lambda *a, **k: SlowFile(builtins.open(*a, **k)), raising=False)
+    store = ShardStore(tmp_path / "out")
+    holder = Lease(store, "mlcid-000002", LeaseConfig(ttl_s=60.0, renew_every_s=5.0, wait_s=0.0, poll_s=0.05))
+    seen, done = [], threading.Event()
+
+    def watch() -> None:
+        path = tmp_path / "out" / lease_mod.LEASE_DIR / "mlcid-000002" / "00000001.json"
+        while not done.is_set():
+            if path.exists():
+                seen.append(path.read_bytes())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    holder.acquire()
+    time.sleep(0.05)  # the watcher sees the published lease too
+    done.set()
+    watcher.join()
+    assert seen, "the watcher never saw the lease"
+    assert all(lease_mod.is_live(json.loads(b)) for b in seen), [b[:20] for b in seen]
+    holder.release()
