@@ -162,9 +162,11 @@ def _plain_config(config: Any) -> dict[str, Any]:
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The differing keys of two configs, nested ones included; "_" keys (a load path such as
+    `unet_config._name_or_path`, a library version) say where a model came from, not what it is, and are skipped."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for k in sorted(set(a) | set(b)):
+        for k in sorted(k for k in set(a) | set(b) if not k.startswith("_")):
             out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: checkpoint {a!r:.60} vs model {b!r:.60}"]

@@ -271,6 +271,21 @@ def test_corrupt_or_mismatched_checkpoint_is_refused(tiny_models, shards, tmp_pa
     assert run(shards, out, 4, "--resume") == 0 and len(losses(out)) == 4
 
 
+def test_a_run_resumes_after_its_pretrained_folder_moved(tiny_models, shards, tmp_path):
+    """Where the SD weights were loaded from (the config's nested `_name_or_path`) is not part of the model: a
+    run whose `--pretrained` folder was copied elsewhere resumes, and a layout change is still refused."""
+    first, moved = tmp_path / "sd-a", tmp_path / "sd-b"
+    shutil.copytree(tiny_models / "sd15", first)
+    out = tmp_path / "run"
+    train = ["train", "--data", shards, "--out", str(out), "--config", TINY]
+    assert layerdiff_main([*train, "--pretrained", str(first), "--max-steps", "2"]) == 0
+    first.rename(moved)
+    assert layerdiff_main([*train, "--pretrained", str(moved), "--max-steps", "3", "--resume"]) == 0
+    assert len(losses(out)) == 3
+    assert layerdiff_main([*train, "--pretrained", str(moved), "--max-steps", "4", "--resume",
+                           "--set", "data.max_layers=3"]) == EXIT_BAD_INPUT
+
+
 def test_bad_samples_and_a_corrupt_shard_mid_stream_are_counted_and_training_goes_on(tiny_models, tmp_path):
     data = tmp_path / "mlcid"
     data.mkdir()
