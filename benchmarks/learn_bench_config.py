@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from model.sampling.guidance import SMGConfig
+from model.sampling.guidance import SMG_VARIANTS, SMGConfig
 from model.training.config import CONFIG_DIR
 from model.training.text_train import TextTrainConfig
 from model.training.vae_train import VAETrainConfig
@@ -17,14 +17,6 @@ GROUPS = ("seen-2L", "heldout-2L", "seen-3L", "heldout-3L")
 MAIN_CONDITIONS = ("step0-cfg", "cfg", "cfg+smg", "shuffled-cfg")
 EXTRA_CONDITIONS = ("cfg+smg-window",)  # present when BenchConfig.smg_window is set
 VAE_ROUNDTRIP = "vae-roundtrip"  # the test scenes' true layers through the VAE alone: the ceiling of every score
-# SMG variants the scale sweep compares (sampling only, on the one trained model); "default" = SMGConfig().
-SMG_VARIANTS: dict[str, SMGConfig] = {
-    "default": SMGConfig(),  # Eq. 9 as printed: blur outside the mask, plain Gaussian (named "outside" before)
-    "inside": SMGConfig(side="inside", blur="normalized"),  # blur inside, mask-normalised (the default until then)
-    "uncond": SMGConfig(side="inside", blur="normalized", degrade_from="uncond", masks_from="uncond"),  # SAG's branch
-    "paper": SMGConfig(side="inside", blur="normalized", combine="paper"),  # ε̂ + (1 + s)(ε − ε̂) literally
-    "legacy": SMGConfig(side="inside", blur="plain"),  # plain blur inside: this benchmark's first SMG
-}
 
 
 @dataclass(frozen=True)

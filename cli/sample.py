@@ -10,6 +10,8 @@ HELP = ("sample layered images (background + foreground layers with masks) with 
         "masks, the composite, layers.json, a layered PSD and an OpenRaster file per image")
 # model.sampling.pipeline.SELF_GUIDANCE's modes (tests/test_cli.py keeps the two equal; importing it loads torch)
 GUIDANCE_MODES = ("cfg", "cfg+sag", "cfg+smg")
+# model.sampling.guidance.SMG_VARIANTS' names, written out for the same reason (same test)
+SMG_VARIANT_NAMES = ("default", "inside", "uncond", "paper", "legacy")
 
 
 def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -27,9 +29,11 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--smg", type=float, default=3.0, help="self-mask (or SAG) guidance scale; 0 = off")
     p.add_argument("--guidance", choices=GUIDANCE_MODES, default="cfg+smg", help="guidance combination")
-    p.add_argument("--blur-side", choices=["inside", "outside"], default="outside",
-                   help="SMG: blur outside each layer's mask (Eq. 9 as printed; the default, chosen by learn-bench) "
-                        "or inside it (the paper's text; mask-normalised blur)")
+    p.add_argument("--smg-variant", choices=SMG_VARIANT_NAMES, default="default",
+                   help="SMG rule: default = Eq. 9 as printed (plain blur outside each layer's mask; chosen by "
+                        "learn-bench), inside = the paper's text (mask-normalised blur inside), uncond = SAG's "
+                        "branch, paper = the literal combination, legacy = plain blur inside "
+                        "(model.sampling.guidance.SMG_VARIANTS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--height", type=int, default=None, help="pixels (default: the run's training resolution)")
@@ -51,7 +55,7 @@ def sample_config(args: argparse.Namespace):
 
     return SampleConfig(model=args.model, global_prompt=args.prompt, layer_prompts=parse_layers(args.layers),
                         out=args.out, steps=args.steps, cfg=args.cfg, smg=args.smg, guidance=args.guidance,
-                        blur_side=args.blur_side, seed=args.seed, num_images=args.num_images, height=args.height,
+                        smg_variant=args.smg_variant, seed=args.seed, num_images=args.num_images, height=args.height,
                         width=args.width, boxes=parse_boxes(args.boxes), max_batch=args.max_batch,
                         from_sd=args.from_sd, previews=args.previews, device=args.device, dtype=args.dtype,
                         overwrite=args.overwrite)

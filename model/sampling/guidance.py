@@ -227,6 +227,23 @@ class SMGConfig:
         return "-".join(short[v] for v in (self.side, self.blur, self.degrade_from, self.masks_from, self.combine))
 
 
+# The named SMG variants: what `layerdiff sample --smg-variant` offers and learn-bench's sweep compares.
+SMG_VARIANTS: dict[str, SMGConfig] = {
+    "default": SMGConfig(),  # Eq. 9 as printed: blur outside the mask, plain Gaussian
+    "inside": SMGConfig(side="inside", blur="normalized"),  # the paper's text: blur inside, mask-normalised
+    "uncond": SMGConfig(side="inside", blur="normalized", degrade_from="uncond", masks_from="uncond"),  # SAG's branch
+    "paper": SMGConfig(side="inside", blur="normalized", combine="paper"),  # ε̂ + (1 + s)(ε − ε̂) literally
+    "legacy": SMGConfig(side="inside", blur="plain"),  # plain blur inside: learn-bench's first SMG
+}
+
+
+def smg_variant(name: str) -> SMGConfig:
+    """The named variant (ValueError naming the known ones)."""
+    if name not in SMG_VARIANTS:
+        raise ValueError(f"unknown SMG variant {name!r}; known: {', '.join(SMG_VARIANTS)}")
+    return SMG_VARIANTS[name]
+
+
 def smg_degrade(
     z_t: torch.Tensor,
     eps: torch.Tensor,

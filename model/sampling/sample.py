@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.sampling.guidance import SMGConfig
+from model.sampling.guidance import smg_variant
 from model.sampling.pipeline import LayerDiffPipeline
 
 log = logging.getLogger("model.sampling.sample")
@@ -36,7 +36,7 @@ class SampleConfig:
     cfg: float = 3.0
     smg: float = 3.0
     guidance: str = "cfg+smg"
-    blur_side: str = "outside"  # SMG: "outside" = Eq. 9 as printed (the default); "inside" = mask-normalised blur inside
+    smg_variant: str = "default"  # a name of model.sampling.guidance.SMG_VARIANTS ("default" = Eq. 9 as printed)
     seed: int = 0
     num_images: int = 1
     height: int | None = None
@@ -52,6 +52,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         if not self.global_prompt.strip():
             raise ValueError("--prompt is empty: give a global prompt describing the whole image")
+        smg_variant(self.smg_variant)  # an unknown name fails here, before any model loads
 
     def folders(self) -> list[Path]:
         """The output folder of each image: OUT itself for one image, OUT/000, OUT/001, … for several."""
@@ -108,7 +109,7 @@ def run(config: SampleConfig) -> list[Path]:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace it")
     pipe = load_pipeline(config.model, config.device, config.dtype, config.from_sd)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    smg = SMGConfig(side=config.blur_side, blur="plain" if config.blur_side == "outside" else "normalized")
+    smg = smg_variant(config.smg_variant)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
                   guidance=config.guidance, smg=smg, height=config.height,
                   width=config.width, num_images=config.num_images, generator=generator, max_batch=config.max_batch,
@@ -124,7 +125,7 @@ def run(config: SampleConfig) -> list[Path]:
     folders = config.folders()
     for i, folder in enumerate(folders):
         out.save(folder, index=i, overwrite=config.overwrite, seed=config.seed, model=config.model,
-                 extra={"batch_index": i, "smg_blur_side": config.blur_side, "boxes": [list(b) for b in config.boxes],
+                 extra={"batch_index": i, "smg_variant": config.smg_variant, "boxes": [list(b) for b in config.boxes],
                         "untrained": config.from_sd})
         if out.intermediates:
             save_previews(folder / "previews.png", [_one(item, i) for item in out.intermediates])

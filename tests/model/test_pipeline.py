@@ -335,10 +335,30 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     assert np.abs(one - first).max() <= 1  # batched vs single UNet calls differ by float noise (~1e-5 in latents)
 
 
-def test_sample_cli_guidance_choices_are_the_pipelines_modes():
-    from cli.sample import GUIDANCE_MODES  # written out there: importing the pipeline for --help would load torch
+def test_sample_cli_smg_variant_reaches_the_sampler_and_the_record(run_dir, tmp_path):
+    """--smg-variant picks SMG_VARIANTS[name]: the default and "inside" rules give other layers from one seed,
+    and each folder's layers.json names the variant it was drawn with."""
+    from model.sampling.export import load_output
+    from cli.main import layerdiff_main
+
+    composites = {}
+    for variant in ("default", "inside"):
+        out = tmp_path / variant
+        assert layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "a dog with a red ball",
+                               "--layers", "the background|a red ball|a dog", "--out", str(out), "--steps", "3",
+                               "--height", "32", "--width", "32", "--seed", "3", "--smg", "5",
+                               "--smg-variant", variant]) == 0
+        assert json.loads((out / "layers.json").read_text())["extra"]["smg_variant"] == variant
+        composites[variant] = load_output(out).image.composite.astype(int)
+    assert np.abs(composites["default"] - composites["inside"]).max() > 2
+
+
+def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
+    from cli.sample import GUIDANCE_MODES, SMG_VARIANT_NAMES  # written out: importing the pipeline would load torch
+    from model.sampling.guidance import SMG_VARIANTS
 
     assert sorted(GUIDANCE_MODES) == sorted(SELF_GUIDANCE)
+    assert SMG_VARIANT_NAMES == tuple(SMG_VARIANTS)
 
 
 @pytest.mark.parametrize(("args", "message"), [
