@@ -79,8 +79,7 @@ def sample_section(dry: bool, out: Path) -> None:
 
     from benchmarks import sample
 
-    full = dict(block_out_channels=(320, 640, 1280, 1280), text_hidden=768, text_layers=12,
-                vae_block_out_channels=(128, 256, 512, 512), latent_size=32, steps=50, layers=(2, 4))
+    full = dict(sample.SD15, steps=50, layers=(2, 4))
     small = dict(latent_size=8, steps=2, layers=(2,))
     known = {f.name for f in dataclasses.fields(sample.BenchConfig)}
     config = sample.BenchConfig(**{k: v for k, v in (small if dry else full).items() if k in known})

@@ -73,6 +73,7 @@ class BenchConfig:
     seed: int = 0
     threads: int | None = None
     compile: bool = False  # torch.compile both UNets (SD's and LayerDiff's) before the warm-up
+    rows: tuple[str, ...] | None = None  # `ratio_vs_sd` keys of the LayerDiff rows to run (None: all); SD always runs
 
     def sd_config(self) -> TinySDConfig:
         n = len(self.block_out_channels)
@@ -87,6 +88,9 @@ class BenchConfig:
 
 TINY = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, text_hidden=32,
             vae_block_out_channels=(8, 8, 8, 8))  # `--tiny`: the same code path in seconds
+# `--sd15`: SD 1.5's UNet, CLIP-L-sized text encoder and VAE (random weights), at the paper's 256²
+SD15 = dict(block_out_channels=(320, 640, 1280, 1280), text_hidden=768, text_layers=12,
+            vae_block_out_channels=(128, 256, 512, 512), latent_size=32)
 
 
 def clock(device: torch.device) -> float:
@@ -270,7 +274,12 @@ def run(config: BenchConfig, device: torch.device) -> tuple[list[Row], dict[int,
     parts: dict[int, dict[str, float]] = {}
     for L in config.layers:
         parts[L] = part_costs(sd, ld, L, config, device)
-        fns = variants(sd, ld, L, config)
+        every = variants(sd, ld, L, config)
+        unknown = set(config.rows or ()) - {row_key(name) for name in every}
+        if unknown:
+            raise ValueError(f"unknown rows {sorted(unknown)}; known: {sorted(row_key(n) for n in every)}")
+        fns = {name: fn for name, fn in every.items()
+               if name.startswith("SD") or config.rows is None or row_key(name) in config.rows}
         owners = {name: (sd if name.startswith("SD") else ld) for name in fns}
         for fn in fns.values():  # warm-up
             fn(1)
@@ -364,7 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets (compiles in the warm-up)")
-    parser.add_argument("--tiny", action="store_true", help="a tiny geometry (tests: seconds, not a measurement)")
+    geometry = parser.add_mutually_exclusive_group()
+    geometry.add_argument("--tiny", action="store_true", help="a tiny geometry (tests: seconds, not a measurement)")
+    geometry.add_argument("--sd15", action="store_true",
+                          help="SD 1.5's full geometry at 256² (overrides --size; ~10 CPU-min per 50-step sample)")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="KEY",
+                        help="only these LayerDiff rows (keys of ratio_vs_sd without _L: cfg, cfg_before, cfg+smg, "
+                             "cfg+smg_before, cfg+smg_masks<k>, cfg+smg_window); the SD row always runs")
     parser.add_argument("--json", type=Path, default=None,
                         help="also write the rows and ratio_vs_sd as JSON here (make bench-sample: "
                              ".work/bench/sample.json)")
@@ -379,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
                          mask_interval=args.mask_interval, threads=args.threads, smg_window_end=args.smg_window_end,
                          window_mask_interval=args.window_mask_interval,
-                         latent_size=args.size // 8, compile=args.compile, **(TINY if args.tiny else {}))
+                         latent_size=args.size // 8, compile=args.compile,
+                         rows=tuple(args.rows) if args.rows else None,
+                         **(TINY if args.tiny else SD15 if args.sd15 else {}))
     device = torch.device(args.device)
     rows, parts = run(config, device)
     command = "python -m benchmarks.sample " + shlex.join(argv if argv is not None else sys.argv[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import sample as bench
@@ -45,4 +46,22 @@ def test_before_rows_run_the_per_step_text_path_and_restore_it():
     with bench.per_step_text(pipe):
         assert pipe.cache_text is False
     assert pipe.cache_text is True
+
+
+
+def test_rows_pick_the_layerdiff_rows_and_refuse_unknown_ones(tmp_path):
+    before = torch.get_num_threads()
+    out = tmp_path / "sample.json"
+    try:
+        assert bench.main(["--layers", "2", "--steps", "1", "--size", "64", "--threads", "1", "--tiny",
+                           "--rows", "cfg", "cfg+smg_window", "--json", str(out)]) == 0
+        with pytest.raises(ValueError, match=r"unknown rows \['cfg_fast'\]"):
+            bench.main(["--layers", "2", "--steps", "1", "--size", "64", "--threads", "1", "--tiny",
+                        "--rows", "cfg_fast"])
+    finally:
+        torch.set_num_threads(before)
+    data = json.loads(out.read_text())
+    assert [r["name"].split(" on ")[0] for r in data["rows"]] == ["SD 1.5 pipeline, CFG", "LayerDiff CFG",
+                                                                   "LayerDiff CFG+SMG"]
+    assert set(data["ratio_vs_sd"]) == {"cfg_L2", "cfg+smg_window_L2"}
 
