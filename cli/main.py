@@ -23,6 +23,7 @@ MLCID_COMMANDS = {
 LAYERDIFF_COMMANDS = {
     "tiny-models": "cli.tiny_models",
     "train": "cli.train",
+    "train-vae": "cli.train_vae",
     "sample": "cli.sample",
     "inpaint": "cli.applications",
     "style": "cli.applications",

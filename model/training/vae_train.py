@@ -7,12 +7,11 @@ training. Loss: L1 + MSE reconstruction + a small KL (SD's VAE uses KL weight 1e
 training, `scaling_factor` is set to 1 / std of the latents (how SD's 0.18215 was chosen), so the diffusion model
 sees unit-variance latents. Saved with `save_pretrained` (safetensors) and loaded back by `from_pretrained`.
 
-    python -m model.training.vae_train --data 'shards/mlcid-{000000..000003}.tar' --out vae/ --steps 1500
+    layerdiff train-vae --data 'shards/mlcid-{000000..000003}.tar' --out vae/ --steps 1500
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -207,24 +206,3 @@ def train_vae(data: str, out: str | Path, config: VAETrainConfig = VAETrainConfi
 def load_report(out: str | Path) -> dict[str, Any]:
     return json.loads((Path(out) / "report.json").read_text())
 
-
-def main(argv: list[str] | None = None) -> int:
-    d = VAETrainConfig()
-    p = argparse.ArgumentParser(prog="python -m model.training.vae_train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="MLCID shards (brace pattern, folder or list)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (diffusers AutoencoderKL + report.json)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--resolution", type=int, default=d.resolution)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--max-samples", type=int, default=d.max_samples)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = VAETrainConfig(steps=args.steps, batch_size=args.batch_size, resolution=args.resolution, lr=args.lr,
-                            max_samples=args.max_samples)
-    train_vae(args.data, args.out, config)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

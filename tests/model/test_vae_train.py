@@ -34,3 +34,22 @@ def test_flat_colour_error_measures_flat_frames_of_the_mean_colours():
         rec = vae.decode(vae.encode(flat).latent_dist.mode()).sample.clamp(-1, 1)
     assert report["flat_colour_error"] == pytest.approx(float((rec - flat).abs().mean()) * 127.5, rel=1e-5)
     assert 0 < report["flat_colour_error"] < 255
+
+
+def test_train_vae_cli_writes_a_loadable_vae_and_refuses_thin_groups(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from cli.main import layerdiff_main
+    from tests.builders import write_shards
+
+    data = write_shards(tmp_path / "mlcid", shards=1, per_shard=6, size=32, fg_counts=(1, 2))
+    out = tmp_path / "vae"
+    assert layerdiff_main(["train-vae", "--data", data, "--out", str(out), "--steps", "2", "--batch-size", "2",
+                           "--resolution", "32", "--max-samples", "6", "--block-out-channels", "16,16,16,16",
+                           "--norm-num-groups", "4"]) == 0
+    vae = AutoencoderKL.from_pretrained(out)
+    assert tuple(vae.config.block_out_channels) == (16, 16, 16, 16) and vae.config.norm_num_groups == 4
+    assert "held-out PSNR" in capsys.readouterr().out
+    assert layerdiff_main(["train-vae", "--data", data, "--out", str(tmp_path / "bad"), "--block-out-channels",
+                           "16,16,16,16", "--norm-num-groups", "8"]) == 2
+    assert "channel(s) per group" in capsys.readouterr().err and not (tmp_path / "bad").exists()
