@@ -212,10 +212,11 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
             r = table[condition][group]
             vals = " | ".join(f"{r[c]:.2f}" if c != "composite_mae" else f"{r[c]:.1f}" for c in cols)
             lines.append(f"| {condition} | {group} | {r['layers']} | {vals} |")
+    fid_columns = ["ground-truth", *MAIN_CONDITIONS, *(c for c in EXTRA_CONDITIONS if c in table)]
     lines += ["", f"Fréchet distance on scene features (composites, all groups, {4 * cfg.per_group} samples vs "
               f"{4 * cfg.fid_reference_per_group} fresh ground-truth scenes; lower is better):", "",
-              "| " + " | ".join(("ground-truth", *MAIN_CONDITIONS)) + " |", "|---" * (1 + len(MAIN_CONDITIONS)) + "|",
-              "| " + " | ".join(f"{table[c]['all']['fid']:.2f}" for c in ("ground-truth", *MAIN_CONDITIONS)) + " |"]
+              "| " + " | ".join(fid_columns) + " |", "|---" * len(fid_columns) + "|",
+              "| " + " | ".join(f"{table[c]['all']['fid']:.2f}" for c in fid_columns) + " |"]
     sweep = results["machine"]["sweep"]
     if sweep:
         n = cfg.sweep_per_group
@@ -239,8 +240,10 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         f"{cfg.per_group} test prompts per group.",
         f"VAE ({st['vae']['params_m']:.2f}M params, {st['vae']['steps']} steps, {st['vae']['train_seconds']:.0f} s): "
         f"held-out image MSE {st['vae']['image_mse']:.4f} (PSNR {st['vae']['image_psnr_db']:.1f} dB), mask IoU "
-        f"{st['vae']['mask_iou']:.3f}, flat-colour error {st['vae'].get('flat_colour_error', float('nan')):.1f} / 255 "
-        f"(groups of {min(cfg.vae.block_out_channels) // cfg.vae.norm_num_groups}+ channels), scaling factor "
+        f"{st['vae']['mask_iou']:.3f}, flat-colour error "
+        + (f"{st['vae']['flat_colour_error']:.1f} / 255 " if "flat_colour_error" in st["vae"]
+           else "not measured (a VAE stage from before the measure) ")
+        + f"(groups of {min(cfg.vae.block_out_channels) // cfg.vae.norm_num_groups}+ channels), scaling factor "
         f"{st['vae']['scaling_factor']:.3f}. `vae-roundtrip` = the test scenes' true layers through this VAE alone: "
         "the most any sampled model can score.",
         f"Text encoder {st['sd']['text_params_m']:.1f}M params, frozen for LayerDiff; "

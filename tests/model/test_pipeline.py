@@ -335,22 +335,26 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
     assert np.abs(one - first).max() <= 1  # batched vs single UNet calls differ by float noise (~1e-5 in latents)
 
 
-def test_sample_cli_smg_variant_reaches_the_sampler_and_the_record(run_dir, tmp_path):
-    """--smg-variant picks SMG_VARIANTS[name]: the default and "inside" rules give other layers from one seed,
-    and each folder's layers.json names the variant it was drawn with."""
+def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_dir, tmp_path):
+    """--smg-variant picks SMG_VARIANTS[name] and --smg-end / --smg-mask-interval the SMG window: each changes the
+    layers drawn from one seed, and each folder's layers.json records them."""
     from model.sampling.export import load_output
     from cli.main import layerdiff_main
 
+    runs = {"default": [], "inside": ["--smg-variant", "inside"],
+            "window": ["--smg-end", "0.5", "--smg-mask-interval", "2"]}
     composites = {}
-    for variant in ("default", "inside"):
-        out = tmp_path / variant
+    for name, extra in runs.items():
+        out = tmp_path / name
         assert layerdiff_main(["sample", "--model", str(run_dir), "--prompt", "a dog with a red ball",
-                               "--layers", "the background|a red ball|a dog", "--out", str(out), "--steps", "3",
-                               "--height", "32", "--width", "32", "--seed", "3", "--smg", "5",
-                               "--smg-variant", variant]) == 0
-        assert json.loads((out / "layers.json").read_text())["extra"]["smg_variant"] == variant
-        composites[variant] = load_output(out).image.composite.astype(int)
+                               "--layers", "the background|a red ball|a dog", "--out", str(out), "--steps", "4",
+                               "--height", "32", "--width", "32", "--seed", "3", "--smg", "5", *extra]) == 0
+        record = json.loads((out / "layers.json").read_text())["extra"]
+        assert (record["smg_variant"], record["smg_end"], record["smg_mask_interval"]) == {
+            "default": ("default", 1.0, 1), "inside": ("inside", 1.0, 1), "window": ("default", 0.5, 2)}[name]
+        composites[name] = load_output(out).image.composite.astype(int)
     assert np.abs(composites["default"] - composites["inside"]).max() > 2
+    assert np.abs(composites["default"] - composites["window"]).max() > 2
 
 
 def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
@@ -365,6 +369,8 @@ def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
     (["--layers", "the background||a dog"], "non-empty"),
     (["--boxes", "1,2,3"], "x0,y0,x1,y1"),
     (["--layers", "the background|a dog", "--boxes", "0,0,8,8;0,0,8,8"], "2 boxes for 1"),
+    (["--smg-end", "0"], "--smg-end must be in (0, 1]"),
+    (["--smg-mask-interval", "0"], "--smg-mask-interval >= 1"),
 ])
 def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
     from cli.main import layerdiff_main
