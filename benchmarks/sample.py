@@ -83,7 +83,8 @@ class BenchConfig:
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
             attention_head_dim=self.attention_head_dim, sample_size=self.latent_size, text_hidden=self.text_hidden,
             text_layers=self.text_layers, text_heads=4, text_intermediate=4 * self.text_hidden,
-            vae_block_out_channels=self.vae_block_out_channels, vae_norm_groups=8, seed=self.seed)
+            vae_block_out_channels=self.vae_block_out_channels,
+            vae_norm_groups=min(self.vae_block_out_channels) // 4, seed=self.seed)  # 4 channels a group, as SD (128 / 32)
 
 
 TINY = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, text_hidden=32,
@@ -391,12 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--smg-window-end must be in (0, 1]")
     if args.size % 64:
         parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
-    config = BenchConfig(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
-                         mask_interval=args.mask_interval, threads=args.threads, smg_window_end=args.smg_window_end,
-                         window_mask_interval=args.window_mask_interval,
-                         latent_size=args.size // 8, compile=args.compile,
-                         rows=tuple(args.rows) if args.rows else None,
-                         **(TINY if args.tiny else SD15 if args.sd15 else {}))
+    settings = dict(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
+                    mask_interval=args.mask_interval, threads=args.threads, smg_window_end=args.smg_window_end,
+                    window_mask_interval=args.window_mask_interval, latent_size=args.size // 8,
+                    compile=args.compile, rows=tuple(args.rows) if args.rows else None)
+    config = BenchConfig(**(settings | (TINY if args.tiny else SD15 if args.sd15 else {})))
     device = torch.device(args.device)
     rows, parts = run(config, device)
     command = "python -m benchmarks.sample " + shlex.join(argv if argv is not None else sys.argv[1:])

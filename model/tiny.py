@@ -51,7 +51,7 @@ class TinySDConfig:
     text_intermediate: int = 64
     vocabulary: tuple[str, ...] | None = None  # texts to prune CLIP's tokenizer to (None: the full 49,408 tokens)
     vae_block_out_channels: tuple[int, ...] = (16, 16, 32, 32)  # 4 blocks -> downscale ×8 like SD
-    vae_norm_groups: int = 8
+    vae_norm_groups: int = 4  # 4 channels per group at least, as a trained VAE needs (model.training.vae_train)
     seed: int = 0
 
 

@@ -55,6 +55,8 @@ def test_rows_pick_the_layerdiff_rows_and_refuse_unknown_ones(tmp_path):
     try:
         assert bench.main(["--layers", "2", "--steps", "1", "--size", "64", "--threads", "1", "--tiny",
                            "--rows", "cfg", "cfg+smg_window", "--json", str(out)]) == 0
+        with pytest.raises(SystemExit):  # one geometry at a time
+            bench.main(["--tiny", "--sd15"])
         with pytest.raises(ValueError, match=r"unknown rows \['cfg_fast'\]"):
             bench.main(["--layers", "2", "--steps", "1", "--size", "64", "--threads", "1", "--tiny",
                         "--rows", "cfg_fast"])
