@@ -84,7 +84,7 @@ class BenchConfig:
             attention_head_dim=self.attention_head_dim, sample_size=self.latent_size, text_hidden=self.text_hidden,
             text_layers=self.text_layers, text_heads=4, text_intermediate=4 * self.text_hidden,
             vae_block_out_channels=self.vae_block_out_channels,
-            vae_norm_groups=min(self.vae_block_out_channels) // 4, seed=self.seed)  # 4 channels a group, as SD (128 / 32)
+            vae_norm_groups=min(self.vae_block_out_channels) // 4, seed=self.seed)  # 4 channels a group: SD's 128/32
 
 
 TINY = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1, text_hidden=32,

@@ -59,8 +59,8 @@ def sample_config(args: argparse.Namespace):
 
     return SampleConfig(model=args.model, global_prompt=args.prompt, layer_prompts=parse_layers(args.layers),
                         out=args.out, steps=args.steps, cfg=args.cfg, smg=args.smg, guidance=args.guidance,
-                        smg_variant=args.smg_variant, smg_end=args.smg_end,
-                        smg_mask_interval=args.smg_mask_interval, seed=args.seed, num_images=args.num_images, height=args.height,
+                        smg_variant=args.smg_variant, smg_end=args.smg_end, smg_mask_interval=args.smg_mask_interval,
+                        seed=args.seed, num_images=args.num_images, height=args.height,
                         width=args.width, boxes=parse_boxes(args.boxes), max_batch=args.max_batch,
                         from_sd=args.from_sd, previews=args.previews, device=args.device, dtype=args.dtype,
                         overwrite=args.overwrite)

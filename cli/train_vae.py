@@ -8,7 +8,7 @@ from pathlib import Path
 
 HELP = ("train a small SD-shaped VAE (×8, 4 latent channels) on MLCID layer images and masks, for machines without "
         "SD's pretrained VAE; writes a diffusers AutoencoderKL folder and report.json")
-# flags named as VAETrainConfig's fields; unset flags keep that dataclass's defaults (not repeated here: importing it loads torch)
+# flags named as VAETrainConfig's fields; unset ones keep its defaults (not repeated here: importing it loads torch)
 FIELDS = ("steps", "batch_size", "resolution", "lr", "max_samples", "norm_num_groups")
 
 
@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--max-samples", type=int, help="scenes read into memory")
     p.add_argument("--block-out-channels", help="widths of the 4 blocks, comma-separated, e.g. 32,64,64,64")
     p.add_argument("--norm-num-groups", type=int, help="GroupNorm groups (every block needs >= 4 channels per group)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder (once training ends)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         config = VAETrainConfig(**given)
     except ValueError as e:
         return fail(args, e)
+    if args.out.exists() and not args.overwrite:
+        return fail(args, f"{args.out} exists; pass --overwrite to replace it")
     report = train_vae(args.data, args.out, config)
     print(f"wrote {args.out}: held-out PSNR {report.image_psnr_db:.1f} dB, mask IoU {report.mask_iou:.3f}, "
           f"flat-colour error {report.flat_colour_error:.1f}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,7 +157,10 @@ def latent_scaling(vae, pixels: torch.Tensor) -> float:
 
 
 def train_vae(data: str, out: str | Path, config: VAETrainConfig = VAETrainConfig(), progress: bool = True) -> VAEReport:
-    """Fit the VAE on `data` shards, set its scaling factor, `save_pretrained(out)`; write `out/report.json`."""
+    """Fit the VAE on `data` shards, set its scaling factor, `save_pretrained(out)`; write `out/report.json`.
+
+    Weights and report go to a hidden sibling folder first, which then replaces `out` (an existing `out` is
+    removed only then): an interrupted run leaves `out` as it was, never half-written."""
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -193,11 +197,16 @@ def train_vae(data: str, out: str | Path, config: VAETrainConfig = VAETrainConfi
     metrics = evaluate_vae(vae, test_img, test_msk)
     scale = latent_scaling(vae, torch.cat([images[:256], masks[:256]]))
     vae.register_to_config(scaling_factor=scale)
-    vae.save_pretrained(out, safe_serialization=True)
     report = VAEReport(**metrics, scaling_factor=scale, train_seconds=seconds, steps=config.steps,
                        params_m=sum(p.numel() for p in vae.parameters()) / 1e6,
                        losses=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)])
-    (out / "report.json").write_text(json.dumps({"config": asdict(config), **asdict(report)}, indent=1))
+    partial = out.parent / f".{out.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    vae.save_pretrained(partial, safe_serialization=True)
+    (partial / "report.json").write_text(json.dumps({"config": asdict(config), **asdict(report)}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
     log.info("VAE: image MSE %.4f (PSNR %.1f dB), mask IoU %.3f, flat colours |Δ| %.1f / 255, scaling %.4f, %.0f s",
              report.image_mse, report.image_psnr_db, report.mask_iou, report.flat_colour_error, scale, seconds)
     return report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,3 +55,32 @@ def test_train_vae_cli_writes_a_loadable_vae_and_refuses_thin_groups(tmp_path, c
     assert layerdiff_main(["train-vae", "--data", data, "--out", str(tmp_path / "bad"), "--block-out-channels",
                            "16,16,16,16", "--norm-num-groups", "8"]) == 2
     assert "channel(s) per group" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert layerdiff_main(["train-vae", "--data", data, "--out", str(out)]) == 2  # no --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_an_interrupted_vae_run_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
+    """Weights and report reach OUT together, after training: a run stopped while saving leaves OUT as it was."""
+    from diffusers import AutoencoderKL
+
+    from model.training import vae_train
+    from tests.builders import write_shards
+
+    data = write_shards(tmp_path / "mlcid", shards=1, per_shard=6, size=32, fg_counts=(1, 2))
+    config = VAETrainConfig(steps=1, batch_size=2, resolution=32, max_samples=6, block_out_channels=(16,) * 4,
+                            norm_num_groups=4)
+    out = tmp_path / "vae"
+    first = vae_train.train_vae(data, out, config, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "report.json" in before
+    real_save = AutoencoderKL.save_pretrained
+
+    def save_then_stop(self, folder, **kwargs):  # the weights are written, the report is not
+        real_save(self, folder, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AutoencoderKL, "save_pretrained", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        vae_train.train_vae(data, out, dataclasses.replace(config, steps=2, seed=1), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert vae_train.load_report(out)["steps"] == first.steps == 1
