@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -57,6 +58,20 @@ def test_train_vae_cli_writes_a_loadable_vae_and_refuses_thin_groups(tmp_path, c
     assert "channel(s) per group" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert layerdiff_main(["train-vae", "--data", data, "--out", str(out)]) == 2  # no --overwrite
     assert "pass --overwrite" in capsys.readouterr().err
+    assert layerdiff_main(["train-vae", "--data", data, "--out", str(out), "--overwrite", "--steps", "3",
+                           "--batch-size", "2", "--resolution", "32", "--max-samples", "6",
+                           "--block-out-channels", "16,16,16,16", "--norm-num-groups", "4"]) == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlcid", "vae"]  # no .partial left beside it
+
+
+def test_the_tiny_vae_presets_keep_four_channels_per_group():
+    from benchmarks.sample import SD15, TINY, BenchConfig
+    from model.tiny import TinySDConfig
+
+    configs = [TinySDConfig(), *(BenchConfig(**g).sd_config() for g in ({}, TINY, SD15))]
+    for c in configs:
+        assert min(c.vae_block_out_channels) // c.vae_norm_groups >= MIN_CHANNELS_PER_GROUP, c
 
 
 def test_an_interrupted_vae_run_leaves_the_old_folder_untouched(tmp_path, monkeypatch):
