@@ -74,7 +74,7 @@ class BenchConfig:
     sample_steps: int = 20
     guidance_scale: float = 3.0
     smg_scale: float = 3.0  # the paper's scale, for the main "cfg+smg" condition (default variant)
-    sweep_variants: tuple[str, ...] = ("default", "inside", "uncond", "paper", "legacy")
+    sweep_variants: tuple[str, ...] = ("default", "inside", "uncond", "paper", "legacy", "absolute")
     sweep_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)  # 0 = CFG alone (the "cfg" samples)
     # the speed window (issue 11 §4) as one more condition "cfg+smg-window": (start, end, mask interval); None: off
     smg_window: tuple[float, float, int] | None = (0.0, 0.3, 2)

@@ -15,6 +15,7 @@ import numpy as np
 from benchmarks.learn_bench_config import (
     EXTRA_CONDITIONS, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, VAE_ROUNDTRIP, BenchConfig, test_scenes,
 )
+from model.sampling.guidance import SMGConfig
 from model.evaluation.layer_fidelity import (
     LayerLabels, SceneFeatures, ShapeClassifier, frechet_feature_distance, scene_attributes, score_sample, summarize,
 )
@@ -200,6 +201,12 @@ def write_grid(cfg: BenchConfig, out: Path, path: Path, scale: int = 2) -> None:
     grid.save(path, optimize=True)
 
 
+def _blur_text(smg: SMGConfig, latent: int) -> str:
+    """"kernel 9 / σ 0.75" — the Gaussian SMG applies at this latent side."""
+    kernel, sigma = smg.blur_at((latent, latent))
+    return f"kernel {kernel} / σ {sigma:g}"
+
+
 def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
     """The results table (main conditions × group), FID, the SMG sweep and the stage notes, as markdown."""
     table, st = results["table"], results["stages"]
@@ -259,7 +266,7 @@ def write_markdown(cfg: BenchConfig, results: dict[str, Any]) -> str:
         f"accuracy on the test ground truth {results['features']['label_accuracy']:.3f}.",
         f"Sampling: DDIM {cfg.sample_steps} steps, CFG scale {cfg.guidance_scale} (paper negatives); `cfg+smg` = "
         f"the default SMG variant `{SMG_VARIANTS['default'].name}` at scale {cfg.smg_scale} (paper), blur "
-        f"{SMG_VARIANTS['default'].kernel} / σ {SMG_VARIANTS['default'].sigma} on {cfg.size // 8}² latents; "
+        f"{_blur_text(SMG_VARIANTS['default'], cfg.size // 8)} on {cfg.size // 8}² latents; "
         "`shuffled-cfg` rolls the layer prompts one layer up and is scored against the true ones.",
         f"Chance: colour 1/{len(cfg.colours)}, shape 1/{len(cfg.shapes)}, background 1/{len(cfg.background_colours)}."
         " Composite MAE is 0 by construction (Eq. 4 in the pipeline); it checks the output plumbing.",

@@ -270,6 +270,10 @@ def run(config: BenchConfig, device: torch.device) -> tuple[list[Row], dict[int,
     """Measure every variant for every layer count, and the per-call costs of a step's pieces."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    elif device.type == "cpu" and torch.get_num_threads() > 1:
+        log.warning("timing on CPU with torch's %d threads: on shared cores idle OpenMP threads spin and the CPU "
+                    "time read here grows many-fold for the same work; pass --threads 1 (as make bench-sample does)",
+                    torch.get_num_threads())
     sd, ld = build(config, device)
     rows: list[Row] = []
     parts: dict[int, dict[str, float]] = {}

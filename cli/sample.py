@@ -11,7 +11,7 @@ HELP = ("sample layered images (background + foreground layers with masks) with 
 # model.sampling.pipeline.SELF_GUIDANCE's modes (tests/test_cli.py keeps the two equal; importing it loads torch)
 GUIDANCE_MODES = ("cfg", "cfg+sag", "cfg+smg")
 # model.sampling.guidance.SMG_VARIANTS' names, written out for the same reason (same test)
-SMG_VARIANT_NAMES = ("default", "inside", "uncond", "paper", "legacy")
+SMG_VARIANT_NAMES = ("default", "inside", "uncond", "paper", "legacy", "absolute")
 
 
 def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -32,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--smg-variant", choices=SMG_VARIANT_NAMES, default="default",
                    help="SMG rule: default = Eq. 9 as printed (plain blur outside each layer's mask; chosen by "
                         "learn-bench), inside = the paper's text (mask-normalised blur inside), uncond = SAG's "
-                        "branch, paper = the literal combination, legacy = plain blur inside "
-                        "(model.sampling.guidance.SMG_VARIANTS)")
+                        "branch, paper = the literal combination, legacy = plain blur inside, absolute = the "
+                        "default with its blur 31 / 3 in latent pixels at any size instead of scaled from 32² "
+                        "latents (model.sampling.guidance.SMG_VARIANTS)")
     p.add_argument("--smg-end", type=float, default=1.0,
                    help="SMG only on the first this fraction of the steps (1 = every step, the paper's sampler; "
                         "0.3 with --smg-mask-interval 2 kept learn-bench's quality at ~2x the SD pipeline's cost)")

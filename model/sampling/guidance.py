@@ -37,6 +37,7 @@ Combine = Literal["sag", "paper"]
 COMBINES: tuple[str, ...] = ("sag", "paper")
 NORMALIZE_MIN_WEIGHT = 1e-3  # below this blurred mask weight a normalised blur keeps x̂_0 (nothing to average)
 SMG_KERNEL, SMG_SIGMA = 31, 3.0  # Appendix A
+SMG_BLUR_REFERENCE = 32  # the latent side those apply at: the paper's 256² images through SD's ×8 VAE (§5.1)
 SAG_KERNEL, SAG_SIGMA = 9, 1.0  # SAG's defaults (diffusers' StableDiffusionSAGPipeline)
 SAG_ATTENTION_THRESHOLD = 1.0  # SAG: a query position is "attended to" when its summed attention exceeds 1
 
@@ -191,12 +192,15 @@ class SMGConfig:
     masks_from  the prediction whose mask x̂_0 gives the layer masks: "cfg" (guided) or one of the branches.
     combine     "sag": ε̃ = ε_cfg + s·(ε_src − ε̂_src) (ε_src: that branch on z_t, ε̂_src: on the degraded
                 latent); "paper": ε̃ = ε̂ + (1 + s)(ε_cfg − ε̂) literally, ε̂ = the degraded pass.
-    kernel, sigma  the Gaussian (Appendix A: 31 / 3).
+    kernel, sigma  the Gaussian (Appendix A: 31 / 3) at a latent side of `blur_reference`.
+    blur_reference  the latent side (min(h, w)) at which kernel/sigma apply; at another side both scale with it, so
+                the blur covers the same fraction of the image (`blur_at`). The paper's 31 / 3 is for 32² latents
+                (256² images); at learn-bench's 8² latents it would blur over a third of the image and conceal the
+                layout and colours rather than detail. None: kernel/sigma in latent pixels at every size.
     """
 
-    # Default = Eq. 9 as printed (blur outside the mask, plain Gaussian): of the variants learn-bench compares it is
-    # the one whose scores rise with the SMG scale, and at the paper's scale 3 it is at least CFG's on every
-    # measure (docs/learn_bench.md, 2026-12-02 VAE-fixed run).
+    # Default = Eq. 9 as printed (blur outside the mask, plain Gaussian) with the blur scaled to the latent size;
+    # why, with the measurements, is in docs/learn_bench.md ("the blur's size").
     side: BlurSide = "outside"
     blur: BlurKind = "plain"
     degrade_from: Branch = "negative"
@@ -204,6 +208,7 @@ class SMGConfig:
     combine: Combine = "sag"
     kernel: int = SMG_KERNEL
     sigma: float = SMG_SIGMA
+    blur_reference: int | None = SMG_BLUR_REFERENCE
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("side", self.side, BLUR_SIDES), ("blur", self.blur, BLUR_KINDS),
@@ -213,6 +218,18 @@ class SMGConfig:
             if value not in allowed:
                 raise ValueError(f"SMGConfig.{name} must be one of {allowed}, got {value!r}")
         gaussian_kernel1d(self.kernel, self.sigma)  # raises on a bad kernel / sigma
+        if self.blur_reference is not None and (isinstance(self.blur_reference, bool)
+                                                or not isinstance(self.blur_reference, int) or self.blur_reference < 1):
+            raise ValueError(f"SMGConfig.blur_reference must be a positive int or None, got {self.blur_reference!r}")
+
+    def blur_at(self, latent_size: tuple[int, int]) -> tuple[int, float]:
+        """(kernel, sigma) for latents of `latent_size` (h, w): scaled by min(h, w) / blur_reference (the kernel
+        the odd size nearest to the scaled one, at least 3), or as given when blur_reference is None."""
+        if self.blur_reference is None:
+            return self.kernel, self.sigma
+        scale = min(latent_size) / self.blur_reference
+        half = max(1, round((self.kernel - 1) / 2 * scale))
+        return 2 * half + 1, self.sigma * scale
 
     @property
     def needs_uncond(self) -> bool:
@@ -224,7 +241,8 @@ class SMGConfig:
         """Short label, e.g. "in-norm-neg-cfg-sag" (side, blur, degrade_from, masks_from, combine)."""
         short = {"inside": "in", "outside": "out", "plain": "plain", "normalized": "norm", "uncond": "unc",
                  "negative": "neg", "cond": "cond", "cfg": "cfg", "sag": "sag", "paper": "paper"}
-        return "-".join(short[v] for v in (self.side, self.blur, self.degrade_from, self.masks_from, self.combine))
+        label = "-".join(short[v] for v in (self.side, self.blur, self.degrade_from, self.masks_from, self.combine))
+        return label if self.blur_reference is not None else label + "-abs"
 
 
 # The named SMG variants: what `layerdiff sample --smg-variant` offers and learn-bench's sweep compares.
@@ -234,6 +252,7 @@ SMG_VARIANTS: dict[str, SMGConfig] = {
     "uncond": SMGConfig(side="inside", blur="normalized", degrade_from="uncond", masks_from="uncond"),  # SAG's branch
     "paper": SMGConfig(side="inside", blur="normalized", combine="paper"),  # ε̂ + (1 + s)(ε − ε̂) literally
     "legacy": SMGConfig(side="inside", blur="plain"),  # plain blur inside: learn-bench's first SMG
+    "absolute": SMGConfig(blur_reference=None),  # the default with 31 / 3 in latent pixels at every size (until 12-03)
 }
 
 

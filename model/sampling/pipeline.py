@@ -281,8 +281,9 @@ class LayerDiffPipeline(DiffusionPipeline):
         if state.masks is None or step % opts["smg_mask_interval"] == 0:
             mask_eps = preds[smg.masks_from][:, :, c:]
             state.masks = self._predicted_masks(x[:, :, c:], mask_eps, alpha, opts["vae_chunk"])
-        degraded = G.smg_degrade(x[:, :, :c], preds[smg.degrade_from][:, :, :c], alpha, state.masks, smg.kernel,
-                                 smg.sigma, smg.side, blur=smg.blur)
+        kernel, sigma = smg.blur_at(tuple(x.shape[-2:]))
+        degraded = G.smg_degrade(x[:, :, :c], preds[smg.degrade_from][:, :, :c], alpha, state.masks, kernel, sigma,
+                                 smg.side, blur=smg.blur)
         return torch.cat([degraded, x[:, :, c:]], dim=2)  # (B, L, 8, h, w)
 
     def _sag_latents(self, x, preds, alpha, step, state, opts) -> torch.Tensor:

@@ -217,6 +217,21 @@ def test_smg_config_validates_and_names():
             G.SMGConfig(**bad)
 
 
+def test_smg_blur_scales_with_the_latent_size_from_the_papers_geometry():
+    """31 / 3 at the paper's 32² latents; the same fraction of the image at other sizes; in latent pixels when
+    blur_reference is None (the "absolute" variant)."""
+    smg = G.SMGConfig()
+    assert smg.blur_at((32, 32)) == (31, 3.0)
+    assert smg.blur_at((8, 8)) == (9, 0.75)  # learn-bench's 64² images
+    assert smg.blur_at((64, 96)) == (61, 6.0)  # the shorter side sets the scale
+    assert smg.blur_at((2, 2)) == (3, 0.1875)  # never below a 3-tap kernel
+    assert G.SMG_VARIANTS["absolute"].blur_at((8, 8)) == (31, 3.0)
+    assert G.SMG_VARIANTS["absolute"].name.endswith("-abs") and not smg.name.endswith("-abs")
+    for bad in (0, -32, 2.5, True):
+        with pytest.raises(ValueError, match="blur_reference"):
+            G.SMGConfig(blur_reference=bad)
+
+
 def test_smg_combine_sag_and_paper_rules():
     e_cfg, e_src, e_deg = rand(B, L, C, H, W, seed=21), rand(B, L, C, H, W, seed=22), rand(B, L, C, H, W, seed=23)
     s = 3.0

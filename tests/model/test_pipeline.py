@@ -169,6 +169,26 @@ def test_smg_masks_come_from_decoded_mask_x0(pipe, monkeypatch):
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize(("variant", "expected"), [("default", "scaled"), ("absolute", (31, 3.0))])
+def test_smg_blur_is_sized_to_the_latents(pipe, monkeypatch, variant, expected):
+    """The degraded pass blurs with the variant's Gaussian at this latent size (`SMGConfig.blur_at`), not with
+    kernel / sigma taken as latent pixels."""
+    seen = []
+    real = G.smg_degrade
+
+    def spy(z_t, eps, alpha, masks, kernel, sigma, *a, **kw):
+        seen.append((kernel, sigma))
+        return real(z_t, eps, alpha, masks, kernel, sigma, *a, **kw)
+
+    monkeypatch.setattr(G, "smg_degrade", spy)
+    smg = G.SMG_VARIANTS[variant]
+    sample(pipe, num_inference_steps=2, smg_scale=3.0, smg=smg)
+    want = smg.blur_at((SIZE // 8, SIZE // 8)) if expected == "scaled" else expected
+    assert seen == [want, want]
+    if expected == "scaled":
+        assert want != (smg.kernel, smg.sigma)  # the tiny latents are not the paper's 32²
+
+
 @pytest.mark.parametrize("branch", ["uncond", "negative", "cond"])
 def test_smg_degraded_pass_runs_the_chosen_branch(pipe, branch):
     """The degraded pass uses the chosen branch's prompts; "uncond" adds an empty-prompt branch to the batched
