@@ -200,7 +200,7 @@ class SMGConfig:
     """
 
     # Default = Eq. 9 as printed (blur outside the mask, plain Gaussian) with the blur scaled to the latent size;
-    # why, with the measurements, is in docs/learn_bench.md ("the blur's size").
+    # why, with the measurements, is in docs/learn_bench.md (fifth run: "the blur sized to the latents").
     side: BlurSide = "outside"
     blur: BlurKind = "plain"
     degrade_from: Branch = "negative"
