@@ -15,10 +15,10 @@ import numpy as np
 from benchmarks.learn_bench_config import (
     EXTRA_CONDITIONS, GROUPS, MAIN_CONDITIONS, SMG_VARIANTS, VAE_ROUNDTRIP, BenchConfig, test_scenes,
 )
-from model.sampling.guidance import SMGConfig
 from model.evaluation.layer_fidelity import (
     LayerLabels, SceneFeatures, ShapeClassifier, frechet_feature_distance, scene_attributes, score_sample, summarize,
 )
+from model.sampling.guidance import SMGConfig
 
 MEASURES = ("colour_acc", "shape_acc", "both_acc", "background_acc")  # higher is better; FID: lower
 
