@@ -77,7 +77,7 @@ class BenchConfig:
     sweep_variants: tuple[str, ...] = ("default", "inside", "uncond", "paper", "legacy", "absolute")
     sweep_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0)  # 0 = CFG alone (the "cfg" samples)
     # the speed window (issue 11 §4) as one more condition "cfg+smg-window": (start, end, mask interval); None: off
-    smg_window: tuple[float, float, int] | None = (0.0, 0.3, 2)
+    smg_window: tuple[float, float, int] | None = (0.7, 1.0, 2)
     sweep_per_group: int = 10  # the sweep's prompts: the first of each group's test prompts, same seeds
     fid_fit_samples: int = 2000  # training scenes the feature MLP of the Fréchet distance is fit on
     fid_reference_per_group: int = 100  # fresh ground-truth scenes per group: the reference statistics

@@ -9,8 +9,9 @@ Method
 - Rows per L: SD (L images, CFG); LayerDiff CFG and CFG+SMG (the paper's sampler: SMG and a mask decode at every
   step) as they were before the text cache ("before": `cache_text = False`, the prompt enhancer and the
   intra-layer K/V projections re-run at every step; same outputs) and as they are now; CFG+SMG with masks
-  re-decoded every k steps; CFG+SMG on a window of the first steps with masks every k' steps (an option, not the
-  default; `--smg-window-end`, `--window-mask-interval`). "×SD" = time / SD's time for the same L images;
+  re-decoded every k steps; CFG+SMG on a window of the steps with masks every k' steps (an option, not the
+  default; `--smg-window-start`, `--smg-window-end`, `--window-mask-interval`; by default the last 30 %).
+  "×SD" = time / SD's time for the same L images;
   `--json` also gets `ratio_vs_sd` = {"cfg_L2": r, "cfg+smg_L2": r, …} keyed by each row's short name.
 - Time: one full call (text encoding, all steps, final decode) after a 1-step warm-up of each variant; variants
   alternate (order flipped every repeat); medians. On CPU the ratios use the process's CPU time, which other
@@ -68,7 +69,8 @@ class BenchConfig:
     smg: float = 3.0
     repeats: int = 1
     mask_interval: int = 5  # the extra "SMG, masks every k steps" row
-    smg_window_end: float = 0.5  # the "SMG on a window" row: SMG on steps i < end·steps,
+    smg_window_start: float = 0.7  # the "SMG on a window" row: SMG on steps start·steps <= i < end·steps
+    smg_window_end: float = 1.0  # (the last 30 %: learn-bench's cfg+smg-window, which keeps SMG's gains),
     window_mask_interval: int = 2  # … masks re-decoded every this many steps
     seed: int = 0
     threads: int | None = None
@@ -162,11 +164,13 @@ def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], o
     def gen():
         return torch.Generator("cpu").manual_seed(config.seed)
 
-    def layerdiff(guidance: str, interval: int = 1, before: bool = False, smg_end: float = 1.0):
+    def layerdiff(guidance: str, interval: int = 1, before: bool = False, smg_start: float = 0.0,
+                  smg_end: float = 1.0):
         def run_one(steps):
             with per_step_text(ld) if before else contextlib.nullcontext():
                 return ld(GLOBAL_PROMPT, prompts, num_inference_steps=steps, guidance_scale=config.cfg,
-                          smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval, smg_end=smg_end,
+                          smg_scale=config.smg, guidance=guidance, smg_mask_interval=interval,
+                          smg_start=smg_start, smg_end=smg_end,
                           height=size, width=size, generator=gen(), output_type="np")
         return run_one
 
@@ -179,9 +183,10 @@ def variants(sd, ld, L: int, config: BenchConfig) -> dict[str, Callable[[int], o
         "LayerDiff CFG+SMG, before": layerdiff("cfg+smg", before=True),
         "LayerDiff CFG+SMG": layerdiff("cfg+smg"),
         f"LayerDiff CFG+SMG, masks every {config.mask_interval}": layerdiff("cfg+smg", config.mask_interval),
-        f"LayerDiff CFG+SMG on a window (first {config.smg_window_end:.0%} of the steps), masks every "
-        f"{config.window_mask_interval}": layerdiff("cfg+smg", config.window_mask_interval,
-                                                     smg_end=config.smg_window_end),
+        f"LayerDiff CFG+SMG on a window (steps {config.smg_window_start:.0%}–{config.smg_window_end:.0%}), masks "
+        f"every {config.window_mask_interval}": layerdiff("cfg+smg", config.window_mask_interval,
+                                                           smg_start=config.smg_window_start,
+                                                           smg_end=config.smg_window_end),
     }
 
 
@@ -370,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timed calls per variant (median)")
     parser.add_argument("--mask-interval", type=int, default=defaults.mask_interval,
                         help="k of the extra 'SMG, masks every k steps' row")
+    parser.add_argument("--smg-window-start", type=float, default=defaults.smg_window_start,
+                        help="the window row: SMG on the steps from this fraction of the steps on …")
     parser.add_argument("--smg-window-end", type=float, default=defaults.smg_window_end,
-                        help="the window row: SMG on the steps i < this fraction of the steps")
+                        help="… and before this fraction")
     parser.add_argument("--window-mask-interval", type=int, default=defaults.window_mask_interval,
                         help="the window row: masks re-decoded every this many steps")
     parser.add_argument("--size", type=int, default=defaults.latent_size * 8, help="image side in pixels")
@@ -392,12 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if min(args.layers) < 2 or min(args.steps, args.repeats, args.mask_interval, args.window_mask_interval) < 1:
         parser.error("--layers must be >= 2, --steps, --repeats and the mask intervals >= 1")
-    if not 0 < args.smg_window_end <= 1:
-        parser.error("--smg-window-end must be in (0, 1]")
+    if not 0 <= args.smg_window_start < args.smg_window_end <= 1:
+        parser.error("need 0 <= --smg-window-start < --smg-window-end <= 1")
     if args.size % 64:
         parser.error("--size must be a multiple of 64 (VAE ×8, then 3 UNet downsamplings)")
     settings = dict(layers=tuple(args.layers), steps=args.steps, repeats=args.repeats,
-                    mask_interval=args.mask_interval, threads=args.threads, smg_window_end=args.smg_window_end,
+                    mask_interval=args.mask_interval, threads=args.threads,
+                    smg_window_start=args.smg_window_start, smg_window_end=args.smg_window_end,
                     window_mask_interval=args.window_mask_interval, latent_size=args.size // 8,
                     compile=args.compile, rows=tuple(args.rows) if args.rows else None)
     config = BenchConfig(**(settings | (TINY if args.tiny else SD15 if args.sd15 else {})))

@@ -35,9 +35,11 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
                         "branch, paper = the literal combination, legacy = plain blur inside, absolute = the "
                         "default with its blur 31 / 3 in latent pixels at any size instead of scaled from 32² "
                         "latents (model.sampling.guidance.SMG_VARIANTS)")
-    p.add_argument("--smg-end", type=float, default=1.0,
-                   help="SMG only on the first this fraction of the steps (1 = every step, the paper's sampler; "
-                        "0.3 with --smg-mask-interval 2 kept learn-bench's quality at ~2x the SD pipeline's cost)")
+    p.add_argument("--smg-start", type=float, default=0.0,
+                   help="SMG only on the steps from this fraction of them on (0 with --smg-end 1 = every step, the "
+                        "paper's sampler; 0.7 with --smg-mask-interval 2 kept learn-bench's SMG gains at 1.6x the "
+                        "SD pipeline's cost, against 3.3x for every step; see BENCHMARKS.md)")
+    p.add_argument("--smg-end", type=float, default=1.0, help="… and before this fraction of them")
     p.add_argument("--smg-mask-interval", type=int, default=1, help="SMG's layer masks re-decoded every K steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-images", type=int, default=1)
@@ -60,7 +62,8 @@ def sample_config(args: argparse.Namespace):
 
     return SampleConfig(model=args.model, global_prompt=args.prompt, layer_prompts=parse_layers(args.layers),
                         out=args.out, steps=args.steps, cfg=args.cfg, smg=args.smg, guidance=args.guidance,
-                        smg_variant=args.smg_variant, smg_end=args.smg_end, smg_mask_interval=args.smg_mask_interval,
+                        smg_variant=args.smg_variant, smg_start=args.smg_start, smg_end=args.smg_end,
+                        smg_mask_interval=args.smg_mask_interval,
                         seed=args.seed, num_images=args.num_images, height=args.height,
                         width=args.width, boxes=parse_boxes(args.boxes), max_batch=args.max_batch,
                         from_sd=args.from_sd, previews=args.previews, device=args.device, dtype=args.dtype,

@@ -37,7 +37,8 @@ class SampleConfig:
     smg: float = 3.0
     guidance: str = "cfg+smg"
     smg_variant: str = "default"  # a name of model.sampling.guidance.SMG_VARIANTS ("default" = Eq. 9 as printed)
-    smg_end: float = 1.0  # SMG on the steps i < smg_end · steps (1 = every step, the paper's sampler)
+    smg_start: float = 0.0  # SMG on the steps i with smg_start <= i / steps < smg_end (0, 1 = every step: the paper)
+    smg_end: float = 1.0
     smg_mask_interval: int = 1  # SMG's layer masks re-decoded every this many steps
     seed: int = 0
     num_images: int = 1
@@ -55,9 +56,9 @@ class SampleConfig:
         if not self.global_prompt.strip():
             raise ValueError("--prompt is empty: give a global prompt describing the whole image")
         smg_variant(self.smg_variant)  # an unknown name fails here, before any model loads
-        if not 0.0 < self.smg_end <= 1.0 or self.smg_mask_interval < 1:
-            raise ValueError(f"--smg-end must be in (0, 1] and --smg-mask-interval >= 1, got {self.smg_end}, "
-                             f"{self.smg_mask_interval}")
+        if not 0.0 <= self.smg_start < self.smg_end <= 1.0 or self.smg_mask_interval < 1:
+            raise ValueError(f"need 0 <= --smg-start < --smg-end <= 1 and --smg-mask-interval >= 1, got "
+                             f"{self.smg_start}, {self.smg_end}, {self.smg_mask_interval}")
 
     def folders(self) -> list[Path]:
         """The output folder of each image: OUT itself for one image, OUT/000, OUT/001, … for several."""
@@ -116,7 +117,7 @@ def run(config: SampleConfig) -> list[Path]:
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
     smg = smg_variant(config.smg_variant)
     kwargs = dict(num_inference_steps=config.steps, guidance_scale=config.cfg, smg_scale=config.smg,
-                  guidance=config.guidance, smg=smg, smg_end=config.smg_end,
+                  guidance=config.guidance, smg=smg, smg_start=config.smg_start, smg_end=config.smg_end,
                   smg_mask_interval=config.smg_mask_interval, height=config.height,
                   width=config.width, num_images=config.num_images, generator=generator, max_batch=config.max_batch,
                   return_intermediates=config.previews > 0, intermediate_every=max(config.previews, 1),
@@ -131,7 +132,8 @@ def run(config: SampleConfig) -> list[Path]:
     folders = config.folders()
     for i, folder in enumerate(folders):
         out.save(folder, index=i, overwrite=config.overwrite, seed=config.seed, model=config.model,
-                 extra={"batch_index": i, "smg_variant": config.smg_variant, "smg_end": config.smg_end,
+                 extra={"batch_index": i, "smg_variant": config.smg_variant, "smg_start": config.smg_start,
+                        "smg_end": config.smg_end,
                         "smg_mask_interval": config.smg_mask_interval, "boxes": [list(b) for b in config.boxes],
                         "untrained": config.from_sd})
         if out.intermediates:

@@ -16,7 +16,7 @@ def test_bench_sample_rows_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench" / "sample.json"
     try:
         assert bench.main(["--layers", "2", "--steps", "1", "--size", "64", "--threads", "1", "--tiny",
-                           "--mask-interval", "2", "--smg-window-end", "0.25", "--window-mask-interval", "3",
+                           "--mask-interval", "2", "--smg-window-start", "0.75", "--window-mask-interval", "3",
                            "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(before)
@@ -25,7 +25,7 @@ def test_bench_sample_rows_table_and_json(tmp_path, capsys):
     assert [r["name"] for r in rows] == [
         "SD 1.5 pipeline, CFG", "LayerDiff CFG, before", "LayerDiff CFG", "LayerDiff CFG+SMG, before",
         "LayerDiff CFG+SMG", "LayerDiff CFG+SMG, masks every 2",
-        "LayerDiff CFG+SMG on a window (first 25% of the steps), masks every 3"]
+        "LayerDiff CFG+SMG on a window (steps 75%–100%), masks every 3"]
     assert [r["unet_calls"] for r in rows] == [1, 1, 1, 2, 2, 2, 1.25]  # per step; the window: 1 of 4 steps
     assert all(r["seconds"] > 0 and r["peak_mib"] > 0 for r in rows)
     ratios = data["ratio_vs_sd"]
@@ -35,7 +35,8 @@ def test_bench_sample_rows_table_and_json(tmp_path, capsys):
     assert data["command"].startswith("python -m benchmarks.sample") and not list(out.parent.glob("*.tmp"))
     table = capsys.readouterr().out
     assert "| 2 | 2 | LayerDiff CFG+SMG | 2 |" in table and "SMG step ×SD" in table
-    assert (data["config"]["smg_window_end"], data["config"]["window_mask_interval"]) == (0.25, 3)
+    assert (data["config"]["smg_window_start"], data["config"]["smg_window_end"],
+            data["config"]["window_mask_interval"]) == (0.75, 1.0, 3)
 
 
 def test_before_rows_run_the_per_step_text_path_and_restore_it():

@@ -362,7 +362,8 @@ def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_
     from cli.main import layerdiff_main
 
     runs = {"default": [], "inside": ["--smg-variant", "inside"],
-            "window": ["--smg-end", "0.5", "--smg-mask-interval", "2"]}
+            "window": ["--smg-end", "0.5", "--smg-mask-interval", "2"],
+            "late": ["--smg-start", "0.5", "--smg-mask-interval", "2"]}
     composites = {}
     for name, extra in runs.items():
         out = tmp_path / name
@@ -370,11 +371,13 @@ def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_
                                "--layers", "the background|a red ball|a dog", "--out", str(out), "--steps", "4",
                                "--height", "32", "--width", "32", "--seed", "3", "--smg", "5", *extra]) == 0
         record = json.loads((out / "layers.json").read_text())["extra"]
-        assert (record["smg_variant"], record["smg_end"], record["smg_mask_interval"]) == {
-            "default": ("default", 1.0, 1), "inside": ("inside", 1.0, 1), "window": ("default", 0.5, 2)}[name]
+        assert (record["smg_variant"], record["smg_start"], record["smg_end"], record["smg_mask_interval"]) == {
+            "default": ("default", 0.0, 1.0, 1), "inside": ("inside", 0.0, 1.0, 1), "window": ("default", 0.0, 0.5, 2),
+            "late": ("default", 0.5, 1.0, 2)}[name]
         composites[name] = load_output(out).image.composite.astype(int)
     assert np.abs(composites["default"] - composites["inside"]).max() > 2
     assert np.abs(composites["default"] - composites["window"]).max() > 2
+    assert np.abs(composites["window"] - composites["late"]).max() > 2
 
 
 def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
@@ -389,7 +392,8 @@ def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
     (["--layers", "the background||a dog"], "non-empty"),
     (["--boxes", "1,2,3"], "x0,y0,x1,y1"),
     (["--layers", "the background|a dog", "--boxes", "0,0,8,8;0,0,8,8"], "2 boxes for 1"),
-    (["--smg-end", "0"], "--smg-end must be in (0, 1]"),
+    (["--smg-end", "0"], "--smg-start < --smg-end"),
+    (["--smg-start", "0.6", "--smg-end", "0.5"], "--smg-start < --smg-end"),
     (["--smg-mask-interval", "0"], "--smg-mask-interval >= 1"),
 ])
 def test_sample_cli_bad_input(run_dir, tmp_path, caplog, args, message):
