@@ -363,7 +363,7 @@ def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_
 
     runs = {"default": [], "inside": ["--smg-variant", "inside"],
             "window": ["--smg-end", "0.5", "--smg-mask-interval", "2"],
-            "late": ["--smg-start", "0.5", "--smg-mask-interval", "2"]}
+            "late": ["--smg-start", "0.5", "--smg-mask-interval", "2"], "every2": ["--smg-mask-interval", "2"]}
     composites = {}
     for name, extra in runs.items():
         out = tmp_path / name
@@ -373,11 +373,11 @@ def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_
         record = json.loads((out / "layers.json").read_text())["extra"]
         assert (record["smg_variant"], record["smg_start"], record["smg_end"], record["smg_mask_interval"]) == {
             "default": ("default", 0.0, 1.0, 1), "inside": ("inside", 0.0, 1.0, 1), "window": ("default", 0.0, 0.5, 2),
-            "late": ("default", 0.5, 1.0, 2)}[name]
+            "late": ("default", 0.5, 1.0, 2), "every2": ("default", 0.0, 1.0, 2)}[name]
         composites[name] = load_output(out).image.composite.astype(int)
     assert np.abs(composites["default"] - composites["inside"]).max() > 2
     assert np.abs(composites["default"] - composites["window"]).max() > 2
-    assert np.abs(composites["window"] - composites["late"]).max() > 2
+    assert np.abs(composites["every2"] - composites["late"]).max() > 2  # --smg-start reached the sampler
 
 
 def test_sample_cli_choices_are_the_pipelines_modes_and_variants():
