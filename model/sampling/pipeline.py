@@ -345,7 +345,8 @@ class LayerDiffPipeline(DiffusionPipeline):
         guidance ("cfg+smg", the variant `smg` (default `SMGConfig()`); masks re-decoded every
         `smg_mask_interval` steps) or SAG ("cfg+sag", Table 3) at `smg_scale`, on the steps i with
         smg_start <= i / steps < smg_end (default all, as the paper; the last 30 %, smg_start=0.7 with
-        smg_mask_interval=2, kept learn-bench's gains at half the cost: docs/learn_bench.md). `latents` (B, L, 8, h, w) are
+        smg_mask_interval=2, kept learn-bench's gains at half the cost: docs/learn_bench.md).
+        `latents` (B, L, 8, h, w) are
         the start at the first kept timestep (`strength` < 1: SDEdit); `keep` pins known layers' x0
         (applications). `max_batch` caps samples per UNet call. After every step `callback_on_step_end(pipe,
         step, t, {name: tensor})` gets the `callback_on_step_end_tensor_inputs` (`CALLBACK_TENSOR_INPUTS`) and

@@ -356,8 +356,8 @@ def test_sample_cli_writes_export_folders(run_dir, tmp_path):
 
 
 def test_sample_cli_smg_variant_and_window_reach_the_sampler_and_the_record(run_dir, tmp_path):
-    """--smg-variant picks SMG_VARIANTS[name] and --smg-end / --smg-mask-interval the SMG window: each changes the
-    layers drawn from one seed, and each folder's layers.json records them."""
+    """--smg-variant picks SMG_VARIANTS[name] and --smg-start / --smg-end / --smg-mask-interval the SMG window: each
+    changes the layers drawn from one seed, and each folder's layers.json records them."""
     from model.sampling.export import load_output
     from cli.main import layerdiff_main
 
