@@ -37,7 +37,7 @@ class SampleConfig:
     smg: float = 3.0
     guidance: str = "cfg+smg"
     smg_variant: str = "default"  # a name of model.sampling.guidance.SMG_VARIANTS ("default" = Eq. 9 as printed)
-    smg_start: float = 0.0  # SMG on the steps i with smg_start <= i / steps < smg_end (0, 1 = every step: the paper)
+    smg_start: float = 0.0  # SMG on the steps i with smg_start <= i / steps < smg_end (0 and 1: every step, the paper)
     smg_end: float = 1.0
     smg_mask_interval: int = 1  # SMG's layer masks re-decoded every this many steps
     seed: int = 0
